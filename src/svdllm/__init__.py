@@ -1,0 +1,17 @@
+"""svdllm: compress causal language models by truncation-aware low-rank factorization (SVD-LLM and successors).
+
+    import svdllm
+    model, tok = svdllm.load_model("smollm2-135m")
+    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.4), out="runs/smollm2-r40")
+    model = svdllm.load("runs/smollm2-r40")
+"""
+__version__ = "0.1.0"
+
+from .config import CalibrationConfig, CompressConfig  # noqa: E402
+from .errors import SvdllmError  # noqa: E402
+from .io import load, save  # noqa: E402
+from .models import load_model  # noqa: E402
+from .pipeline import CompressionResult, compress  # noqa: E402
+
+__all__ = ["__version__", "CalibrationConfig", "CompressConfig", "SvdllmError", "load", "save", "load_model",
+           "CompressionResult", "compress"]

@@ -1,0 +1,75 @@
+"""On-disk cache of calibration statistics, keyed by everything they depend on.
+
+A later run with the same model, data, sample count, length, seed and mode skips the calibration pass. Each
+layer is its own file, written atomically, so an interrupted pass never leaves a corrupt entry behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..models.families import family_of
+from .layerwise import LayerStats
+
+log = logging.getLogger(__name__)
+STATS_VERSION = 1  # bump when the meaning of a cached statistic changes
+
+
+def model_fingerprint(model) -> str:
+    """Identify the weights cheaply: the config plus the bytes of the first and last decoder layers."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    layers = family_of(model).decoder_layers(model)
+    for layer in (layers[0], layers[-1]):
+        for name, p in sorted(layer.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class StatsCache:
+    def __init__(self, root: str | os.PathLike, key: dict):
+        self.key = dict(key, stats_version=STATS_VERSION)
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.dir = Path(root) / "stats" / digest
+
+    def _layer_path(self, i: int) -> Path:
+        return self.dir / f"layer_{i:04d}.safetensors"
+
+    def has_all(self, num_layers: int) -> bool:
+        return all(self._layer_path(i).exists() for i in range(num_layers))
+
+    def save(self, i: int, stats: LayerStats) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "key.json"
+        if not meta.exists():
+            _atomic_write_text(meta, json.dumps(self.key, indent=1, sort_keys=True))
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in stats.grams.items()}, tmp, metadata={"tokens": str(stats.tokens)})
+            os.replace(tmp, self._layer_path(i))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load(self, i: int) -> LayerStats:
+        from safetensors import safe_open
+
+        path = self._layer_path(i)
+        with safe_open(path, framework="pt") as f:
+            tokens = int(f.metadata()["tokens"])
+        return LayerStats(load_file(path), tokens)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,245 @@
+"""The `svdllm` command: a thin layer over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from .errors import SvdllmError
+
+log = logging.getLogger("svdllm")
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratio takes numbers separated by commas, e.g. 0.2,0.4; got {text!r}")
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="built-in name (smollm2-135m, gemma3-270m), a .gguf file, a model directory "
+                        "(including one written by `svdllm compress`) or a Hugging Face hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the model weights (the compression mathematics always runs in float64)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cpu)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the shared data layout (wikitext2_raw/, ptb/, c4/); default $SVDLLM_DATA_DIR, "
+                        "else the Hugging Face hub")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .allocation import ALLOCATORS
+    from .factorization import METHODS
+    from .update import UPDATES
+
+    parser = argparse.ArgumentParser(prog="svdllm", description="Compress causal LMs by low-rank factorization.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"svdllm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="calibrate, factorize and save a compressed model")
+    _add_model_args(c)
+    c.add_argument("--method", default="svd-llm", choices=sorted(METHODS))
+    c.add_argument("--ratio", type=_ratios, default=[0.4],
+                   help="fraction of the compressed matrices' parameters to remove; several, comma-separated, "
+                        "share one calibration pass (e.g. 0.2,0.4,0.6)")
+    c.add_argument("--alloc", default="uniform", choices=sorted(ALLOCATORS))
+    c.add_argument("--update", default="none", choices=sorted(UPDATES))
+    c.add_argument("--calib-dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
+    c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
+    c.add_argument("--calib-mode", default="original", choices=["original", "sequential"],
+                   help="original: every layer sees the dense model's activations (one pass serves all ratios); "
+                        "sequential: each layer sees the already-compressed layers' outputs")
+    _add_data_args(c)
+    c.add_argument("--cache-dir", default=None, help="statistics cache (default $SVDLLM_CACHE_DIR or ~/.cache/svdllm)")
+    c.add_argument("--no-cache", action="store_true", help="neither read nor write cached calibration statistics")
+    c.add_argument("--out", required=True, help="output directory (with several ratios: one ratio-<R>/ each)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_output_args(c)
+
+    e = sub.add_parser("eval", help="perplexity of a dense or compressed model by the protocol")
+    _add_model_args(e)
+    e.add_argument("--ppl", type=_csv, default=["wikitext2"], help="test sets, comma-separated: wikitext2,ptb,c4")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick check)")
+    e.add_argument("--batch-size", type=int, default=1)
+    _add_data_args(e)
+    _add_output_args(e)
+
+    g = sub.add_parser("generate", help="greedy generation from a prompt")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=60)
+    g.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
+    _add_output_args(g)
+
+    d = sub.add_parser("demo", help="compress a built-in model and show perplexity and generations before/after")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--ratio", type=float, default=0.4)
+    d.add_argument("--nsamples", type=int, default=16)
+    d.add_argument("--seqlen", type=int, default=1024)
+    d.add_argument("--max-windows", type=int, default=8)
+    d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    d.add_argument("--out", default="runs/demo")
+    _add_data_args(d)
+    _add_output_args(d)
+
+    sub.add_parser("methods", help="list the factorization methods")
+    sub.add_parser("allocators", help="list the rank allocators")
+    return parser
+
+
+def _load(args):
+    from .models import load_model
+
+    model, tok = load_model(args.model, args.dtype)
+    if getattr(args, "device", None):
+        model.to(args.device)
+    return model, tok
+
+
+def cmd_compress(args) -> dict:
+    from .config import CalibrationConfig, CompressConfig
+    from .io.checkpoint import check_out_dir
+    from .pipeline import compress, summarize
+
+    config = CompressConfig(
+        ratio=args.ratio, method=args.method, alloc=args.alloc, update=args.update,
+        calibration=CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen,
+                                      seed=args.seed, batch_size=args.batch_size, mode=args.calib_mode,
+                                      data_dir=args.data_dir),
+        cache_dir="" if args.no_cache else args.cache_dir,
+    )
+    config.validate()  # fail on bad input before loading the model
+    if len(config.ratios) == 1:
+        check_out_dir(args.out, args.overwrite)
+    model, tok = _load(args)
+    results = compress(model, tok, config, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    rows = summarize(results)
+    for row in rows:
+        print(f"ratio {row['ratio']:.2f}: parameters {row['model_before']:,} → {row['model_after']:,} "
+              f"({100 * row['achieved_ratio']:.2f}% of the compressed linears removed); saved to {row['out']}")
+    t = results[0].timings
+    print(f"calibration {t['calibration_s']:.1f} s, factorization {t['factorization_s']:.1f} s")
+    return {"command": "compress", "model": args.model, "method": args.method, "results": rows}
+
+
+def cmd_eval(args) -> dict:
+    from .evaluation import perplexity
+
+    model, tok = _load(args)
+    results = {}
+    for name in args.ppl:
+        r = perplexity(model, tok, name, args.data_dir, args.seqlen, args.max_windows, args.batch_size,
+                       progress=not args.quiet)
+        results[name] = r
+        partial = "" if r["windows"] == r["total_windows"] else f"  [--max-windows {r['windows']} of {r['total_windows']}]"
+        print(f"{name}: perplexity {r['ppl']:.3f} over {r['windows']} windows of {r['seqlen']} tokens{partial}")
+    return {"command": "eval", "model": args.model, "ppl": results}
+
+
+def cmd_generate(args) -> dict:
+    from .evaluation import generate
+
+    model, tok = _load(args)
+    t = time.perf_counter()
+    text = generate(model, tok, args.prompt, args.max_new_tokens, chat=not args.no_chat)
+    dt = time.perf_counter() - t
+    print(text)
+    return {"command": "generate", "model": args.model, "prompt": args.prompt, "text": text, "seconds": dt}
+
+
+def cmd_demo(args) -> dict:
+    from .config import CalibrationConfig, CompressConfig
+    from .evaluation import generate, perplexity
+    from .models import load_model
+    from .pipeline import compress
+
+    progress = not args.quiet
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    print(f"[demo] loaded {args.model} in {time.perf_counter() - t0:.0f} s")
+    before = perplexity(model, tok, "wikitext2", args.data_dir, 2048, args.max_windows, progress=progress)
+    gen_before = generate(model, tok, args.prompt, 40)
+    config = CompressConfig(ratio=args.ratio, method="svd-llm", calibration=CalibrationConfig(
+        nsamples=args.nsamples, seqlen=args.seqlen, data_dir=args.data_dir))
+    res = compress(model, tok, config, out=args.out, overwrite=True, progress=progress)[0]
+    after = perplexity(model, tok, "wikitext2", args.data_dir, 2048, args.max_windows, progress=progress)
+    gen_after = generate(model, tok, args.prompt, 40)
+    note = (f"demo settings: calibration {args.nsamples} × {args.seqlen} tokens (protocol: 64 × 2048), "
+            f"WikiText-2 test on the first {before['windows']} of {before['total_windows']} windows of 2048")
+    print()
+    print(f"SmolLM2 demo ({args.model}), svd-llm, ratio {args.ratio}   [{note}]")
+    print(f"  parameters:           {res.params['model_before']:,} → {res.params['model_after']:,}")
+    print(f"  WikiText-2 perplexity: dense {before['ppl']:.2f} → compressed {after['ppl']:.2f}")
+    print(f"  prompt: {args.prompt}")
+    print(f"  dense:      {gen_before}")
+    print(f"  compressed: {gen_after}")
+    print(f"  saved to {args.out}; total {time.perf_counter() - t0:.0f} s")
+    return {"command": "demo", "ppl_dense": before, "ppl_compressed": after, "generation_dense": gen_before,
+            "generation_compressed": gen_after, "params": res.params, "note": note}
+
+
+def cmd_methods(args) -> dict:
+    from .factorization import METHODS
+
+    for m in METHODS.values():
+        print(f"{m.name:12s} {m.summary}")
+    return {}
+
+
+def cmd_allocators(args) -> dict:
+    from .allocation import ALLOCATOR_SUMMARIES
+
+    for name, text in ALLOCATOR_SUMMARIES.items():
+        print(f"{name:12s} {text}")
+    return {}
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
+            "methods": cmd_methods, "allocators": cmd_allocators}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "huggingface_hub", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = COMMANDS[args.command](args)
+    except SvdllmError as e:
+        print(f"svdllm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("svdllm: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Configuration as plain dataclasses: what the CLI parses, the Python API takes, and the manifest records."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import SvdllmError
+
+CALIBRATION_MODES = ("original", "sequential")
+
+
+@dataclass
+class CalibrationConfig:
+    """Which text the statistics come from and how the layers see it.
+
+    mode="original": every layer sees the dense model's activations, so one pass serves every ratio and method.
+    mode="sequential": layer i sees the outputs of layers 0..i-1 *after* they were compressed, which tracks the
+    compressed model more closely but ties the pass to one method and ratio.
+    """
+
+    dataset: str = "wikitext2"
+    nsamples: int = 64
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 1
+    mode: str = "original"
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        if self.nsamples < 1:
+            raise SvdllmError(f"--nsamples must be at least 1, got {self.nsamples}.")
+        if self.seqlen < 2:
+            raise SvdllmError(f"--seqlen must be at least 2 tokens, got {self.seqlen}.")
+        if self.batch_size < 1:
+            raise SvdllmError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.mode not in CALIBRATION_MODES:
+            raise SvdllmError(f"Unknown calibration mode {self.mode!r}; choose one of {', '.join(CALIBRATION_MODES)}.")
+
+
+@dataclass
+class CompressConfig:
+    """One compression job. `ratio` may list several ratios: one calibration pass then serves all of them."""
+
+    ratio: float | list[float] = 0.4
+    method: str = "svd-llm"
+    alloc: str = "uniform"
+    update: str = "none"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    cache_dir: str | None = None  # None: $SVDLLM_CACHE_DIR or ~/.cache/svdllm; "" disables the statistics cache
+
+    @property
+    def ratios(self) -> list[float]:
+        return list(self.ratio) if isinstance(self.ratio, (list, tuple)) else [self.ratio]
+
+    def validate(self) -> None:
+        if not self.ratios:
+            raise SvdllmError("No compression ratio given; pass --ratio, e.g. --ratio 0.4.")
+        for r in self.ratios:
+            if not isinstance(r, (int, float)) or not 0.0 < float(r) < 1.0:
+                raise SvdllmError(
+                    f"Compression ratio {r!r} is outside (0, 1): it is the fraction of the compressed matrices' "
+                    "parameters to remove, e.g. --ratio 0.4 removes 40%."
+                )
+        if len(set(self.ratios)) != len(self.ratios):
+            raise SvdllmError(f"Ratio listed twice in {self.ratios}; list each ratio once.")
+        self.calibration.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

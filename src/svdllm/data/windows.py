@@ -1,0 +1,33 @@
+"""Token windows: random calibration windows and the non-overlapping perplexity windows."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import SvdllmError
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of the whole text as one 1-D tensor (special tokens as the tokenizer adds them, like the papers)."""
+    ids = tokenizer(text, return_tensors="pt", return_attention_mask=False)["input_ids"]
+    return ids[0]
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at random start positions, reproducible from `seed`."""
+    if ids.numel() <= seqlen:
+        raise SvdllmError(
+            f"The calibration text has {ids.numel()} tokens, too few for windows of {seqlen}; lower --seqlen."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of `seqlen` tokens; the final partial window is dropped (PROTOCOL.md)."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise SvdllmError(f"The text has {ids.numel()} tokens, fewer than one window of {seqlen}.")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)

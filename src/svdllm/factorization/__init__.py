@@ -1,0 +1,16 @@
+"""Factorization: *how* a weight matrix becomes two low-rank factors (the rank itself comes from allocation)."""
+from ..errors import SvdllmError
+from .base import Decomposition, Method
+from .lowrank import LowRankLinear
+from .methods import SVDLLM, PlainSVD
+
+METHODS: dict[str, Method] = {m.name: m for m in (PlainSVD(), SVDLLM())}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise SvdllmError(f"Unknown method {name!r}; available: {', '.join(METHODS)} (see `svdllm methods`).")
+    return METHODS[name]
+
+
+__all__ = ["Decomposition", "Method", "LowRankLinear", "METHODS", "get_method", "SVDLLM", "PlainSVD"]

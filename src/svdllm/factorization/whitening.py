@@ -1,0 +1,33 @@
+"""Truncation-aware whitening (SVD-LLM §3.1): S with S·Sᵀ = XᵀX, so that S⁻¹X has orthonormal rows and the
+loss ‖(W − W′)X‖_F of truncating SVD(W·S) equals the root-sum-square of the discarded singular values."""
+from __future__ import annotations
+
+import torch
+
+MAX_JITTER_TRIES = 8
+
+
+def cholesky_whitening(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Lower-triangular S with S·Sᵀ = XᵀX (+ jitter·I), in float64, and the jitter that was needed.
+
+    Fallback when XᵀX is not positive definite (dead input channels, fewer tokens than channels, rounding):
+    like the SVD-LLM release, shift the spectrum by −λ_min plus a small margin (1e-6 of the mean diagonal,
+    growing ×10 per retry) until the Cholesky factorization succeeds. The loss identity then holds for the
+    shifted Gram, which differs from the true one only along directions the data barely excites.
+    """
+    g = gram.to(torch.float64)
+    g = (g + g.T) / 2
+    if not torch.isfinite(g).all():
+        raise ValueError("the Gram matrix XᵀX contains NaN or inf")
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return chol, 0.0
+    lam_min = float(torch.linalg.eigvalsh(g)[0])
+    scale = float(g.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    for k in range(MAX_JITTER_TRIES):
+        jitter = max(-lam_min, 0.0) + scale * 1e-6 * 10**k
+        chol, info = torch.linalg.cholesky_ex(g + jitter * eye)
+        if int(info) == 0:
+            return chol, jitter
+    raise ValueError("XᵀX could not be made positive definite for the Cholesky factorization")

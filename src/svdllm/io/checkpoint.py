@@ -1,0 +1,175 @@
+"""A compressed model on disk: the base model's config.json and tokenizer, the weights as safetensors (the
+low-rank layers as `<name>.u.weight` / `<name>.v.weight`) and `svdllm_manifest.json` with every matrix's rank.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place at the end, so an
+interrupted save leaves no half-written model behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SvdllmError
+from ..factorization.lowrank import LowRankLinear
+from ..models.families import family_of, set_submodule
+
+log = logging.getLogger(__name__)
+MANIFEST_NAME = "svdllm_manifest.json"
+FORMAT_VERSION = 1
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise SvdllmError(f"Output directory {out} already exists; pass --overwrite to replace it.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SvdllmError(f"Cannot create the parent of the output directory {out}: {e}") from e
+    if not os.access(out.parent, os.W_OK):
+        raise SvdllmError(f"Output directory {out.parent} is not writable; choose another --out.")
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Fail before hours of work if the result could not be saved there."""
+    _prepare_out_dir(Path(out), overwrite)
+
+
+def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False) -> Path:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    _prepare_out_dir(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to the embeddings; re-tied on load
+        state = {k: v.detach().contiguous() for k, v in state.items()}
+        split = split_torch_state_dict_into_shards(state, max_shard_size="5GB")
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: state[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                     "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = dict(manifest, format="svdllm", format_version=FORMAT_VERSION)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        if out.exists():  # --overwrite: swap the old directory out only once the new one is complete
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        raise SvdllmError(f"Saving to {out} failed ({e}); nothing was written there.") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("Saved the compressed model to %s", out)
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    mpath = path / MANIFEST_NAME
+    if not mpath.is_file():
+        raise SvdllmError(f"{path} is not a model saved by svdllm: {MANIFEST_NAME} is missing.")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SvdllmError(f"The manifest {mpath} is not valid JSON ({e}); the directory is damaged.") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != "svdllm" or not isinstance(manifest.get("ranks"), dict):
+        raise SvdllmError(f"The manifest {mpath} is not an svdllm manifest (no format/ranks entries).")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise SvdllmError(f"{mpath} was written by a newer svdllm (format {manifest['format_version']}); upgrade svdllm.")
+    return manifest
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SvdllmError(f"No .safetensors weights in {path}; the directory is incomplete.")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SvdllmError(f"The weights file {f} is damaged or truncated ({e}).") from e
+    return state
+
+
+def apply_ranks(model: nn.Module, ranks: dict[str, int | None], dtype=None, device=None) -> None:
+    """Replace every listed linear by an (uninitialised) LowRankLinear of its rank."""
+    for name, rank in ranks.items():
+        if rank is None:
+            continue
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError as e:
+            raise SvdllmError(f"The manifest names {name}, which this model does not have.") from e
+        low = LowRankLinear(dense.in_features, dense.out_features, int(rank), bias=dense.bias is not None,
+                            device=device or dense.weight.device, dtype=dtype or dense.weight.dtype)
+        set_submodule(model, name, low)
+
+
+def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None,
+         with_tokenizer: bool = False):
+    """Rebuild a model saved by svdllm. Returns the model (and its tokenizer with `with_tokenizer=True`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..models.loading import parse_dtype
+
+    path = Path(path)
+    if not path.is_dir():
+        raise SvdllmError(f"Model directory {path} does not exist.")
+    manifest = read_manifest(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SvdllmError(f"The config.json in {path} cannot be read ({e}).") from e
+    family_of(config)
+    dtype = parse_dtype(dtype) if dtype is not None else parse_dtype(manifest.get("dtype", "float32"))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply_ranks(model, manifest["ranks"], dtype=dtype, device="meta")
+    state = _read_weights(path)
+    expected = set(model.state_dict().keys())
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise SvdllmError(
+            f"The weights in {path} do not match its manifest and config: missing {sorted(missing)[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}."
+        )
+    shapes = model.state_dict()
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(shapes[k].shape):
+            raise SvdllmError(f"The weight {k} in {path} has shape {tuple(v.shape)}, expected {tuple(shapes[k].shape)}.")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if device is not None:
+        model.to(device)
+    model.eval()
+    if with_tokenizer:
+        return model, AutoTokenizer.from_pretrained(path)
+    return model

@@ -1,0 +1,239 @@
+"""The orchestrator: calibration → factorization (a method) → allocation (ranks) → update → save.
+
+`compress(model, tokenizer, config)` swaps the compressible linears of `model` for LowRankLinear modules in
+place, like torchao's quantize_ or peft's get_peft_model. With several ratios, one calibration pass and one
+decomposition of each matrix serve all of them: each ratio's model is written to its own directory and the
+model is handed back dense.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .allocation import MatrixInfo, allocate, param_counts
+from .calibration import StatsCache, calibrate_layers, model_fingerprint
+from .config import CompressConfig
+from .data import calibration_windows, load_text, tokenize_text
+from .errors import SvdllmError
+from .factorization import LowRankLinear, get_method
+from .io.checkpoint import check_out_dir, save
+from .models.families import LINEAR_NAMES, family_of, set_submodule
+from .models.loading import cache_root
+from .update import UPDATES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressionResult:
+    ratio: float
+    ranks: dict[str, int | None]
+    params: dict
+    truncation_loss: dict[str, float]
+    timings: dict
+    out: Path | None = None
+    manifest: dict = field(default_factory=dict)
+    originals: dict = field(default_factory=dict, repr=False)  # the dense modules, for swap_back
+
+
+def matrices_of(model: nn.Module) -> list[MatrixInfo]:
+    out = []
+    for i, layer in enumerate(family_of(model).decoder_layers(model)):
+        for name in LINEAR_NAMES:
+            lin = layer.get_submodule(name)
+            out.append(MatrixInfo(f"model.layers.{i}.{name}", lin.out_features, lin.in_features))
+    return out
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
+
+
+def swap_in(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, nn.Module]:
+    """Replace each named linear by LowRankLinear(W_u, W_v); returns the replaced modules for `swap_back`."""
+    originals = {}
+    for name, (w_u, w_v) in factors.items():
+        dense = model.get_submodule(name)
+        bias = dense.bias.detach() if dense.bias is not None else None
+        set_submodule(model, name, LowRankLinear.from_factors(w_u, w_v, bias))
+        originals[name] = dense
+    return originals
+
+
+def swap_back(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    for name, module in originals.items():
+        set_submodule(model, name, module)
+
+
+@torch.no_grad()
+def check_finite_outputs(model: nn.Module, input_ids: torch.Tensor) -> None:
+    logits = model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False).logits
+    if not torch.isfinite(logits).all():
+        raise SvdllmError("The compressed model produces NaN/inf logits; it was not saved. Try --dtype float32.")
+
+
+def _stats_cache(model, config: CompressConfig, data_source: str) -> StatsCache | None:
+    if config.cache_dir == "":
+        return None
+    cal = config.calibration
+    key = {"model": model_fingerprint(model), "dataset": cal.dataset, "data": data_source, "nsamples": cal.nsamples,
+           "seqlen": cal.seqlen, "seed": cal.seed, "mode": cal.mode}
+    if cal.mode == "sequential":  # the statistics then depend on how the earlier layers were compressed
+        key.update(method=config.method, alloc=config.alloc, ratio=config.ratios[0])
+    return StatsCache(Path(config.cache_dir) if config.cache_dir else cache_root(), key)
+
+
+def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, out: str | Path | None = None,
+             overwrite: bool = False, progress: bool = True) -> list[CompressionResult]:
+    """Compress `model` by `config`; returns one CompressionResult per ratio (saved under `out` if given).
+
+    With one ratio the model is left compressed in place; with several, `out` is required (one sub-directory
+    `ratio-<R>` each) and the model is left dense.
+    """
+    config = config or CompressConfig()
+    config.validate()
+    family_of(model)
+    method = get_method(config.method)
+    if config.update not in UPDATES:
+        raise SvdllmError(f"Unknown update {config.update!r}; available: {', '.join(UPDATES)}.")
+    ratios = [float(r) for r in config.ratios]
+    if len(ratios) > 1 and out is None:
+        raise SvdllmError("Several ratios need an output directory (--out): each ratio's model is saved there.")
+    outs = {r: None if out is None else Path(out) if len(ratios) == 1 else Path(out) / f"ratio-{r:g}" for r in ratios}
+    for o in outs.values():
+        if o is not None:
+            check_out_dir(o, overwrite)
+    if config.calibration.mode == "sequential" and len(ratios) > 1:
+        log.info("Sequential calibration depends on the ratio: one pass per ratio.")
+        results = []
+        for r in ratios:
+            one = CompressConfig(**{**config.__dict__, "ratio": r})
+            results += compress(model, tokenizer, one, outs[r], overwrite, progress)
+            swap_back(model, results[-1].originals)
+        return results
+    return _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress)
+
+
+def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress):
+    cal = config.calibration
+    matrices = matrices_of(model)
+    shapes = {m.name: m for m in matrices}
+    # Uniform ranks are known up front; spectrum-driven allocators would rank after the decompositions.
+    rank_maps = {r: allocate(config.alloc, matrices, r) for r in ratios}
+    params_before = count_params(model)
+    needs_data = bool(method.needs)
+    timings = {"calibration_s": 0.0, "factorization_s": 0.0}
+
+    windows, cache, data_source = None, None, "none"
+    if needs_data:
+        from .data import resolve_data_dir
+
+        root = resolve_data_dir(cal.data_dir)
+        data_source = "hub" if root is None else "local"
+        cache = _stats_cache(model, config, data_source)
+    num_layers = len(family_of(model).decoder_layers(model))
+    use_cache = cache is not None and cal.mode == "original" and cache.has_all(num_layers)
+    if needs_data and not use_cache:
+        ids = tokenize_text(tokenizer, load_text(cal.dataset, "validation", cal.data_dir))
+        windows = calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
+
+    factors = {r: {} for r in ratios}
+    losses = {r: {} for r in ratios}
+    jitters: dict[str, float] = {}
+    sequential = cal.mode == "sequential"
+    applied: dict[str, nn.Module] = {}
+
+    def process_layer(i: int, layer: nn.Module, stats) -> bool:
+        t = time.perf_counter()
+        for name in LINEAR_NAMES:
+            full = f"model.layers.{i}.{name}"
+            lin = layer.get_submodule(name)
+            gram = stats.gram_for(name) if stats is not None else None
+            try:
+                dec = method.decompose(lin.weight.detach().to(torch.float64), gram)
+            except ValueError as e:
+                raise SvdllmError(f"Factorizing {full} failed: {e}") from e
+            if dec.info.get("whitening_jitter"):
+                jitters[full] = dec.info["whitening_jitter"]
+            for r in ratios:
+                rank = rank_maps[r][full]
+                if rank is None:
+                    continue
+                factors[r][full] = dec.factors(rank, dtype=lin.weight.dtype)
+                losses[r][full] = dec.truncation_loss(rank)
+        timings["factorization_s"] += time.perf_counter() - t
+        if sequential:
+            prefix = f"model.layers.{i}."
+            applied.update(swap_in(model, {k: v for k, v in factors[ratios[0]].items() if k.startswith(prefix)}))
+            return True
+        return False
+
+    t0 = time.perf_counter()
+    if not needs_data:
+        layers = family_of(model).decoder_layers(model)
+        for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not progress)):
+            process_layer(i, layer, None)
+    elif use_cache:
+        log.info("Calibration statistics found in the cache (%s): skipping the calibration pass.", cache.dir)
+        layers = family_of(model).decoder_layers(model)
+        for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not progress)):
+            process_layer(i, layer, cache.load(i))
+    else:
+        for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress):
+            if cache is not None:
+                cache.save(i, stats)
+        timings["calibration_s"] = time.perf_counter() - t0 - timings["factorization_s"]
+    timings["total_s"] = time.perf_counter() - t0
+
+    if jitters:
+        log.warning("%d Gram matrices were not positive definite and needed a jitter (largest %.3g, at %s).",
+                    len(jitters), max(jitters.values()), max(jitters, key=jitters.get))
+
+    results = []
+    probe = windows[:1, : min(128, cal.seqlen)] if windows is not None else torch.tensor([[1, 2, 3, 4]])
+    for r in ratios:
+        originals = applied if sequential else swap_in(model, factors[r])
+        counts = param_counts(matrices, rank_maps[r])
+        counts.update(model_before=params_before, model_after=count_params(model))
+        check_finite_outputs(model, probe)
+        manifest = {
+            "svdllm_version": __version__,
+            "base_model": getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
+            "model_type": model.config.model_type,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "method": config.method,
+            "ratio": r,
+            "alloc": config.alloc,
+            "update": config.update,
+            "calibration": dict(cal.__dict__, used=needs_data, from_cache=use_cache),
+            "params": counts,
+            "timings": timings,
+            "ranks": rank_maps[r],
+            "shapes": {k: [v.out_features, v.in_features] for k, v in shapes.items()},
+            "truncation_loss": losses[r],
+            "whitening_jitter": jitters,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        result = CompressionResult(r, rank_maps[r], counts, losses[r], dict(timings), outs[r], manifest, originals)
+        if outs[r] is not None:
+            save(model, tokenizer, outs[r], manifest, overwrite)
+        if len(ratios) > 1:
+            swap_back(model, originals)
+        results.append(result)
+        log.info("ratio %.2f: %d → %d parameters (%.1f%% of the compressed linears removed)", r, params_before,
+                 counts["model_after"], 100 * counts["achieved_ratio"])
+    return results
+
+
+def summarize(results: list[CompressionResult]) -> list[dict]:
+    return [{"ratio": r.ratio, "out": str(r.out) if r.out else None, **r.params, **r.timings,
+             "mean_truncation_loss": (sum(r.truncation_loss.values()) / max(len(r.truncation_loss), 1))
+             if r.truncation_loss else math.nan} for r in results]
