@@ -141,7 +141,8 @@ def cmd_compress(args) -> dict:
         print(f"ratio {row['ratio']:.2f}: parameters {row['model_before']:,} → {row['model_after']:,} "
               f"({100 * row['achieved_ratio']:.2f}% of the compressed linears removed); saved to {row['out']}")
     t = results[0].timings
-    print(f"calibration {t['calibration_s']:.1f} s, factorization {t['factorization_s']:.1f} s")
+    print(f"calibration {t['calibration_s']:.1f} s, factorization {t['factorization_s']:.1f} s, "
+          f"peak RSS {t['peak_rss_mb']:.0f} MB")
     return {"command": "compress", "model": args.model, "method": args.method, "results": rows}
 
 

@@ -53,6 +53,13 @@ def matrices_of(model: nn.Module) -> list[MatrixInfo]:
     return out
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
 
@@ -192,6 +199,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                 cache.save(i, stats)
         timings["calibration_s"] = time.perf_counter() - t0 - timings["factorization_s"]
     timings["total_s"] = time.perf_counter() - t0
+    timings["peak_rss_mb"] = peak_rss_mb()
 
     if jitters:
         log.warning("%d Gram matrices were not positive definite and needed a jitter (largest %.3g, at %s).",

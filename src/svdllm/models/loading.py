@@ -72,6 +72,8 @@ def _strip_gguf_quant_config(model) -> None:
     # tensors now, and saving that entry would make transformers try to re-quantize on the next load.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):

@@ -1,0 +1,55 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from tiny import byte_tokenizer  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+SAMPLE = (
+    " = Valkyria Chronicles III = \n"
+    " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing video game developed by Sega . \n"
+    " The game began development in 2010 , carrying over a large portion of the work done on Valkyria Chronicles II . \n"
+)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small data directory with the shared data layout (synthetic text, real file formats)."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "wikitext2_raw").mkdir()
+    lines = []
+    for i in range(60):
+        lines += [SAMPLE.replace("2010", str(1900 + i)), "\n"]
+    text = "".join(lines)
+    (root / "wikitext2_raw" / "wiki.test.raw").write_text(text)
+    (root / "wikitext2_raw" / "wiki.valid.raw").write_text(text[::-1].replace("\n", " ") + "\n" + text)
+    (root / "ptb").mkdir()
+    ptb = "".join(f" the company said {i} shares rose <unk> in N trading \n" for i in range(400))
+    (root / "ptb" / "ptb.test.txt").write_text(ptb)
+    (root / "ptb" / "ptb.valid.txt").write_text(ptb)
+    (root / "c4").mkdir()
+    import json
+
+    with open(root / "c4" / "c4_validation_2k.jsonl", "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": f"Document {i}: a short web page about topic {i % 7}.", "url": "x"}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the shared data folder is not at {SHARED_DATA}")
+    return SHARED_DATA

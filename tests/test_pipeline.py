@@ -1,0 +1,114 @@
+"""compress → save → load on tiny models of every supported family."""
+import json
+
+import pytest
+import torch
+
+import svdllm
+from svdllm.calibration import calibrate_layers
+from svdllm.factorization import METHODS, LowRankLinear
+from svdllm.io import MANIFEST_NAME
+from svdllm.models.families import LINEAR_NAMES
+from tiny import FAMILIES, tiny_model
+
+
+def _config(data_dir, tmp_path, ratio=0.4, **kw):
+    return svdllm.CompressConfig(ratio=ratio, cache_dir=str(tmp_path / "cache"),
+                                 calibration=svdllm.CalibrationConfig(nsamples=4, seqlen=32, data_dir=str(data_dir)),
+                                 **kw)
+
+
+def _ids(tok):
+    return tok("The game began development in 2010.", return_tensors="pt").input_ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compress_save_load_identical_logits(family, tok, data_dir, tmp_path):
+    model = tiny_model(family)
+    dense_params = sum(p.numel() for p in model.parameters())
+    res = svdllm.compress(model, tok, _config(data_dir, tmp_path), out=tmp_path / "out", progress=False)[0]
+    assert all(isinstance(model.get_submodule(n), LowRankLinear) for n, r in res.ranks.items() if r is not None)
+    with torch.no_grad():
+        before = model(_ids(tok)).logits
+    loaded = svdllm.load(tmp_path / "out")
+    with torch.no_grad():
+        after = loaded(_ids(tok)).logits
+    assert torch.equal(before, after)
+    assert torch.isfinite(after).all()
+    # parameter accounting, counted independently from the modules
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    removed = sum(m.out_features * m.in_features - m.rank * (m.out_features + m.in_features)
+                  for m in loaded.modules() if isinstance(m, LowRankLinear))
+    assert manifest["params"]["model_before"] == dense_params
+    assert manifest["params"]["model_after"] == sum(p.numel() for p in loaded.parameters()) == dense_params - removed
+    assert manifest["params"]["achieved_ratio"] >= 0.4
+    assert manifest["ranks"] == res.ranks and manifest["method"] == "svd-llm"
+    if loaded.config.tie_word_embeddings:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    loaded2, tok2 = svdllm.load(tmp_path / "out", with_tokenizer=True)
+    assert tok2("abc").input_ids == tok("abc").input_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+def test_full_rank_factorization_reproduces_layer_outputs(family):
+    """At full rank the whitened factors reproduce every linear, so the whole decoder layer's output is unchanged."""
+    model = tiny_model(family)
+    windows = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(0))
+    stats = dict(calibrate_layers(model, windows, progress=False))
+    x = torch.randn(2, 40, model.config.hidden_size)
+    layer = model.model.layers[1]
+    from svdllm.calibration import capture_layer_inputs
+
+    _, kwargs = capture_layer_inputs(model, windows[:, :40])
+    with torch.no_grad():
+        ref = layer(x, **kwargs[1])
+        for name in LINEAR_NAMES:
+            lin = layer.get_submodule(name)
+            dec = METHODS["svd-llm"].decompose(lin.weight.double(), stats[1].gram_for(name))
+            w_u, w_v = dec.factors(dec.max_rank, torch.float32)
+            from svdllm.models.families import set_submodule
+
+            set_submodule(layer, name, LowRankLinear.from_factors(w_u, w_v, lin.bias))
+        out = layer(x, **kwargs[1])
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    out = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_several_ratios_from_one_pass_equal_single_runs(tok, data_dir, tmp_path):
+    model = tiny_model("llama")
+    results = svdllm.compress(model, tok, _config(data_dir, tmp_path, ratio=[0.2, 0.6]), out=tmp_path / "multi",
+                              progress=False)
+    assert [r.ratio for r in results] == [0.2, 0.6]
+    assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in results[0].ranks)  # handed back dense
+    for r in (0.2, 0.6):
+        single = tiny_model("llama")
+        svdllm.compress(single, tok, _config(data_dir, tmp_path, ratio=r), progress=False)
+        loaded = svdllm.load(tmp_path / "multi" / f"ratio-{r:g}")
+        for (n1, p1), (n2, p2) in zip(single.state_dict().items(), loaded.state_dict().items()):
+            assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype, tok, data_dir, tmp_path):
+    model = tiny_model("mistral", dtype=dtype)
+    res = svdllm.compress(model, tok, _config(data_dir, tmp_path), out=tmp_path / "half", progress=False)[0]
+    low = model.get_submodule(next(n for n, r in res.ranks.items() if r))
+    assert low.u.weight.dtype == dtype
+    loaded = svdllm.load(tmp_path / "half")
+    assert next(loaded.parameters()).dtype == dtype
+    with torch.no_grad():
+        assert torch.equal(model(_ids(tok)).logits, loaded(_ids(tok)).logits)
+
+
+def test_svd_method_needs_no_data(tok, tmp_path):
+    model = tiny_model("llama")
+    cfg = svdllm.CompressConfig(ratio=0.3, method="svd", cache_dir="",
+                                calibration=svdllm.CalibrationConfig(data_dir=str(tmp_path / "nowhere")))
+    res = svdllm.compress(model, tok, cfg, progress=False)[0]
+    assert not res.manifest["calibration"]["used"]
+    w = tiny_model("llama").model.layers[0].self_attn.q_proj.weight.double()
+    q = model.model.layers[0].self_attn.q_proj
+    sv = torch.linalg.svdvals(w)
+    err = torch.linalg.norm(w - (q.u.weight @ q.v.weight).double())
+    assert err.item() == pytest.approx(sv[q.rank:].pow(2).sum().sqrt().item(), rel=1e-4)
