@@ -164,6 +164,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             full = f"model.layers.{i}.{name}"
             lin = layer.get_submodule(name)
             gram = stats.gram_for(name) if stats is not None else None
+            if not torch.isfinite(lin.weight).all():
+                raise SvdllmError(f"The weight of {full} contains NaN or inf: the checkpoint is damaged.")
             try:
                 dec = method.decompose(lin.weight.detach().to(torch.float64), gram)
             except ValueError as e:

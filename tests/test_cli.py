@@ -1,0 +1,48 @@
+"""The command line, end to end on a tiny model saved as a Hugging Face directory."""
+import json
+
+import pytest
+
+from svdllm.cli import main
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("tiny-qwen2")
+    tiny_model("qwen2").save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _last_json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_compress_several_ratios_then_eval(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = main(["compress", "--model", str(model_dir), "--ratio", "0.2,0.5", "--nsamples", "3", "--seqlen", "48",
+                 "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json",
+                 "-q"])
+    assert code == 0
+    res = _last_json(capsys)
+    assert [r["ratio"] for r in res["results"]] == [0.2, 0.5]
+    assert res["results"][1]["model_after"] < res["results"][0]["model_after"] < res["results"][0]["model_before"]
+    for r in ("0.2", "0.5"):
+        assert (out / f"ratio-{r}" / "svdllm_manifest.json").exists()
+
+    code = main(["eval", "--model", str(out / "ratio-0.5"), "--ppl", "wikitext2,ptb,c4", "--seqlen", "128",
+                 "--max-windows", "2", "--data-dir", str(data_dir), "--json", "-q"])
+    assert code == 0
+    ev = _last_json(capsys)
+    assert set(ev["ppl"]) == {"wikitext2", "ptb", "c4"}
+    for r in ev["ppl"].values():
+        assert r["windows"] == 2 and r["ppl"] > 1
+
+
+def test_generate_and_listings(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "5", "--json"]) == 0
+    assert "text" in _last_json(capsys)
+    assert main(["methods"]) == 0 and "svd-llm" in capsys.readouterr().out
+    assert main(["allocators"]) == 0 and "uniform" in capsys.readouterr().out

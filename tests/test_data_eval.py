@@ -1,0 +1,70 @@
+"""Texts built as PROTOCOL.md says, windows, and perplexity against an independent computation."""
+import math
+
+import pytest
+import torch
+
+from svdllm.data import calibration_windows, eval_windows, load_text, tokenize_text
+from svdllm.evaluation import perplexity
+from tiny import tiny_model
+
+
+def test_wikitext_rows_joined_like_the_hub(data_dir):
+    raw = (data_dir / "wikitext2_raw" / "wiki.test.raw").read_text()
+    rows = ["" if line.strip() == "" else line for line in raw.splitlines(keepends=True)]
+    assert load_text("wikitext2", "test", data_dir) == "\n\n".join(rows)
+    assert "\n\n\n\n" in load_text("wikitext2", "test", data_dir)  # blank rows become empty strings
+
+
+def test_ptb_and_c4(data_dir):
+    ptb = load_text("ptb", "test", data_dir)
+    assert ptb.startswith("the company said 0 shares") and "\n\n" in ptb and not ptb.startswith(" ")
+    c4 = load_text("c4", "validation", data_dir)
+    assert c4.startswith("Document 0:") and "Document 255:" in c4 and "Document 256:" not in c4
+
+
+def test_real_wikitext_test_set_size(shared_data):
+    text = load_text("wikitext2", "test", shared_data)
+    # 4,358 rows joined by "\n\n"; the first row is blank, as on the hub
+    raw = (shared_data / "wikitext2_raw" / "wiki.test.raw").read_text()
+    assert len(raw.splitlines()) == 4358
+    assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is")
+
+
+def test_calibration_windows_are_seeded(tok, data_dir):
+    ids = tokenize_text(tok, load_text("wikitext2", "validation", data_dir))
+    a = calibration_windows(ids, 5, 64, seed=0)
+    assert a.shape == (5, 64)
+    assert torch.equal(a, calibration_windows(ids, 5, 64, seed=0))
+    assert not torch.equal(a, calibration_windows(ids, 5, 64, seed=1))
+    text = tok.decode(a[0])
+    assert text in tok.decode(ids)
+
+
+def test_eval_windows_drop_partial_and_limit():
+    ids = torch.arange(10 * 7 + 3)
+    w = eval_windows(ids, 7)
+    assert w.shape == (10, 7) and torch.equal(w[1], torch.arange(7, 14))
+    assert eval_windows(ids, 7, max_windows=3).shape == (3, 7)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_perplexity_equals_transformers_loss(family, tok, data_dir):
+    model = tiny_model(family)
+    res = perplexity(model, tok, "wikitext2", data_dir, seqlen=400, progress=False)
+    ids = tokenize_text(tok, load_text("wikitext2", "test", data_dir))
+    windows = eval_windows(ids, 400)
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss.item() for w in windows]  # mean over 399 predictions each
+    assert res["windows"] == res["total_windows"] == len(windows)
+    assert res["tokens_scored"] == len(windows) * 399
+    assert res["ppl"] == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+def test_gemma_softcapping_is_applied(tok, data_dir):
+    model = tiny_model("gemma3", final_logit_softcapping=2.0)
+    res = perplexity(model, tok, "wikitext2", data_dir, seqlen=64, max_windows=2, progress=False)
+    w = eval_windows(tokenize_text(tok, load_text("wikitext2", "test", data_dir)), 64, 2)
+    with torch.no_grad():
+        ref = [model(x[None], labels=x[None]).loss.item() for x in w]
+    assert res["ppl"] == pytest.approx(math.exp(sum(ref) / 2), rel=1e-5)

@@ -1,0 +1,130 @@
+"""Bad input gets a clear SvdllmError naming the problem and the fix, before any work is wasted."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import svdllm
+from svdllm.cli import main
+from svdllm.data import load_text
+from svdllm.errors import SvdllmError
+from svdllm.io import MANIFEST_NAME
+from tiny import tiny_model
+
+
+def _cfg(data_dir, **kw):
+    cal = svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir))
+    return svdllm.CompressConfig(calibration=cal, cache_dir="", **kw)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
+def test_ratio_outside_unit_interval(ratio, tok, data_dir):
+    with pytest.raises(SvdllmError, match=r"outside \(0, 1\)"):
+        svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir, ratio=ratio), progress=False)
+
+
+def test_ratio_that_leaves_rank_zero(tok, data_dir):
+    with pytest.raises(SvdllmError, match="rank 0.*lower --ratio"):
+        svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir, ratio=0.999), progress=False)
+
+
+def test_unsupported_family_lists_supported(tok, data_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=260))
+    with pytest.raises(SvdllmError, match=r"'gpt2' is not supported.*llama.*mistral.*qwen2.*qwen3.*gemma3_text"):
+        svdllm.compress(model, tok, _cfg(data_dir), progress=False)
+
+
+def test_unknown_method(tok, data_dir):
+    with pytest.raises(SvdllmError, match="Unknown method 'nope'.*svd-llm"):
+        svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir, method="nope"), progress=False)
+
+
+def test_missing_data_file_names_path(tmp_path, tok):
+    (tmp_path / "wikitext2_raw").mkdir()
+    with pytest.raises(SvdllmError, match=r"looked for .*wikitext2_raw/wiki\.valid\.raw"):
+        svdllm.compress(tiny_model("llama"), tok, _cfg(tmp_path), progress=False)
+    with pytest.raises(SvdllmError, match=r"ptb/ptb\.test\.txt"):
+        load_text("ptb", "test", tmp_path)
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(SvdllmError, match="does not exist.*--data-dir"):
+        load_text("wikitext2", "test", tmp_path / "absent")
+
+
+def test_existing_output_needs_overwrite(tok, data_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SvdllmError, match="already exists.*--overwrite"):
+        svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir), out=out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir), out=out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directories left behind
+
+
+def test_output_under_a_file_is_refused_before_work(tok, data_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SvdllmError, match="Cannot create the parent"):
+        svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir), out=tmp_path / "afile" / "out", progress=False)
+
+
+@pytest.fixture()
+def saved(tok, data_dir, tmp_path):
+    out = tmp_path / "saved"
+    svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir), out=out, progress=False)
+    return out
+
+
+def test_damaged_checkpoints(saved, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(SvdllmError, match="damaged or truncated"):
+        svdllm.load(broken)
+
+    shutil.copytree(saved, tmp_path / "nomanifest")
+    (tmp_path / "nomanifest" / MANIFEST_NAME).unlink()
+    with pytest.raises(SvdllmError, match="not a model saved by svdllm"):
+        svdllm.load(tmp_path / "nomanifest")
+
+    shutil.copytree(saved, tmp_path / "badjson")
+    (tmp_path / "badjson" / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(SvdllmError, match="not valid JSON"):
+        svdllm.load(tmp_path / "badjson")
+
+    shutil.copytree(saved, tmp_path / "mismatch")
+    m = json.loads((tmp_path / "mismatch" / MANIFEST_NAME).read_text())
+    first = next(iter(m["ranks"]))
+    m["ranks"][first] += 1
+    (tmp_path / "mismatch" / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(SvdllmError, match="has shape"):
+        svdllm.load(tmp_path / "mismatch")
+
+    m["ranks"][first] = None  # the manifest says dense, the weights are factors
+    (tmp_path / "mismatch" / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(SvdllmError, match="do not match its manifest"):
+        svdllm.load(tmp_path / "mismatch")
+
+
+def test_cli_prints_error_without_traceback(tmp_path, capsys):
+    code = main(["compress", "--model", str(tmp_path / "no-such-model"), "--ratio", "0.4", "--out",
+                 str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("svdllm: error: Model path") and "Traceback" not in err
+    code = main(["compress", "--model", "x", "--ratio", "1.2", "--out", str(tmp_path / "o")])
+    assert code == 2 and "outside (0, 1)" in capsys.readouterr().err
+
+
+def test_nan_weights_are_caught(tok, data_dir):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(SvdllmError, match=r"model\.layers\.0"):
+        svdllm.compress(model, tok, _cfg(data_dir), progress=False)
