@@ -76,8 +76,8 @@ def test_statistics_cache_skips_the_pass_and_gives_identical_factors(tok, data_d
 
 
 def test_cache_key_depends_on_data_and_model(tmp_path):
-    base = {"model": "a", "dataset": "wikitext2", "nsamples": 4, "seqlen": 8, "seed": 0, "mode": "original"}
+    base = {"model": "a", "tokens": "t", "dataset": "wikitext2", "nsamples": 4, "seqlen": 8, "seed": 0}
     dirs = {StatsCache(tmp_path, base).dir, StatsCache(tmp_path, dict(base, seed=1)).dir,
-            StatsCache(tmp_path, dict(base, model="b")).dir, StatsCache(tmp_path, dict(base, nsamples=5)).dir}
+            StatsCache(tmp_path, dict(base, model="b")).dir, StatsCache(tmp_path, dict(base, tokens="u")).dir}
     assert len(dirs) == 4
     assert StatsCache(tmp_path, dict(base)).dir == StatsCache(tmp_path, base).dir

@@ -87,14 +87,16 @@ def check_finite_outputs(model: nn.Module, input_ids: torch.Tensor) -> None:
         raise SvdllmError("The compressed model produces NaN/inf logits; it was not saved. Try --dtype float32.")
 
 
-def _stats_cache(model, config: CompressConfig, data_source: str) -> StatsCache | None:
-    if config.cache_dir == "":
+def _stats_cache(model, config: CompressConfig, windows: torch.Tensor) -> StatsCache | None:
+    """The cache entry for these weights and these exact calibration tokens (which pin down the data, tokenizer,
+    sample count, length and seed). Sequential statistics depend on the compression itself and are not cached."""
+    if config.cache_dir == "" or config.calibration.mode != "original":
         return None
+    import hashlib
+
     cal = config.calibration
-    key = {"model": model_fingerprint(model), "dataset": cal.dataset, "data": data_source, "nsamples": cal.nsamples,
-           "seqlen": cal.seqlen, "seed": cal.seed, "mode": cal.mode}
-    if cal.mode == "sequential":  # the statistics then depend on how the earlier layers were compressed
-        key.update(method=config.method, alloc=config.alloc, ratio=config.ratios[0])
+    key = {"model": model_fingerprint(model), "tokens": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:20],
+           "dataset": cal.dataset, "nsamples": cal.nsamples, "seqlen": cal.seqlen, "seed": cal.seed}
     return StatsCache(Path(config.cache_dir) if config.cache_dir else cache_root(), key)
 
 
@@ -139,18 +141,13 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     needs_data = bool(method.needs)
     timings = {"calibration_s": 0.0, "factorization_s": 0.0}
 
-    windows, cache, data_source = None, None, "none"
+    windows, cache = None, None
     if needs_data:
-        from .data import resolve_data_dir
-
-        root = resolve_data_dir(cal.data_dir)
-        data_source = "hub" if root is None else "local"
-        cache = _stats_cache(model, config, data_source)
-    num_layers = len(family_of(model).decoder_layers(model))
-    use_cache = cache is not None and cal.mode == "original" and cache.has_all(num_layers)
-    if needs_data and not use_cache:
         ids = tokenize_text(tokenizer, load_text(cal.dataset, "validation", cal.data_dir))
         windows = calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
+        cache = _stats_cache(model, config, windows)
+    num_layers = len(family_of(model).decoder_layers(model))
+    use_cache = cache is not None and cache.has_all(num_layers)
 
     factors = {r: {} for r in ratios}
     losses = {r: {} for r in ratios}
@@ -209,6 +206,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
 
     results = []
     probe = windows[:1, : min(128, cal.seqlen)] if windows is not None else torch.tensor([[1, 2, 3, 4]])
+    # (the probe only checks that the compressed model's logits are finite before anything is saved)
     for r in ratios:
         originals = applied if sequential else swap_in(model, factors[r])
         counts = param_counts(matrices, rank_maps[r])

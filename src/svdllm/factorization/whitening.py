@@ -11,9 +11,10 @@ def cholesky_whitening(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Lower-triangular S with S·Sᵀ = XᵀX (+ jitter·I), in float64, and the jitter that was needed.
 
     Fallback when XᵀX is not positive definite (dead input channels, fewer tokens than channels, rounding):
-    like the SVD-LLM release, shift the spectrum by −λ_min plus a small margin (1e-6 of the mean diagonal,
-    growing ×10 per retry) until the Cholesky factorization succeeds. The loss identity then holds for the
-    shifted Gram, which differs from the true one only along directions the data barely excites.
+    add jitter·I with jitter = 10⁻⁶·mean(diag XᵀX), ×10 per retry, until the Cholesky factorization succeeds.
+    (The SVD-LLM release shifts by −λ_min instead; a Gram matrix of real activations is positive semi-definite,
+    so its λ_min is only rounding noise, and the geometric search needs no eigendecomposition.) The loss identity
+    then holds for the shifted Gram, which differs from the true one only along directions the data barely excites.
     """
     g = gram.to(torch.float64)
     g = (g + g.T) / 2
@@ -22,12 +23,11 @@ def cholesky_whitening(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
         return chol, 0.0
-    lam_min = float(torch.linalg.eigvalsh(g)[0])
     scale = float(g.diagonal().mean().clamp_min(1e-30))
     eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     for k in range(MAX_JITTER_TRIES):
-        jitter = max(-lam_min, 0.0) + scale * 1e-6 * 10**k
+        jitter = scale * 1e-6 * 10**k
         chol, info = torch.linalg.cholesky_ex(g + jitter * eye)
         if int(info) == 0:
             return chol, jitter
-    raise ValueError("XᵀX could not be made positive definite for the Cholesky factorization")
+    raise ValueError("XᵀX is far from positive semi-definite: it cannot come from real activations")
