@@ -3,9 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from svdllm.allocation import MatrixInfo, allocate_uniform, param_counts, uniform_rank
-from svdllm.factorization import METHODS, LowRankLinear
+from svdllm.allocation import MatrixInfo, allocate_uniform, param_counts
+from svdllm.calibration import LinearStats
+from svdllm.factorization import ASVD, METHODS, LowRankLinear
 from svdllm.factorization.whitening import cholesky_whitening
+
+
+def _stats(x):
+    return LinearStats(x.T @ x, x.abs().sum(0), x.shape[0])
 
 
 def _problem(m=48, n=32, tokens=500, seed=0, dead_channels=0):
@@ -22,7 +27,7 @@ def _problem(m=48, n=32, tokens=500, seed=0, dead_channels=0):
 @pytest.mark.parametrize("rank", [1, 5, 16, 31])
 def test_svd_llm_loss_is_theoretical_minimum(rank):
     w, x = _problem()
-    dec = METHODS["svd-llm"].decompose(w, x.T @ x)
+    dec = METHODS["svd-llm"].decompose(w, _stats(x))
     w_u, w_v = dec.factors(rank, torch.float64)
     loss = torch.linalg.norm((w - w_u @ w_v) @ x.T).item()  # ‖(W − W_u W_v) X‖_F with X as columns
     # independent: numpy Cholesky of XᵀX and numpy singular values of W·S
@@ -36,16 +41,16 @@ def test_svd_llm_loss_is_theoretical_minimum(rank):
 def test_svd_llm_beats_every_other_rank_r_factorization_on_its_objective():
     w, x = _problem(seed=3)
     r = 8
-    wu, wv = METHODS["svd-llm"].decompose(w, x.T @ x).factors(r, torch.float64)
+    wu, wv = METHODS["svd-llm"].decompose(w, _stats(x)).factors(r, torch.float64)
     best = torch.linalg.norm((w - wu @ wv) @ x.T)
     pu, pv = METHODS["svd"].decompose(w).factors(r, torch.float64)
     assert best < torch.linalg.norm((w - pu @ pv) @ x.T)
 
 
-@pytest.mark.parametrize("name", ["svd", "svd-llm"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_full_rank_factorization_reproduces_the_matrix(name):
     w, x = _problem(m=40, n=24)
-    dec = METHODS[name].decompose(w, x.T @ x)
+    dec = METHODS[name].decompose(w, _stats(x))
     w_u, w_v = dec.factors(dec.max_rank, torch.float64)
     torch.testing.assert_close(w_u @ w_v, w, rtol=1e-9, atol=1e-9)
 
@@ -64,7 +69,7 @@ def test_cholesky_fallback_on_rank_deficient_gram():
     s, jitter = cholesky_whitening(gram)
     assert jitter > 0
     torch.testing.assert_close(s @ s.T, gram + jitter * torch.eye(32, dtype=torch.float64), rtol=1e-8, atol=1e-8)
-    dec = METHODS["svd-llm"].decompose(w, gram)
+    dec = METHODS["svd-llm"].decompose(w, _stats(x))
     w_u, w_v = dec.factors(8, torch.float64)
     assert torch.isfinite(w_u).all() and torch.isfinite(w_v).all()
     # the output error is still the minimum for the jittered objective, and tiny jitter keeps it near-optimal
@@ -103,3 +108,60 @@ def test_uniform_rank_and_parameter_count(ratio):
     counts = param_counts(mats, ranks)
     assert counts["achieved_ratio"] >= ratio
     assert counts["achieved_ratio"] - ratio < 0.01
+
+
+@pytest.mark.parametrize("rank", [3, 12, 30])
+def test_svd_llm_v2_reaches_the_same_minimum_as_svd_llm(rank):
+    w, x = _problem(seed=5)
+    a = METHODS["svd-llm"].decompose(w, _stats(x))
+    b = METHODS["svd-llm-v2"].decompose(w, _stats(x))
+    torch.testing.assert_close(a.s, b.s, rtol=1e-8, atol=1e-8)
+    for dec in (a, b):
+        w_u, w_v = dec.factors(rank, torch.float64)
+        assert torch.linalg.norm((w - w_u @ w_v) @ x.T).item() == pytest.approx(a.truncation_loss(rank), rel=1e-6)
+
+
+def test_svd_llm_v2_succeeds_where_cholesky_fails():
+    w, x = _problem(tokens=20, dead_channels=4)  # 20 tokens: XᵀX has rank ≤ 20 < 32
+    assert torch.linalg.cholesky_ex(x.T @ x).info > 0
+    dec = METHODS["svd-llm-v2"].decompose(w, _stats(x))
+    assert dec.info["null_directions"] >= 32 - 20
+    # the loss identity holds exactly for the true (singular) Gram: independent numpy reference via the
+    # whitened matrix W·U_x·Σ_x from an SVD of X itself
+    _, sx, vxt = np.linalg.svd(x.numpy(), full_matrices=False)
+    keep = sx > 1e-10 * sx[0]
+    ref = np.linalg.svd(w.numpy() @ vxt[keep].T * sx[keep], compute_uv=False)
+    for rank in (2, 8, 15):
+        w_u, w_v = dec.factors(rank, torch.float64)
+        loss = torch.linalg.norm((w - w_u @ w_v) @ x.T).item()
+        assert loss == pytest.approx(float(np.sqrt(np.sum(ref[rank:] ** 2))), rel=1e-6)
+
+
+def test_asvd_alpha_zero_is_plain_svd_and_its_loss_is_its_own_theory():
+    w, x = _problem(seed=7)
+    plain = METHODS["svd"].decompose(w)
+    zero = ASVD(alpha=0.0).decompose(w, _stats(x))
+    for rank in (4, 20):
+        a_u, a_v = zero.factors(rank, torch.float64)
+        p_u, p_v = plain.factors(rank, torch.float64)
+        torch.testing.assert_close(a_u @ a_v, p_u @ p_v)
+    dec = METHODS["asvd"].decompose(w, _stats(x))
+    scale = (x.abs().mean(0)) ** 0.5
+    w_u, w_v = dec.factors(10, torch.float64)
+    # ASVD truncates optimally in the scaled space: ‖(W − W′)·S‖_F = √(Σ discarded σ²) of W·S
+    sv = np.linalg.svd((w * scale).numpy(), compute_uv=False)
+    assert torch.linalg.norm((w - w_u @ w_v) * scale).item() == pytest.approx(float(np.sqrt((sv[10:] ** 2).sum())),
+                                                                             rel=1e-6)
+
+
+def test_dipsvd_protects_top_channels_and_minimises_the_boosted_loss():
+    w, x = _problem(seed=9)
+    method = METHODS["dipsvd"]
+    gram = x.T @ x
+    d = method.protection(gram)
+    top = gram.norm(dim=1).topk(max(1, round(0.05 * 32))).indices
+    assert set(torch.nonzero(d > 1).flatten().tolist()) == set(top.tolist())
+    dec = method.decompose(w, _stats(x))
+    w_u, w_v = dec.factors(10, torch.float64)
+    x_boosted = x * d  # X̃ = D·X, channels scaled
+    assert torch.linalg.norm((w - w_u @ w_v) @ x_boosted.T).item() == pytest.approx(dec.truncation_loss(10), rel=1e-6)

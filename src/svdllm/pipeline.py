@@ -160,11 +160,11 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         for name in LINEAR_NAMES:
             full = f"model.layers.{i}.{name}"
             lin = layer.get_submodule(name)
-            gram = stats.gram_for(name) if stats is not None else None
+            linear_stats = stats.for_linear(name) if stats is not None else None
             if not torch.isfinite(lin.weight).all():
                 raise SvdllmError(f"The weight of {full} contains NaN or inf: the checkpoint is damaged.")
             try:
-                dec = method.decompose(lin.weight.detach().to(torch.float64), gram)
+                dec = method.decompose(lin.weight.detach().to(torch.float64), linear_stats)
             except ValueError as e:
                 raise SvdllmError(f"Factorizing {full} failed: {e}") from e
             if dec.info.get("whitening_jitter"):

@@ -1,5 +1,5 @@
 """Calibration: run the model one decoder layer at a time on calibration windows and gather input statistics."""
 from .cache import StatsCache, model_fingerprint
-from .layerwise import LayerStats, calibrate_layers, capture_layer_inputs, run_layer
+from .layerwise import LayerStats, LinearStats, calibrate_layers, capture_layer_inputs, run_layer
 
-__all__ = ["StatsCache", "model_fingerprint", "LayerStats", "calibrate_layers", "capture_layer_inputs", "run_layer"]
+__all__ = ["StatsCache", "model_fingerprint", "LayerStats", "LinearStats", "calibrate_layers", "capture_layer_inputs", "run_layer"]

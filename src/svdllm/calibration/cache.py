@@ -19,7 +19,7 @@ from ..models.families import family_of
 from .layerwise import LayerStats
 
 log = logging.getLogger(__name__)
-STATS_VERSION = 1  # bump when the meaning of a cached statistic changes
+STATS_VERSION = 2  # bump when the meaning of a cached statistic changes
 
 
 def model_fingerprint(model) -> str:
@@ -53,7 +53,9 @@ class StatsCache:
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         os.close(fd)
         try:
-            save_file({k: v.contiguous() for k, v in stats.grams.items()}, tmp, metadata={"tokens": str(stats.tokens)})
+            tensors = {f"gram.{k}": v.contiguous() for k, v in stats.grams.items()}
+            tensors.update({f"abs_sum.{k}": v.contiguous() for k, v in stats.abs_sums.items()})
+            save_file(tensors, tmp, metadata={"tokens": str(stats.tokens)})
             os.replace(tmp, self._layer_path(i))
         finally:
             if os.path.exists(tmp):
@@ -65,7 +67,9 @@ class StatsCache:
         path = self._layer_path(i)
         with safe_open(path, framework="pt") as f:
             tokens = int(f.metadata()["tokens"])
-        return LayerStats(load_file(path), tokens)
+        tensors = load_file(path)
+        pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        return LayerStats(pick("gram."), pick("abs_sum."), tokens)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

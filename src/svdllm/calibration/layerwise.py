@@ -15,22 +15,38 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SvdllmError
-from ..models.families import INPUT_GROUPS, family_of
+from ..models.families import GROUP_OF, INPUT_GROUPS, family_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class LinearStats:
+    """What a factorization method may know about one linear's inputs X (tokens × n)."""
+
+    gram: torch.Tensor  # XᵀX, float64, n × n
+    abs_sum: torch.Tensor  # Σ_t |x_t|, float64, n (ASVD's activation scale is abs_sum / tokens)
+    tokens: int
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+
+@dataclass
 class LayerStats:
-    """Statistics of one decoder layer's linear inputs: group name -> XᵀX (float64, summed over tokens)."""
+    """Statistics of one decoder layer's linear inputs, per input group (float64, summed over tokens)."""
 
     grams: dict[str, torch.Tensor]
+    abs_sums: dict[str, torch.Tensor]
     tokens: int
 
     def gram_for(self, linear_name: str) -> torch.Tensor:
-        from ..models.families import GROUP_OF
-
         return self.grams[GROUP_OF[linear_name]]
+
+    def for_linear(self, linear_name: str) -> LinearStats:
+        group = GROUP_OF[linear_name]
+        return LinearStats(self.grams[group], self.abs_sums[group], self.tokens)
 
 
 class _StopForward(Exception):
@@ -100,6 +116,7 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
 def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, groups=None, where: str = ""):
     """Run one decoder layer on every input batch; with `groups`, also accumulate their Gram matrices."""
     grams: dict[str, torch.Tensor] = {}
+    abs_sums: dict[str, torch.Tensor] = {}
     handles = []
     if groups:
         for group in groups:
@@ -111,8 +128,10 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device
                 x = x.to(torch.float64)
                 if group in grams:
                     grams[group].addmm_(x.T, x)
+                    abs_sums[group] += x.abs().sum(0)
                 else:
                     grams[group] = x.T @ x
+                    abs_sums[group] = x.abs().sum(0)
 
             handles.append(first.register_forward_hook(hook))
     outputs = []
@@ -123,7 +142,7 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device
     finally:
         for handle in handles:
             handle.remove()
-    return outputs, {g: t.to("cpu") for g, t in grams.items()}
+    return outputs, {g: t.to("cpu") for g, t in grams.items()}, {g: t.to("cpu") for g, t in abs_sums.items()}
 
 
 def calibrate_layers(
@@ -145,10 +164,10 @@ def calibrate_layers(
     tokens = int(windows.numel())
     for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
         kwargs = layer_kwargs[i]
-        outputs, grams = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where=f"model.layers.{i}")
-        stats = LayerStats(grams, tokens)
+        outputs, grams, abs_sums = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where=f"model.layers.{i}")
+        stats = LayerStats(grams, abs_sums, tokens)
         if on_layer is not None and on_layer(i, layer, stats):
-            outputs, _ = run_layer(layer, hidden, kwargs, device)
+            outputs, _, _ = run_layer(layer, hidden, kwargs, device)
         for out in outputs:
             _check_finite(out, f"the output of model.layers.{i}")
         hidden = outputs

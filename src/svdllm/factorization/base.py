@@ -41,7 +41,8 @@ class Method:
 
     name: str = ""
     summary: str = ""
-    needs: tuple[str, ...] = ()  # statistics beyond the weight: "gram" = XᵀX of the layer's input
+    needs: tuple[str, ...] = ()  # statistics beyond the weight ("inputs": XᵀX and Σ|x| of the layer's input)
 
-    def decompose(self, weight: torch.Tensor, gram: torch.Tensor | None) -> Decomposition:
+    def decompose(self, weight: torch.Tensor, stats) -> Decomposition:
+        """Factorize `weight` (m × n, float64) given `stats` (a LinearStats, or None when `needs` is empty)."""
         raise NotImplementedError

@@ -1,30 +1,86 @@
-"""The factorization methods."""
+"""The factorization methods. Each one picks a right transform S and takes the SVD of W·S; the factors are
+W_u = U_r Σ_r^½ and W_v = Σ_r^½ V_rᵀ S⁻¹. They differ only in S, i.e. in which error the truncation minimises."""
 from __future__ import annotations
 
 import torch
 
 from .base import Decomposition, Method
-from .whitening import cholesky_whitening
+from .whitening import cholesky_whitening, eigen_whitening
+
+
+def _decompose_with_right_transform(w: torch.Tensor, s_mat: torch.Tensor | None, s_inv_apply, info=None):
+    ws = w if s_mat is None else w @ s_mat
+    u, s, vh = torch.linalg.svd(ws, full_matrices=False)
+    return Decomposition(u, s, vh if s_inv_apply is None else s_inv_apply(vh), info=info or {})
 
 
 class PlainSVD(Method):
     name = "svd"
     summary = "truncated SVD of W itself (no calibration data): minimises ‖W − W′‖_F, not the output error"
 
-    def decompose(self, weight, gram=None):
-        u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
-        return Decomposition(u, s, vh)
+    def decompose(self, weight, stats=None):
+        return _decompose_with_right_transform(weight, None, None)
 
 
 class SVDLLM(Method):
     name = "svd-llm"
-    summary = "SVD-LLM: truncation-aware whitening by the Cholesky factor S of XᵀX, SVD of W·S (minimum ‖(W−W′)X‖_F)"
-    needs = ("gram",)
+    summary = "SVD-LLM: whitening by the Cholesky factor S of XᵀX, SVD of W·S (minimum ‖(W−W′)X‖_F)"
+    needs = ("inputs",)
 
-    def decompose(self, weight, gram):
-        w = weight.to(torch.float64)
-        s_chol, jitter = cholesky_whitening(gram)
-        u, s, vh = torch.linalg.svd(w @ s_chol, full_matrices=False)
-        # W_v = Σ^½ Vᵀ S⁻¹: solve (Vᵀ) = X·S for X instead of forming S⁻¹
-        right = torch.linalg.solve_triangular(s_chol, vh, upper=False, left=False)
-        return Decomposition(u, s, right, info={"whitening_jitter": jitter})
+    def decompose(self, weight, stats):
+        s_chol, jitter = cholesky_whitening(stats.gram)
+        # Vᵀ S⁻¹ by a triangular solve rather than forming S⁻¹
+        inv = lambda vh: torch.linalg.solve_triangular(s_chol, vh, upper=False, left=False)  # noqa: E731
+        return _decompose_with_right_transform(weight, s_chol, inv, {"whitening_jitter": jitter})
+
+
+class SVDLLMV2(Method):
+    name = "svd-llm-v2"
+    summary = ("SVD-LLM V2 loss-optimised truncation: two rounds of SVD (XᵀX = QΛQᵀ, S = QΛ^½, then SVD of W·S); "
+               "no Cholesky, so a singular XᵀX never fails")
+    needs = ("inputs",)
+
+    def decompose(self, weight, stats):
+        s_mat, s_pinv = eigen_whitening(stats.gram)
+        return _decompose_with_right_transform(weight, s_mat, lambda vh: vh @ s_pinv,
+                                               {"null_directions": int((s_pinv.abs().sum(1) == 0).sum())})
+
+
+class ASVD(Method):
+    name = "asvd"
+    summary = "ASVD: S = diag(mean|x|^α) per input channel (α = 0.5), SVD of W·S"
+    needs = ("inputs",)
+
+    def __init__(self, alpha: float = 0.5):
+        self.alpha = alpha
+
+    def decompose(self, weight, stats):
+        # channels that never fire would give a zero scale; floor them so S stays invertible
+        scale = stats.abs_mean.to(torch.float64).clamp_min(1e-6 * float(stats.abs_mean.max().clamp_min(1e-30)))
+        scale = scale.pow(self.alpha)
+        return _decompose_with_right_transform(weight, torch.diag(scale), lambda vh: vh / scale)
+
+
+class DipSVD(Method):
+    name = "dipsvd"
+    summary = ("DipSVD channel protection: the top p% input channels by α_j = ‖(XᵀX)_j‖ are boosted ×a in the "
+               "whitening statistics (p = 5%, a = 2), then SVD-LLM whitening")
+    needs = ("inputs",)
+
+    def __init__(self, top_fraction: float = 0.05, boost: float = 2.0):
+        self.top_fraction, self.boost = top_fraction, boost
+
+    def protection(self, gram: torch.Tensor) -> torch.Tensor:
+        """D = diag(a on the top-p% channels by α_j = ‖row j of XᵀX‖, 1 elsewhere)."""
+        alpha = gram.to(torch.float64).norm(dim=1)
+        k = max(1, round(self.top_fraction * alpha.numel()))
+        d = torch.ones_like(alpha)
+        d[alpha.topk(k).indices] = self.boost
+        return d
+
+    def decompose(self, weight, stats):
+        d = self.protection(stats.gram)
+        # X̃ = D·X (channels scaled), so X̃ᵀX̃ = D·XᵀX·D
+        s_chol, jitter = cholesky_whitening(d[:, None] * stats.gram.to(torch.float64) * d[None, :])
+        inv = lambda vh: torch.linalg.solve_triangular(s_chol, vh, upper=False, left=False)  # noqa: E731
+        return _decompose_with_right_transform(weight, s_chol, inv, {"whitening_jitter": jitter})

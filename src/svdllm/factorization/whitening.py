@@ -31,3 +31,21 @@ def cholesky_whitening(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
         if int(info) == 0:
             return chol, jitter
     raise ValueError("XᵀX is far from positive semi-definite: it cannot come from real activations")
+
+
+def eigen_whitening(gram: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM V2's whitening by an eigendecomposition: XᵀX = QΛQᵀ, S = QΛ^½, and the pseudo-inverse S⁺.
+
+    Eigenvalues below rtol·λ_max (default n·eps) are directions the data never excites: S⁺ maps them to zero,
+    which leaves ‖(W − W′)X‖_F unchanged (X has no component there), so a singular XᵀX needs no jitter.
+    """
+    g = gram.to(torch.float64)
+    g = (g + g.T) / 2
+    if not torch.isfinite(g).all():
+        raise ValueError("the Gram matrix XᵀX contains NaN or inf")
+    lam, q = torch.linalg.eigh(g)
+    rtol = g.shape[0] * torch.finfo(torch.float64).eps if rtol is None else rtol
+    keep = lam > rtol * lam.max().clamp_min(1e-300)
+    root = lam.clamp_min(0).sqrt() * keep
+    inv_root = torch.where(keep, 1.0 / lam.clamp_min(1e-300).sqrt(), torch.zeros_like(lam))
+    return q * root, inv_root[:, None] * q.T
