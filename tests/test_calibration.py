@@ -81,3 +81,21 @@ def test_cache_key_depends_on_data_and_model(tmp_path):
             StatsCache(tmp_path, dict(base, model="b")).dir, StatsCache(tmp_path, dict(base, tokens="u")).dir}
     assert len(dirs) == 4
     assert StatsCache(tmp_path, dict(base)).dir == StatsCache(tmp_path, base).dir
+
+
+def test_fisher_rows_equal_autograd_gradients():
+    from svdllm.calibration import fisher_rows
+
+    model = tiny_model("qwen3")
+    windows = _windows(n=2, seqlen=16)
+    rows = fisher_rows(model, windows, progress=False)
+    name = "model.layers.1.self_attn.k_proj"
+    weight = model.get_submodule(name).weight
+    expected = torch.zeros(weight.shape[0], dtype=torch.float64)
+    for w in windows:
+        loss = model(input_ids=w[None], labels=w[None]).loss
+        (grad,) = torch.autograd.grad(loss, weight)
+        expected += grad.double().pow(2).sum(1)
+    torch.testing.assert_close(rows[name], expected, rtol=1e-5, atol=1e-12)
+    assert len(rows) == 7 * len(model.model.layers)
+    assert all(p.requires_grad for p in model.parameters())  # restored

@@ -9,8 +9,10 @@ from svdllm.factorization import ASVD, METHODS, LowRankLinear
 from svdllm.factorization.whitening import cholesky_whitening
 
 
-def _stats(x):
-    return LinearStats(x.T @ x, x.abs().sum(0), x.shape[0])
+def _stats(x, w=None):
+    # Fisher rows for fwsvd: any positive weights serve the identities tested here
+    rows = None if w is None else torch.linspace(0.5, 2.0, w.shape[0], dtype=torch.float64)
+    return LinearStats(x.T @ x, x.abs().sum(0), x.shape[0], fisher_rows=rows)
 
 
 def _problem(m=48, n=32, tokens=500, seed=0, dead_channels=0):
@@ -50,7 +52,7 @@ def test_svd_llm_beats_every_other_rank_r_factorization_on_its_objective():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_full_rank_factorization_reproduces_the_matrix(name):
     w, x = _problem(m=40, n=24)
-    dec = METHODS[name].decompose(w, _stats(x))
+    dec = METHODS[name].decompose(w, _stats(x, w))
     w_u, w_v = dec.factors(dec.max_rank, torch.float64)
     torch.testing.assert_close(w_u @ w_v, w, rtol=1e-9, atol=1e-9)
 
@@ -165,3 +167,17 @@ def test_dipsvd_protects_top_channels_and_minimises_the_boosted_loss():
     w_u, w_v = dec.factors(10, torch.float64)
     x_boosted = x * d  # X̃ = D·X, channels scaled
     assert torch.linalg.norm((w - w_u @ w_v) @ x_boosted.T).item() == pytest.approx(dec.truncation_loss(10), rel=1e-6)
+
+
+def test_fwsvd_minimises_the_fisher_weighted_error():
+    w, _ = _problem(seed=11)
+    rows = torch.rand(w.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.1
+    dec = METHODS["fwsvd"].decompose(w, LinearStats(fisher_rows=rows))
+    w_u, w_v = dec.factors(9, torch.float64)
+    d = rows.sqrt()[:, None]
+    sv = np.linalg.svd((d * w).numpy(), compute_uv=False)
+    assert torch.linalg.norm(d * (w - w_u @ w_v)).item() == pytest.approx(float(np.sqrt((sv[9:] ** 2).sum())), rel=1e-6)
+    flat = METHODS["fwsvd"].decompose(w, LinearStats(fisher_rows=torch.full_like(rows, 3.0)))
+    p_u, p_v = METHODS["svd"].decompose(w).factors(9, torch.float64)
+    f_u, f_v = flat.factors(9, torch.float64)
+    torch.testing.assert_close(f_u @ f_v, p_u @ p_v)

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
+    c.add_argument("--grad-samples", type=int, default=None,
+                   help="windows for the gradient (Fisher) pass that fwsvd needs (default: all --nsamples)")
     c.add_argument("--calib-mode", default="original", choices=["original", "sequential"],
                    help="original: every layer sees the dense model's activations (one pass serves all ratios); "
                         "sequential: each layer sees the already-compressed layers' outputs")
@@ -128,7 +130,7 @@ def cmd_compress(args) -> dict:
         ratio=args.ratio, method=args.method, alloc=args.alloc, update=args.update,
         calibration=CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen,
                                       seed=args.seed, batch_size=args.batch_size, mode=args.calib_mode,
-                                      data_dir=args.data_dir),
+                                      data_dir=args.data_dir, grad_samples=args.grad_samples),
         cache_dir="" if args.no_cache else args.cache_dir,
     )
     config.validate()  # fail on bad input before loading the model

@@ -25,6 +25,7 @@ class CalibrationConfig:
     batch_size: int = 1
     mode: str = "original"
     data_dir: str | None = None
+    grad_samples: int | None = None  # windows for the gradient (Fisher) pass of fwsvd; None: all nsamples
 
     def validate(self) -> None:
         if self.nsamples < 1:
@@ -33,6 +34,8 @@ class CalibrationConfig:
             raise SvdllmError(f"--seqlen must be at least 2 tokens, got {self.seqlen}.")
         if self.batch_size < 1:
             raise SvdllmError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.grad_samples is not None and self.grad_samples < 1:
+            raise SvdllmError(f"--grad-samples must be at least 1, got {self.grad_samples}.")
         if self.mode not in CALIBRATION_MODES:
             raise SvdllmError(f"Unknown calibration mode {self.mode!r}; choose one of {', '.join(CALIBRATION_MODES)}.")
 

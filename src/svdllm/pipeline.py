@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .allocation import MatrixInfo, allocate, param_counts
-from .calibration import StatsCache, calibrate_layers, model_fingerprint
+from .calibration import LinearStats, StatsCache, calibrate_layers, fisher_rows, model_fingerprint
 from .config import CompressConfig
 from .data import calibration_windows, load_text, tokenize_text
 from .errors import SvdllmError
@@ -138,7 +138,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     # Uniform ranks are known up front; spectrum-driven allocators would rank after the decompositions.
     rank_maps = {r: allocate(config.alloc, matrices, r) for r in ratios}
     params_before = count_params(model)
-    needs_data = bool(method.needs)
+    needs_inputs, needs_fisher = "inputs" in method.needs, "fisher" in method.needs
+    needs_data = needs_inputs or needs_fisher
     timings = {"calibration_s": 0.0, "factorization_s": 0.0}
 
     windows, cache = None, None
@@ -147,7 +148,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         windows = calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
         cache = _stats_cache(model, config, windows)
     num_layers = len(family_of(model).decoder_layers(model))
-    use_cache = cache is not None and cache.has_all(num_layers)
+    use_cache = needs_inputs and cache is not None and cache.has_all(num_layers)
 
     factors = {r: {} for r in ratios}
     losses = {r: {} for r in ratios}
@@ -160,7 +161,9 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         for name in LINEAR_NAMES:
             full = f"model.layers.{i}.{name}"
             lin = layer.get_submodule(name)
-            linear_stats = stats.for_linear(name) if stats is not None else None
+            linear_stats = stats.for_linear(name) if stats is not None else LinearStats()
+            if fisher is not None:
+                linear_stats.fisher_rows = fisher[full]
             if not torch.isfinite(lin.weight).all():
                 raise SvdllmError(f"The weight of {full} contains NaN or inf: the checkpoint is damaged.")
             try:
@@ -183,7 +186,16 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         return False
 
     t0 = time.perf_counter()
-    if not needs_data:
+    fisher = None
+    if needs_fisher:
+        n_grad = min(cal.grad_samples or cal.nsamples, cal.nsamples)
+        fisher = cache.load_fisher(n_grad) if cache is not None else None
+        if fisher is None:
+            fisher = fisher_rows(model, windows[:n_grad], progress)
+            timings["gradient_pass_s"] = time.perf_counter() - t0
+            if cache is not None:
+                cache.save_fisher(fisher, n_grad)
+    if not needs_inputs:
         layers = family_of(model).decoder_layers(model)
         for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not progress)):
             process_layer(i, layer, None)
@@ -196,7 +208,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress):
             if cache is not None:
                 cache.save(i, stats)
-        timings["calibration_s"] = time.perf_counter() - t0 - timings["factorization_s"]
+        timings["calibration_s"] = (time.perf_counter() - t0 - timings["factorization_s"]
+                                    - timings.get("gradient_pass_s", 0.0))
     timings["total_s"] = time.perf_counter() - t0
     timings["peak_rss_mb"] = peak_rss_mb()
 

@@ -61,6 +61,21 @@ class StatsCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def save_fisher(self, rows: dict[str, torch.Tensor], windows: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in rows.items()}, tmp)
+            os.replace(tmp, self.dir / f"fisher_rows_{windows}.safetensors")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load_fisher(self, windows: int) -> dict[str, torch.Tensor] | None:
+        path = self.dir / f"fisher_rows_{windows}.safetensors"
+        return load_file(path) if path.exists() else None
+
     def load(self, i: int) -> LayerStats:
         from safetensors import safe_open
 

@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 class LinearStats:
     """What a factorization method may know about one linear's inputs X (tokens × n)."""
 
-    gram: torch.Tensor  # XᵀX, float64, n × n
-    abs_sum: torch.Tensor  # Σ_t |x_t|, float64, n (ASVD's activation scale is abs_sum / tokens)
-    tokens: int
+    gram: torch.Tensor | None = None  # XᵀX, float64, n × n
+    abs_sum: torch.Tensor | None = None  # Σ_t |x_t|, float64, n (ASVD's activation scale is abs_sum / tokens)
+    tokens: int = 0
+    fisher_rows: torch.Tensor | None = None  # Σ_j (∂L/∂W_ij)², float64, m (FWSVD)
 
     @property
     def abs_mean(self) -> torch.Tensor:

@@ -2,9 +2,9 @@
 from ..errors import SvdllmError
 from .base import Decomposition, Method
 from .lowrank import LowRankLinear
-from .methods import ASVD, SVDLLM, DipSVD, PlainSVD, SVDLLMV2
+from .methods import ASVD, FWSVD, SVDLLM, DipSVD, PlainSVD, SVDLLMV2
 
-METHODS: dict[str, Method] = {m.name: m for m in (PlainSVD(), ASVD(), SVDLLM(), SVDLLMV2(), DipSVD())}
+METHODS: dict[str, Method] = {m.name: m for m in (PlainSVD(), FWSVD(), ASVD(), SVDLLM(), SVDLLMV2(), DipSVD())}
 
 
 def get_method(name: str) -> Method:
@@ -13,4 +13,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["Decomposition", "Method", "LowRankLinear", "METHODS", "get_method", "SVDLLM", "PlainSVD", "SVDLLMV2", "ASVD", "DipSVD"]
+__all__ = ["Decomposition", "Method", "LowRankLinear", "METHODS", "get_method", "SVDLLM", "PlainSVD", "SVDLLMV2", "ASVD", "DipSVD", "FWSVD"]

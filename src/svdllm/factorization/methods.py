@@ -84,3 +84,17 @@ class DipSVD(Method):
         s_chol, jitter = cholesky_whitening(d[:, None] * stats.gram.to(torch.float64) * d[None, :])
         inv = lambda vh: torch.linalg.solve_triangular(s_chol, vh, upper=False, left=False)  # noqa: E731
         return _decompose_with_right_transform(weight, s_chol, inv, {"whitening_jitter": jitter})
+
+
+class FWSVD(Method):
+    name = "fwsvd"
+    summary = ("FWSVD (Hsu et al. 2022): rows weighted by √(Σ_j Fisher) from squared gradients of the LM loss, "
+               "SVD of D·W, un-weighted after")
+    needs = ("fisher",)
+
+    def decompose(self, weight, stats):
+        rows = stats.fisher_rows.to(torch.float64)
+        # rows whose gradient was exactly zero would make D singular; floor them at a tiny fraction of the mean
+        d = rows.clamp_min(1e-12 * float(rows.mean().clamp_min(1e-300))).sqrt()
+        u, s, vh = torch.linalg.svd(d[:, None] * weight, full_matrices=False)
+        return Decomposition(u / d[:, None], s, vh)
