@@ -123,3 +123,25 @@ def test_every_method_on_gqa_families(method, family, tok, data_dir, tmp_path):
     assert len(res.truncation_loss) == sum(r is not None for r in res.ranks.values())
     with torch.no_grad():
         assert torch.isfinite(model(_ids(tok)).logits).all()
+
+
+def test_closed_form_update_never_increases_the_output_error(tok, data_dir, tmp_path):
+    model = tiny_model("llama")
+    res = svdllm.compress(model, tok, _config(data_dir, tmp_path, ratio=0.5, update="closed-form"), progress=False)[0]
+    gains = res.manifest["update_error_reduction"]
+    assert len(gains) == 14
+    assert all(g >= -1e-9 for g in gains.values())  # least squares: never worse than the truncated W_u
+    assert max(gains.values()) > 0
+
+
+def test_closed_form_w_u_is_the_least_squares_solution():
+    from svdllm.update import closed_form_w_u
+
+    g = torch.Generator().manual_seed(0)
+    w, w_v = torch.randn(10, 8, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    x_c = x + 0.1 * torch.randn(50, 8, generator=g, dtype=torch.float64)
+    w_u = closed_form_w_u(w, w_v, x.T @ x_c, x_c.T @ x_c)
+    # independent: lstsq of (W_v X′ᵀ)ᵀ W_uᵀ = (W Xᵀ)ᵀ
+    ref = torch.linalg.lstsq((w_v @ x_c.T).T, (w @ x.T).T).solution.T
+    torch.testing.assert_close(w_u, ref, rtol=1e-8, atol=1e-8)

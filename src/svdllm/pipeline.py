@@ -7,6 +7,7 @@ model is handed back dense.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -27,7 +28,7 @@ from .factorization import LowRankLinear, get_method
 from .io.checkpoint import check_out_dir, save
 from .models.families import LINEAR_NAMES, family_of, set_submodule
 from .models.loading import cache_root
-from .update import UPDATES
+from .update import UPDATES, closed_form_w_u
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ def _stats_cache(model, config: CompressConfig, windows: torch.Tensor) -> StatsC
     return StatsCache(Path(config.cache_dir) if config.cache_dir else cache_root(), key)
 
 
+def _ratio_dependent(config: CompressConfig) -> bool:
+    """Whether the calibration pass itself depends on how the earlier layers were compressed."""
+    return config.calibration.mode == "sequential" or config.update == "closed-form"
+
+
 def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, out: str | Path | None = None,
              overwrite: bool = False, progress: bool = True) -> list[CompressionResult]:
     """Compress `model` by `config`; returns one CompressionResult per ratio (saved under `out` if given).
@@ -120,8 +126,8 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     for o in outs.values():
         if o is not None:
             check_out_dir(o, overwrite)
-    if config.calibration.mode == "sequential" and len(ratios) > 1:
-        log.info("Sequential calibration depends on the ratio: one pass per ratio.")
+    if _ratio_dependent(config) and len(ratios) > 1:
+        log.info("Sequential calibration and the closed-form update depend on the ratio: one pass per ratio.")
         results = []
         for r in ratios:
             one = CompressConfig(**{**config.__dict__, "ratio": r})
@@ -138,7 +144,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     # Uniform ranks are known up front; spectrum-driven allocators would rank after the decompositions.
     rank_maps = {r: allocate(config.alloc, matrices, r) for r in ratios}
     params_before = count_params(model)
-    needs_inputs, needs_fisher = "inputs" in method.needs, "fisher" in method.needs
+    closed_form = config.update == "closed-form"
+    needs_inputs, needs_fisher = "inputs" in method.needs or closed_form, "fisher" in method.needs
     needs_data = needs_inputs or needs_fisher
     timings = {"calibration_s": 0.0, "factorization_s": 0.0}
 
@@ -148,13 +155,15 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         windows = calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
         cache = _stats_cache(model, config, windows)
     num_layers = len(family_of(model).decoder_layers(model))
-    use_cache = needs_inputs and cache is not None and cache.has_all(num_layers)
+    # the closed-form update needs the compressed model's activations, which no cache can hold
+    use_cache = needs_inputs and not closed_form and cache is not None and cache.has_all(num_layers)
 
     factors = {r: {} for r in ratios}
     losses = {r: {} for r in ratios}
     jitters: dict[str, float] = {}
-    sequential = cal.mode == "sequential"
+    sequential = cal.mode == "sequential" or closed_form  # each layer is swapped in as soon as it is done
     applied: dict[str, nn.Module] = {}
+    update_gain: dict[str, float] = {}
 
     def process_layer(i: int, layer: nn.Module, stats) -> bool:
         t = time.perf_counter()
@@ -162,12 +171,15 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             full = f"model.layers.{i}.{name}"
             lin = layer.get_submodule(name)
             linear_stats = stats.for_linear(name) if stats is not None else LinearStats()
+            whiten_stats = linear_stats
+            if closed_form and cal.mode == "sequential":  # whiten on the compressed model's own inputs
+                whiten_stats = dataclasses.replace(linear_stats, gram=linear_stats.gram_compressed)
             if fisher is not None:
                 linear_stats.fisher_rows = fisher[full]
             if not torch.isfinite(lin.weight).all():
                 raise SvdllmError(f"The weight of {full} contains NaN or inf: the checkpoint is damaged.")
             try:
-                dec = method.decompose(lin.weight.detach().to(torch.float64), linear_stats)
+                dec = method.decompose(lin.weight.detach().to(torch.float64), whiten_stats)
             except ValueError as e:
                 raise SvdllmError(f"Factorizing {full} failed: {e}") from e
             if dec.info.get("whitening_jitter"):
@@ -176,7 +188,14 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                 rank = rank_maps[r][full]
                 if rank is None:
                     continue
-                factors[r][full] = dec.factors(rank, dtype=lin.weight.dtype)
+                w_u, w_v = dec.factors(rank, dtype=torch.float64)
+                if closed_form:
+                    w = lin.weight.detach().to(torch.float64)
+                    before = _output_error(w, w_u, w_v, linear_stats)
+                    w_u = closed_form_w_u(w, w_v, linear_stats.cross, linear_stats.gram_compressed)
+                    # relative reduction of the squared output error on the calibration data
+                    update_gain[full] = 1.0 - _output_error(w, w_u, w_v, linear_stats) / max(before, 1e-300)
+                factors[r][full] = (w_u.to(lin.weight.dtype).contiguous(), w_v.to(lin.weight.dtype).contiguous())
                 losses[r][full] = dec.truncation_loss(rank)
         timings["factorization_s"] += time.perf_counter() - t
         if sequential:
@@ -205,8 +224,9 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not progress)):
             process_layer(i, layer, cache.load(i))
     else:
-        for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress):
-            if cache is not None:
+        for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,
+                                         paired=closed_form):
+            if cache is not None and cal.mode == "original":
                 cache.save(i, stats)
         timings["calibration_s"] = (time.perf_counter() - t0 - timings["factorization_s"]
                                     - timings.get("gradient_pass_s", 0.0))
@@ -241,6 +261,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             "shapes": {k: [v.out_features, v.in_features] for k, v in shapes.items()},
             "truncation_loss": losses[r],
             "whitening_jitter": jitters,
+            "update_error_reduction": update_gain,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         result = CompressionResult(r, rank_maps[r], counts, losses[r], dict(timings), outs[r], manifest, originals)
@@ -252,6 +273,14 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         log.info("ratio %.2f: %d → %d parameters (%.1f%% of the compressed linears removed)", r, params_before,
                  counts["model_after"], 100 * counts["achieved_ratio"])
     return results
+
+
+def _output_error(w, w_u, w_v, stats) -> float:
+    """‖W·X − W_u·W_v·X′‖_F² from the moments, without the activations:
+    tr(W XᵀX Wᵀ) − 2 tr(W XᵀX′ (W_u W_v)ᵀ) + tr(W_u W_v X′ᵀX′ (W_u W_v)ᵀ)."""
+    wp = w_u @ w_v
+    return float(((w @ stats.gram) * w).sum() - 2 * ((w @ stats.cross) * wp).sum()
+                 + ((wp @ stats.gram_compressed) * wp).sum())
 
 
 def summarize(results: list[CompressionResult]) -> list[dict]:

@@ -28,6 +28,8 @@ class LinearStats:
     abs_sum: torch.Tensor | None = None  # Σ_t |x_t|, float64, n (ASVD's activation scale is abs_sum / tokens)
     tokens: int = 0
     fisher_rows: torch.Tensor | None = None  # Σ_j (∂L/∂W_ij)², float64, m (FWSVD)
+    cross: torch.Tensor | None = None  # XᵀX′: dense-model inputs against compressed-model inputs, n × n
+    gram_compressed: torch.Tensor | None = None  # X′ᵀX′, n × n
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -41,13 +43,19 @@ class LayerStats:
     grams: dict[str, torch.Tensor]
     abs_sums: dict[str, torch.Tensor]
     tokens: int
+    # with a compressed-model stream X′ beside the dense one (closed-form update): XᵀX′ and X′ᵀX′
+    cross: dict[str, torch.Tensor] | None = None
+    grams_compressed: dict[str, torch.Tensor] | None = None
 
     def gram_for(self, linear_name: str) -> torch.Tensor:
         return self.grams[GROUP_OF[linear_name]]
 
     def for_linear(self, linear_name: str) -> LinearStats:
-        group = GROUP_OF[linear_name]
-        return LinearStats(self.grams[group], self.abs_sums[group], self.tokens)
+        g = GROUP_OF[linear_name]
+        if self.cross is None:
+            return LinearStats(self.grams[g], self.abs_sums[g], self.tokens)
+        return LinearStats(self.grams[g], self.abs_sums[g], self.tokens, cross=self.cross[g],
+                           gram_compressed=self.grams_compressed[g])
 
 
 class _StopForward(Exception):
@@ -113,37 +121,70 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
         )
 
 
-@torch.no_grad()
-def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, groups=None, where: str = ""):
-    """Run one decoder layer on every input batch; with `groups`, also accumulate their Gram matrices."""
-    grams: dict[str, torch.Tensor] = {}
-    abs_sums: dict[str, torch.Tensor] = {}
-    handles = []
-    if groups:
-        for group in groups:
-            first = layer.get_submodule(INPUT_GROUPS[group][0])
+class _GroupInputs:
+    """Forward hooks that record, for the batch being run, the input of the first linear of each group."""
 
+    def __init__(self, layer: nn.Module, groups, where: str):
+        self.current: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for group in groups:
             def hook(module, args, out, group=group):
                 x = args[0].reshape(-1, args[0].shape[-1])
                 _check_finite(x, f"{where}.{INPUT_GROUPS[group][0]}")
-                x = x.to(torch.float64)
-                if group in grams:
-                    grams[group].addmm_(x.T, x)
-                    abs_sums[group] += x.abs().sum(0)
-                else:
-                    grams[group] = x.T @ x
-                    abs_sums[group] = x.abs().sum(0)
+                self.current[group] = x.to(torch.float64)
 
-            handles.append(first.register_forward_hook(hook))
+            self.handles.append(layer.get_submodule(INPUT_GROUPS[group][0]).register_forward_hook(hook))
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out, self.current = self.current, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _accumulate(acc: dict, key: str, value: torch.Tensor) -> None:
+    if key in acc:
+        acc[key] += value
+    else:
+        acc[key] = value
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, groups=None, where: str = "",
+              partner: list[torch.Tensor] | None = None):
+    """Run one decoder layer on every input batch and return (outputs, LayerStats or None).
+
+    With `groups`, the Gram matrix XᵀX and Σ|x| of each group's input are accumulated (float64). With `partner`
+    (the same windows as seen by the compressed model), the layer also runs on those, and the cross moment
+    XᵀX′ and X′ᵀX′ are accumulated token by token: what the closed-form update needs.
+    """
+    grams, abs_sums, cross, grams_c = {}, {}, {}, {}
+    capture = _GroupInputs(layer, groups, where) if groups else None
     outputs = []
     try:
-        for h in inputs:
-            out = _layer_output(layer(h.to(device), **kwargs))
-            outputs.append(out.detach().to("cpu"))
+        for b, h in enumerate(inputs):
+            outputs.append(_layer_output(layer(h.to(device), **kwargs)).detach().to("cpu"))
+            if capture is None:
+                continue
+            xs = capture.take()
+            for g, x in xs.items():
+                _accumulate(grams, g, x.T @ x)
+                _accumulate(abs_sums, g, x.abs().sum(0))
+            if partner is not None:
+                layer(partner[b].to(device), **kwargs)
+                for g, xc in capture.take().items():
+                    _accumulate(grams_c, g, xc.T @ xc)
+                    _accumulate(cross, g, xs[g].T @ xc)
     finally:
-        for handle in handles:
-            handle.remove()
-    return outputs, {g: t.to("cpu") for g, t in grams.items()}, {g: t.to("cpu") for g, t in abs_sums.items()}
+        if capture is not None:
+            capture.remove()
+    if capture is None:
+        return outputs, None
+    cpu = lambda d: {g: t.to("cpu") for g, t in d.items()}  # noqa: E731
+    tokens = sum(int(h.shape[0] * h.shape[1]) for h in inputs)
+    return outputs, LayerStats(cpu(grams), cpu(abs_sums), tokens, cpu(cross) or None, cpu(grams_c) or None)
 
 
 def calibrate_layers(
@@ -152,24 +193,32 @@ def calibrate_layers(
     batch_size: int = 1,
     on_layer: Callable[[int, nn.Module, LayerStats], bool] | None = None,
     progress: bool = True,
+    paired: bool = False,
 ) -> Iterator[tuple[int, LayerStats]]:
     """Yield (layer index, statistics) for every decoder layer, one layer at a time.
 
     `on_layer(i, layer, stats)` runs before the layer's outputs are passed on; if it changes the layer (compresses
     it) and returns True, the outputs are recomputed with the changed layer: the sequential mode, in which every
     layer is calibrated on the activations of the already-compressed layers before it.
+
+    With `paired`, two streams run side by side: the dense model's activations (whose statistics are yielded as
+    usual) and the compressed model's (on_layer's changes apply to it only), with their cross moments.
     """
     layers = family_of(model).decoder_layers(model)
     device = _model_device(model)
     hidden, layer_kwargs = capture_layer_inputs(model, windows, batch_size)
-    tokens = int(windows.numel())
+    compressed = list(hidden) if paired else None
     for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
-        kwargs = layer_kwargs[i]
-        outputs, grams, abs_sums = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where=f"model.layers.{i}")
-        stats = LayerStats(grams, abs_sums, tokens)
-        if on_layer is not None and on_layer(i, layer, stats):
-            outputs, _, _ = run_layer(layer, hidden, kwargs, device)
+        kwargs, where = layer_kwargs[i], f"model.layers.{i}"
+        outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where, partner=compressed)
+        changed = on_layer is not None and on_layer(i, layer, stats)
+        if paired:
+            compressed = run_layer(layer, compressed, kwargs, device)[0]
+            for out in compressed:
+                _check_finite(out, f"the output of compressed {where}")
+        elif changed:
+            outputs = run_layer(layer, hidden, kwargs, device)[0]
         for out in outputs:
-            _check_finite(out, f"the output of model.layers.{i}")
+            _check_finite(out, f"the output of {where}")
         hidden = outputs
         yield i, stats
