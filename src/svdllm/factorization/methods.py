@@ -14,6 +14,13 @@ def _decompose_with_right_transform(w: torch.Tensor, s_mat: torch.Tensor | None,
     return Decomposition(u, s, vh if s_inv_apply is None else s_inv_apply(vh), info=info or {})
 
 
+def _cholesky_whitened(w: torch.Tensor, gram: torch.Tensor) -> Decomposition:
+    """SVD of W·S with S·Sᵀ = gram (Cholesky); Vᵀ S⁻¹ by a triangular solve rather than forming S⁻¹."""
+    s_chol, jitter = cholesky_whitening(gram)
+    inv = lambda vh: torch.linalg.solve_triangular(s_chol, vh, upper=False, left=False)  # noqa: E731
+    return _decompose_with_right_transform(w, s_chol, inv, {"whitening_jitter": jitter})
+
+
 class PlainSVD(Method):
     name = "svd"
     summary = "truncated SVD of W itself (no calibration data): minimises ‖W − W′‖_F, not the output error"
@@ -28,10 +35,7 @@ class SVDLLM(Method):
     needs = ("inputs",)
 
     def decompose(self, weight, stats):
-        s_chol, jitter = cholesky_whitening(stats.gram)
-        # Vᵀ S⁻¹ by a triangular solve rather than forming S⁻¹
-        inv = lambda vh: torch.linalg.solve_triangular(s_chol, vh, upper=False, left=False)  # noqa: E731
-        return _decompose_with_right_transform(weight, s_chol, inv, {"whitening_jitter": jitter})
+        return _cholesky_whitened(weight, stats.gram)
 
 
 class SVDLLMV2(Method):
@@ -81,9 +85,7 @@ class DipSVD(Method):
     def decompose(self, weight, stats):
         d = self.protection(stats.gram)
         # X̃ = D·X (channels scaled), so X̃ᵀX̃ = D·XᵀX·D
-        s_chol, jitter = cholesky_whitening(d[:, None] * stats.gram.to(torch.float64) * d[None, :])
-        inv = lambda vh: torch.linalg.solve_triangular(s_chol, vh, upper=False, left=False)  # noqa: E731
-        return _decompose_with_right_transform(weight, s_chol, inv, {"whitening_jitter": jitter})
+        return _cholesky_whitened(weight, d[:, None] * stats.gram.to(torch.float64) * d[None, :])
 
 
 class FWSVD(Method):
