@@ -145,3 +145,11 @@ def test_closed_form_w_u_is_the_least_squares_solution():
     # independent: lstsq of (W_v X′ᵀ)ᵀ W_uᵀ = (W Xᵀ)ᵀ
     ref = torch.linalg.lstsq((w_v @ x_c.T).T, (w @ x.T).T).solution.T
     torch.testing.assert_close(w_u, ref, rtol=1e-8, atol=1e-8)
+
+
+def test_fwsvd_with_sequential_closed_form_update(tok, data_dir, tmp_path):
+    cfg = _config(data_dir, tmp_path, method="fwsvd", update="closed-form")
+    cfg.calibration.mode = "sequential"
+    model = tiny_model("llama")
+    res = svdllm.compress(model, tok, cfg, progress=False)[0]
+    assert all(g >= -1e-9 for g in res.manifest["update_error_reduction"].values())

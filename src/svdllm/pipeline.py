@@ -171,11 +171,11 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             full = f"model.layers.{i}.{name}"
             lin = layer.get_submodule(name)
             linear_stats = stats.for_linear(name) if stats is not None else LinearStats()
+            if fisher is not None:
+                linear_stats.fisher_rows = fisher[full]
             whiten_stats = linear_stats
             if closed_form and cal.mode == "sequential":  # whiten on the compressed model's own inputs
                 whiten_stats = dataclasses.replace(linear_stats, gram=linear_stats.gram_compressed)
-            if fisher is not None:
-                linear_stats.fisher_rows = fisher[full]
             if not torch.isfinite(lin.weight).all():
                 raise SvdllmError(f"The weight of {full} contains NaN or inf: the checkpoint is damaged.")
             try:
@@ -214,15 +214,12 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             timings["gradient_pass_s"] = time.perf_counter() - t0
             if cache is not None:
                 cache.save_fisher(fisher, n_grad)
-    if not needs_inputs:
+    if not needs_inputs or use_cache:  # no calibration pass: factorize from the cache (or from the weights alone)
+        if use_cache:
+            log.info("Calibration statistics found in the cache (%s): skipping the calibration pass.", cache.dir)
         layers = family_of(model).decoder_layers(model)
         for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not progress)):
-            process_layer(i, layer, None)
-    elif use_cache:
-        log.info("Calibration statistics found in the cache (%s): skipping the calibration pass.", cache.dir)
-        layers = family_of(model).decoder_layers(model)
-        for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not progress)):
-            process_layer(i, layer, cache.load(i))
+            process_layer(i, layer, cache.load(i) if use_cache else None)
     else:
         for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,
                                          paired=closed_form):
