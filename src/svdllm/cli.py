@@ -24,6 +24,16 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _key_value(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep or not key.strip():
+            raise ValueError
+        return key.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=NUMBER, e.g. attn_keep=0.5; got {text!r}")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="built-in name (smollm2-135m, gemma3-270m), a .gguf file, a model directory "
@@ -61,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ratio", type=_ratios, default=[0.4],
                    help="fraction of the compressed matrices' parameters to remove; several, comma-separated, "
                         "share one calibration pass (e.g. 0.2,0.4,0.6)")
-    c.add_argument("--alloc", default="uniform", choices=sorted(ALLOCATORS))
+    c.add_argument("--alloc", default="uniform", choices=sorted(ALLOCATORS),
+                   help="rank allocation (see `svdllm allocators`); any allocator works with any method")
+    c.add_argument("--alloc-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                   help="an allocator option, e.g. --alloc lorap --alloc-arg attn_keep=0.5 (repeatable)")
+    c.add_argument("--rank-multiple", type=int, default=1,
+                   help="round every rank to a multiple of this (8, 16, 32 suit fast kernels); the budget still holds")
     c.add_argument("--update", default="none", choices=sorted(UPDATES))
     c.add_argument("--calib-dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
     c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
@@ -107,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(d)
     _add_output_args(d)
 
+    r = sub.add_parser("report", help="print the ranks of a compressed model and plot them per layer and matrix type")
+    r.add_argument("run_dir", help="a directory written by `svdllm compress` (or its parent, with ratio-*/ inside)")
+    r.add_argument("--png", default=None, help="where to write the plot (default RUN_DIR/ranks.png)")
+    _add_output_args(r)
+
     sub.add_parser("methods", help="list the factorization methods")
     sub.add_parser("allocators", help="list the rank allocators")
     return parser
@@ -128,12 +148,16 @@ def cmd_compress(args) -> dict:
 
     config = CompressConfig(
         ratio=args.ratio, method=args.method, alloc=args.alloc, update=args.update,
+        alloc_options=dict(args.alloc_arg), rank_multiple=args.rank_multiple,
         calibration=CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen,
                                       seed=args.seed, batch_size=args.batch_size, mode=args.calib_mode,
                                       data_dir=args.data_dir, grad_samples=args.grad_samples),
         cache_dir="" if args.no_cache else args.cache_dir,
     )
     config.validate()  # fail on bad input before loading the model
+    from .allocation import get_allocator
+
+    get_allocator(config.alloc, **config.alloc_options)  # unknown options too
     if len(config.ratios) == 1:
         check_out_dir(args.out, args.overwrite)
     model, tok = _load(args)
@@ -204,6 +228,12 @@ def cmd_demo(args) -> dict:
             "generation_compressed": gen_after, "params": res.params, "note": note}
 
 
+def cmd_report(args) -> dict:
+    from .report import report
+
+    return report(args.run_dir, args.png)
+
+
 def cmd_methods(args) -> dict:
     from .factorization import METHODS
 
@@ -215,13 +245,17 @@ def cmd_methods(args) -> dict:
 def cmd_allocators(args) -> dict:
     from .allocation import ALLOCATOR_SUMMARIES
 
+    from .allocation import ALLOCATORS
+
     for name, text in ALLOCATOR_SUMMARIES.items():
         print(f"{name:12s} {text}")
+        for opt, help_text in ALLOCATORS[name].options().items():
+            print(f"{'':12s}   --alloc-arg {opt}=…  {help_text}")
     return {}
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
-            "methods": cmd_methods, "allocators": cmd_allocators}
+            "methods": cmd_methods, "allocators": cmd_allocators, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

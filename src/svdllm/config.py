@@ -47,6 +47,8 @@ class CompressConfig:
     ratio: float | list[float] = 0.4
     method: str = "svd-llm"
     alloc: str = "uniform"
+    alloc_options: dict = field(default_factory=dict)  # e.g. {"attn_keep": 0.5} for lorap
+    rank_multiple: int = 1  # round every rank to a multiple of this (8/16/32 suit fast kernels)
     update: str = "none"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     cache_dir: str | None = None  # None: $SVDLLM_CACHE_DIR or ~/.cache/svdllm; "" disables the statistics cache
@@ -66,6 +68,8 @@ class CompressConfig:
                 )
         if len(set(self.ratios)) != len(self.ratios):
             raise SvdllmError(f"Ratio listed twice in {self.ratios}; list each ratio once.")
+        if self.rank_multiple < 1:
+            raise SvdllmError(f"--rank-multiple must be a positive integer, got {self.rank_multiple}.")
         self.calibration.validate()
 
     def to_dict(self) -> dict:

@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .allocation import MatrixInfo, allocate, param_counts
-from .calibration import LinearStats, StatsCache, calibrate_layers, fisher_rows, model_fingerprint
+from .allocation import MatrixInfo, Spectrum, get_allocator, param_counts
+from .calibration import LinearStats, StatsCache, calibrate_layers, gradient_stats, model_fingerprint
 from .config import CompressConfig
 from .data import calibration_windows, load_text, tokenize_text
 from .errors import SvdllmError
@@ -88,17 +88,19 @@ def check_finite_outputs(model: nn.Module, input_ids: torch.Tensor) -> None:
         raise SvdllmError("The compressed model produces NaN/inf logits; it was not saved. Try --dtype float32.")
 
 
-def _stats_cache(model, config: CompressConfig, windows: torch.Tensor) -> StatsCache | None:
+def _stats_cache(model, config: CompressConfig, windows: torch.Tensor, root: Path | None = None) -> StatsCache | None:
     """The cache entry for these weights and these exact calibration tokens (which pin down the data, tokenizer,
     sample count, length and seed). Sequential statistics depend on the compression itself and are not cached."""
-    if config.cache_dir == "" or config.calibration.mode != "original":
+    if root is None and (config.cache_dir == "" or config.calibration.mode != "original"):
         return None
     import hashlib
 
     cal = config.calibration
     key = {"model": model_fingerprint(model), "tokens": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:20],
            "dataset": cal.dataset, "nsamples": cal.nsamples, "seqlen": cal.seqlen, "seed": cal.seed}
-    return StatsCache(Path(config.cache_dir) if config.cache_dir else cache_root(), key)
+    if root is None:
+        root = Path(config.cache_dir) if config.cache_dir else cache_root()
+    return StatsCache(root, key)
 
 
 def _ratio_dependent(config: CompressConfig) -> bool:
@@ -141,20 +143,85 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     cal = config.calibration
     matrices = matrices_of(model)
     shapes = {m.name: m for m in matrices}
-    # Uniform ranks are known up front; spectrum-driven allocators would rank after the decompositions.
-    rank_maps = {r: allocate(config.alloc, matrices, r) for r in ratios}
+    allocator = get_allocator(config.alloc, **config.alloc_options)
+    spectral = "spectrum" in allocator.needs  # ranks come from the decompositions, so those come first
     params_before = count_params(model)
     closed_form = config.update == "closed-form"
-    needs_inputs, needs_fisher = "inputs" in method.needs or closed_form, "fisher" in method.needs
-    needs_data = needs_inputs or needs_fisher
+    needs_inputs = "inputs" in method.needs or closed_form or "inputs" in allocator.needs
+    needs_grads = "fisher" in method.needs or "gradients" in allocator.needs
+    needs_data = needs_inputs or needs_grads
     timings = {"calibration_s": 0.0, "factorization_s": 0.0}
 
-    windows, cache = None, None
+    windows, cache, scratch = None, None, None
     if needs_data:
         ids = tokenize_text(tokenizer, load_text(cal.dataset, "validation", cal.data_dir))
         windows = calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
         cache = _stats_cache(model, config, windows)
     num_layers = len(family_of(model).decoder_layers(model))
+
+    t0 = time.perf_counter()
+    grads = None
+    if needs_grads:
+        n_grad = min(cal.grad_samples or cal.nsamples, cal.nsamples)
+        grads = cache.load_gradients(n_grad) if cache is not None else None
+        if grads is None:
+            grads = gradient_stats(model, windows[:n_grad], progress)
+            if cache is not None:
+                cache.save_gradients(grads)
+        timings["gradient_pass_s"] = time.perf_counter() - t0
+
+    def stats_for(full: str, name: str, stats) -> LinearStats:
+        linear_stats = stats.for_linear(name) if stats is not None else LinearStats()
+        if grads is not None:
+            linear_stats.fisher_rows = grads.rows[full]
+        return linear_stats
+
+    def decompose(full: str, lin: nn.Module, linear_stats: LinearStats):
+        if not torch.isfinite(lin.weight).all():
+            raise SvdllmError(f"The weight of {full} contains NaN or inf: the checkpoint is damaged.")
+        try:
+            return method.decompose(lin.weight.detach().to(torch.float64), linear_stats)
+        except ValueError as e:
+            raise SvdllmError(f"Factorizing {full} failed: {e}") from e
+
+    if spectral:
+        # Phase 1: decompose every matrix on the dense model's statistics and keep only its spectrum; allocate;
+        # phase 2 below decomposes again at the allocated ranks. Holding every decomposition instead would cost
+        # about twice the model's size; recomputing costs one more round of SVDs.
+        t = time.perf_counter()
+        if needs_inputs:
+            spectra_cache = None
+            if config.cache_dir != "":  # the dense model's statistics, whatever the mode: cacheable
+                root = Path(config.cache_dir) if config.cache_dir else cache_root()
+                spectra_cache = _stats_cache(model, config, windows, root=root)
+            else:  # statistics cache off or sequential mode: a scratch cache for this run
+                import tempfile
+
+                scratch = tempfile.TemporaryDirectory(prefix="svdllm-stats-")
+                spectra_cache = _stats_cache(model, config, windows, root=Path(scratch.name))
+            if not spectra_cache.has_all(num_layers):
+                for i, stats in calibrate_layers(model, windows, cal.batch_size, progress=progress):
+                    spectra_cache.save(i, stats)
+            timings["calibration_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        spectra = {}
+        layers = family_of(model).decoder_layers(model)
+        for i, layer in enumerate(tqdm(layers, desc="spectra", unit="layer", disable=not progress)):
+            stats = spectra_cache.load(i) if needs_inputs else None
+            for name in LINEAR_NAMES:
+                full = f"model.layers.{i}.{name}"
+                lin = layer.get_submodule(name)
+                linear_stats = stats_for(full, name, stats)
+                spectra[full] = _spectrum(lin.weight, decompose(full, lin, linear_stats), linear_stats, grads, full)
+        timings["spectra_s"] = time.perf_counter() - t
+        if needs_inputs and not _ratio_dependent(config):
+            cache = spectra_cache  # phase 2 reads the statistics back instead of running the pass again
+    else:
+        spectra = None
+    t = time.perf_counter()
+    rank_maps = {r: allocator.allocate(matrices, r, spectra, config.rank_multiple) for r in ratios}
+    timings["allocation_s"] = time.perf_counter() - t
+
     # the closed-form update needs the compressed model's activations, which no cache can hold
     use_cache = needs_inputs and not closed_form and cache is not None and cache.has_all(num_layers)
 
@@ -170,18 +237,11 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         for name in LINEAR_NAMES:
             full = f"model.layers.{i}.{name}"
             lin = layer.get_submodule(name)
-            linear_stats = stats.for_linear(name) if stats is not None else LinearStats()
-            if fisher is not None:
-                linear_stats.fisher_rows = fisher[full]
+            linear_stats = stats_for(full, name, stats)
             whiten_stats = linear_stats
             if closed_form and cal.mode == "sequential":  # whiten on the compressed model's own inputs
                 whiten_stats = dataclasses.replace(linear_stats, gram=linear_stats.gram_compressed)
-            if not torch.isfinite(lin.weight).all():
-                raise SvdllmError(f"The weight of {full} contains NaN or inf: the checkpoint is damaged.")
-            try:
-                dec = method.decompose(lin.weight.detach().to(torch.float64), whiten_stats)
-            except ValueError as e:
-                raise SvdllmError(f"Factorizing {full} failed: {e}") from e
+            dec = decompose(full, lin, whiten_stats)
             if dec.info.get("whitening_jitter"):
                 jitters[full] = dec.info["whitening_jitter"]
             for r in ratios:
@@ -204,16 +264,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             return True
         return False
 
-    t0 = time.perf_counter()
-    fisher = None
-    if needs_fisher:
-        n_grad = min(cal.grad_samples or cal.nsamples, cal.nsamples)
-        fisher = cache.load_fisher(n_grad) if cache is not None else None
-        if fisher is None:
-            fisher = fisher_rows(model, windows[:n_grad], progress)
-            timings["gradient_pass_s"] = time.perf_counter() - t0
-            if cache is not None:
-                cache.save_fisher(fisher, n_grad)
+    t = time.perf_counter()
     if not needs_inputs or use_cache:  # no calibration pass: factorize from the cache (or from the weights alone)
         if use_cache:
             log.info("Calibration statistics found in the cache (%s): skipping the calibration pass.", cache.dir)
@@ -225,8 +276,9 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                                          paired=closed_form):
             if cache is not None and cal.mode == "original":
                 cache.save(i, stats)
-        timings["calibration_s"] = (time.perf_counter() - t0 - timings["factorization_s"]
-                                    - timings.get("gradient_pass_s", 0.0))
+        timings["calibration_s"] += time.perf_counter() - t - timings["factorization_s"]
+    if scratch is not None:
+        scratch.cleanup()
     timings["total_s"] = time.perf_counter() - t0
     timings["peak_rss_mb"] = peak_rss_mb()
 
@@ -250,6 +302,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             "method": config.method,
             "ratio": r,
             "alloc": config.alloc,
+            "alloc_options": dict(config.alloc_options),
+            "rank_multiple": config.rank_multiple,
             "update": config.update,
             "calibration": dict(cal.__dict__, used=needs_data, from_cache=use_cache),
             "params": counts,
@@ -270,6 +324,24 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         log.info("ratio %.2f: %d → %d parameters (%.1f%% of the compressed linears removed)", r, params_before,
                  counts["model_after"], 100 * counts["achieved_ratio"])
     return results
+
+
+def _spectrum(weight: torch.Tensor, dec, stats: LinearStats, grads, name: str) -> Spectrum:
+    """What allocators may read off one decomposition W = Σ_k u_k s_k ṽ_kᵀ (u_k, ṽ_k the un-whitened factors).
+
+    With gradients and inputs, the predicted loss increase of dropping component k is s_k²·(ṽ_kᵀ XᵀX ṽ_k)·(u_kᵀ G u_k):
+    the KFAC estimate ½·tr(G·ΔW·XᵀX·ΔWᵀ) of the loss, split over components (up to the constant ½). For the
+    truncation-aware methods the ṽ_k are XᵀX-orthonormal, so the split is exact and the middle factor is 1."""
+    s = dec.s.detach().to(torch.float64).cpu()
+    loss = grad_norm = None
+    if grads is not None:
+        grad_norm = math.sqrt(float(grads.rows[name].sum()) / max(grads.windows, 1))
+        if stats.gram is not None:
+            right, left = dec.right.to(torch.float64), dec.left.to(torch.float64)
+            in_energy = ((right @ stats.gram.to(torch.float64)) * right).sum(1)
+            out_weight = (left.pow(2) * grads.outputs[name].to(torch.float64)[:, None]).sum(0)
+            loss = (s.pow(2) * in_energy.cpu() * out_weight.cpu()).clamp_min(0)
+    return Spectrum(s, loss, grad_norm, float(weight.detach().double().norm()))
 
 
 def _output_error(w, w_u, w_v, stats) -> float:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..models.families import family_of
+from .fisher import GradientStats
 from .layerwise import LayerStats
 
 log = logging.getLogger(__name__)
@@ -61,20 +62,29 @@ class StatsCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def save_fisher(self, rows: dict[str, torch.Tensor], windows: int) -> None:
+    def _gradient_path(self, windows: int) -> Path:
+        return self.dir / f"gradients_{windows}.safetensors"
+
+    def save_gradients(self, grads: GradientStats) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"rows.{k}": v.contiguous() for k, v in grads.rows.items()}
+        tensors.update({f"outputs.{k}": v.contiguous() for k, v in grads.outputs.items()})
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         os.close(fd)
         try:
-            save_file({k: v.contiguous() for k, v in rows.items()}, tmp)
-            os.replace(tmp, self.dir / f"fisher_rows_{windows}.safetensors")
+            save_file(tensors, tmp)
+            os.replace(tmp, self._gradient_path(grads.windows))
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def load_fisher(self, windows: int) -> dict[str, torch.Tensor] | None:
-        path = self.dir / f"fisher_rows_{windows}.safetensors"
-        return load_file(path) if path.exists() else None
+    def load_gradients(self, windows: int) -> GradientStats | None:
+        path = self._gradient_path(windows)
+        if not path.exists():
+            return None
+        t = load_file(path)
+        pick = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
+        return GradientStats(pick("rows."), pick("outputs."), windows)
 
     def load(self, i: int) -> LayerStats:
         from safetensors import safe_open

@@ -1,0 +1,80 @@
+"""Compress SmolLM2-135M with several (method, allocator, update) configurations and evaluate each ratio by the
+protocol. Resumable: a finished compression or evaluation (its JSON exists) is skipped, so an interrupted grid
+picks up where it stopped. Calibration statistics are cached, so every configuration after the first reuses the
+one calibration pass (the closed-form update alone needs a pass of its own per ratio).
+
+Usage:
+  python benchmarks/grid.py OUT --configs svd-llm:global,svd-llm:v2 --ratios 0.4,0.6,0.2 [--max-windows N]
+A configuration is METHOD[:ALLOC[:UPDATE]] (default alloc uniform, update none). Evaluations run ratio-major in
+the order given, so the ratios that matter most finish first. Render with benchmarks/grid_table.py OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_json(cmd: list[str], dest: Path, log: Path) -> dict:
+    t = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, dest)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--configs", required=True)
+    p.add_argument("--ratios", default="0.2,0.4,0.6")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--extra", default="", help="extra arguments for `svdllm compress`")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "grid.log"
+    svdllm = [sys.executable, "-m", "svdllm.cli"]
+    ratios = args.ratios.split(",")
+    configs = []
+    for spec in args.configs.split(","):
+        parts = spec.split(":")
+        method, alloc, update = parts[0], (parts[1:2] or ["uniform"])[0], (parts[2:3] or ["none"])[0]
+        configs.append((method, alloc, update))
+    tag = f"-w{args.max_windows}" if args.max_windows else ""
+    for method, alloc, update in configs:
+        name = f"{method}-{alloc}-{update}"
+        dest = out / f"compress-{name}.json"
+        have = all((out / name / f"ratio-{float(r):g}").is_dir() for r in ratios)
+        if not (dest.exists() and have):
+            cmd = svdllm + ["compress", "--model", args.model, "--method", method, "--alloc", alloc, "--update", update,
+                            "--ratio", ",".join(sorted(ratios)), "--out", str(out / name), "--overwrite", "--json",
+                            "-q"] + args.extra.split()
+            run_json(cmd, dest, log)
+    for r in ratios:
+        for method, alloc, update in configs:
+            name = f"{method}-{alloc}-{update}"
+            dest = out / f"eval-{name}-r{r}{tag}.json"
+            if dest.exists():
+                continue
+            cmd = svdllm + ["eval", "--model", str(out / name / f"ratio-{float(r):g}"), "--ppl", "wikitext2", "--json",
+                            "-q"] + (["--max-windows", str(args.max_windows)] if args.max_windows else [])
+            res = run_json(cmd, dest, log)
+            print(f"{name} R={r}: {res['ppl']['wikitext2']['ppl']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

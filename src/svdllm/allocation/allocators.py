@@ -1,0 +1,278 @@
+"""The allocators: how many ranks each matrix keeps under the budget of ratio R.
+
+uniform  the protocol's r = floor((1−R)·m·n/(m+n)) everywhere;
+v2       SVD-LLM V2: within each matrix type, ratios ∝ 1/log(truncation loss at the uniform ratio);
+lorap    LoRAP: attention and MLP get different ratios, the split chosen to minimise the relative whitened loss;
+dipsvd   DipSVD's layer ratios: Fisher importance of the layer times its effective-rank ratio;
+global   ours: every singular direction of every matrix competes for the budget by its predicted increase of the
+         model's loss (KFAC: σ_k² · ṽ_kᵀ(XᵀX)ṽ_k · u_kᵀ G u_k, G the output-gradient second moment), solved exactly
+         on the concave hull of each matrix's loss curve.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SvdllmError
+from .budget import MatrixInfo, budget, check_feasible, exact_rank, fit_to_budget
+
+
+@dataclass
+class Spectrum:
+    """What allocation may know about one matrix after its decomposition."""
+
+    s: torch.Tensor  # the method's singular values, descending
+    loss: torch.Tensor | None = None  # predicted model-loss increase of dropping each component (needs gradients)
+    grad_norm: float | None = None  # RMS over windows of ‖∂L/∂W‖_F
+    weight_norm: float | None = None  # ‖W‖_F
+
+    def truncation_loss(self, rank: int) -> float:
+        """√(Σ_{k≥r} s_k²): for truncation-aware methods, exactly ‖(W − W′)X‖_F."""
+        return float(self.s[rank:].double().pow(2).sum().sqrt())
+
+
+class Allocator:
+    name = ""
+    summary = ""
+    needs: tuple[str, ...] = ()  # "spectrum": the decompositions first; "gradients": the backward pass too
+
+    def __init__(self, **options):
+        unknown = set(options) - set(self.options())
+        if unknown:
+            raise SvdllmError(f"Allocator {self.name!r} has no option {', '.join(sorted(unknown))}; "
+                              f"its options: {', '.join(self.options()) or 'none'}.")
+        self.__dict__.update(options)
+
+    @classmethod
+    def options(cls) -> dict:
+        return {}
+
+    def allocate(self, matrices: list[MatrixInfo], ratio: float, spectra: dict[str, Spectrum] | None = None,
+                 multiple: int = 1) -> dict[str, int | None]:
+        raise NotImplementedError
+
+    def _spectra(self, matrices, spectra):
+        if spectra is None or any(m.name not in spectra for m in matrices):
+            raise SvdllmError(f"Allocator {self.name!r} needs every matrix's spectrum (pipeline bug).")
+        return spectra
+
+
+class Uniform(Allocator):
+    name = "uniform"
+    summary = "the same ratio for every matrix: r = floor((1−R)·m·n/(m+n)) (the protocol's rule)"
+
+    def allocate(self, matrices, ratio, spectra=None, multiple=1):
+        if multiple > 1:  # rounding to a multiple breaks the formula: keep its spirit, fill the budget exactly
+            return fit_to_budget(matrices, {m.name: exact_rank(m, 1.0 - ratio) for m in matrices}, ratio, multiple)
+        ranks: dict[str, int | None] = {}
+        for m in matrices:
+            r = math.floor((1.0 - ratio) * m.dense_params / (m.out_features + m.in_features))
+            if r < 1:
+                raise SvdllmError(f"Ratio {ratio} leaves rank {r} for {m.name} ({m.out_features}×{m.in_features}); "
+                                  "use a lower --ratio.")
+            ranks[m.name] = None if m.lowrank_params(r) >= m.dense_params else r
+        return ranks
+
+
+class V2(Allocator):
+    name = "v2"
+    summary = ("SVD-LLM V2: per matrix type, R_i = R·normalise(1/log L_i), L_i the theoretical truncation loss at "
+               "the uniform ratio; clamped to valid ranks, budget re-balanced")
+    needs = ("spectrum",)
+
+    def ratios(self, matrices, ratio, spectra) -> dict[str, float]:
+        by_kind: dict[str, list[MatrixInfo]] = {}
+        for m in matrices:
+            by_kind.setdefault(m.kind, []).append(m)
+        out = {}
+        for group in by_kind.values():
+            logs = []
+            for m in group:
+                r_u = max(1, math.floor((1.0 - ratio) * m.dense_params / (m.out_features + m.in_features)))
+                loss = spectra[m.name].truncation_loss(r_u)
+                logs.append(math.log(loss) if loss > 0 else -math.inf)
+            if min(logs) <= 0:
+                # 1/log L is meaningless where L ≤ 1 (a scale question, not a redundancy one): shift the logs so
+                # the smallest is 1, which keeps their order and differences
+                finite = [v for v in logs if math.isfinite(v)]
+                low = min(finite) if finite else 0.0
+                logs = [(v if math.isfinite(v) else low) - low + 1.0 for v in logs]
+            inv = [1.0 / v for v in logs]
+            mean = sum(inv) / len(inv)
+            for m, w in zip(group, inv):
+                out[m.name] = ratio * w / mean
+        return out
+
+    def allocate(self, matrices, ratio, spectra=None, multiple=1):
+        spectra = self._spectra(matrices, spectra)
+        r = self.ratios(matrices, ratio, spectra)
+        return fit_to_budget(matrices, {m.name: exact_rank(m, min(1.0, max(0.0, 1.0 - r[m.name]))) for m in matrices},
+                             ratio, multiple)
+
+
+def _relative_loss(spectrum: Spectrum, rank: int) -> float:
+    s2 = spectrum.s.double().pow(2)
+    return float(s2[rank:].sum() / s2.sum().clamp_min(1e-300))
+
+
+class LoRAP(Allocator):
+    name = "lorap"
+    summary = ("LoRAP: attention and MLP at different ratios (attention has the lower effective rank); option "
+               "attn_keep = kept fraction of the attention parameters, default: the split that minimises the summed "
+               "relative truncation loss")
+    needs = ("spectrum",)
+    attn_keep: float | None = None
+
+    @classmethod
+    def options(cls):
+        return {"attn_keep": "kept fraction of the attention matrices' parameters (0..1); default: data-driven"}
+
+    def split(self, matrices, ratio, spectra) -> tuple[float, float]:
+        attn = [m for m in matrices if m.is_attention]
+        mlp = [m for m in matrices if not m.is_attention]
+        p_a, p_m = sum(m.dense_params for m in attn), sum(m.dense_params for m in mlp)
+        total_keep = budget(matrices, ratio)
+        if not attn or not mlp:
+            return 1.0 - ratio, 1.0 - ratio
+
+        def mlp_keep(a):
+            return (total_keep - a * p_a) / p_m
+
+        if self.attn_keep is not None:
+            a = float(self.attn_keep)
+            if not 0.0 < a <= 1.0 or not 0.0 < mlp_keep(a) <= 1.0:
+                raise SvdllmError(f"attn_keep={a} is infeasible at ratio {ratio}: the MLP would keep "
+                                  f"{mlp_keep(a):.3f} of its parameters; choose a value with both in (0, 1].")
+            return a, mlp_keep(a)
+        best = None
+        for i in range(1, 100):
+            a = i / 100
+            b = mlp_keep(a)
+            if not 0.0 < b <= 1.0:
+                continue
+            loss = sum(_relative_loss(spectra[m.name], max(1, math.floor(exact_rank(m, a if m.is_attention else b))))
+                       for m in matrices)
+            if best is None or loss < best[0]:
+                best = (loss, a, b)
+        if best is None:
+            raise SvdllmError(f"No attention/MLP split meets ratio {ratio}; use a lower --ratio.")
+        return best[1], best[2]
+
+    def allocate(self, matrices, ratio, spectra=None, multiple=1):
+        spectra = self._spectra(matrices, spectra)
+        a, b = self.split(matrices, ratio, spectra)
+        return fit_to_budget(matrices, {m.name: exact_rank(m, a if m.is_attention else b) for m in matrices},
+                             ratio, multiple)
+
+
+class DipSVDLayers(Allocator):
+    name = "dipsvd"
+    summary = ("DipSVD layer ratios: layer importance S_l = Σ ‖∂L/∂W‖_F/‖W‖_F (Fisher) times the effective-rank "
+               "ratio (smallest k with Σ_{i≤k}σ_i ≥ threshold·Σσ_i, threshold 0.9); kept fraction ∝ their geometric "
+               "mean, uniform within a layer")
+    needs = ("spectrum", "gradients")
+    threshold: float = 0.9
+
+    @classmethod
+    def options(cls):
+        return {"threshold": "cumulative singular-value fraction defining the effective rank (default 0.9)"}
+
+    def layer_scores(self, matrices, spectra) -> dict[int, float]:
+        importance: dict[int, float] = {}
+        eff: dict[int, list[float]] = {}
+        for m in matrices:
+            sp = spectra[m.name]
+            if sp.grad_norm is None or sp.weight_norm is None:
+                raise SvdllmError("The dipsvd allocator needs gradient statistics (pipeline bug).")
+            importance[m.layer] = importance.get(m.layer, 0.0) + sp.grad_norm / max(sp.weight_norm, 1e-30)
+            s = sp.s.double()
+            cum = s.cumsum(0) / s.sum().clamp_min(1e-300)
+            k = int((cum < self.threshold).sum()) + 1
+            eff.setdefault(m.layer, []).append(k / s.numel())
+        mean_i = sum(importance.values()) / len(importance)
+        eff_l = {l: sum(v) / len(v) for l, v in eff.items()}
+        mean_e = sum(eff_l.values()) / len(eff_l)
+        return {l: math.sqrt(max(importance[l] / mean_i, 1e-12) * max(eff_l[l] / mean_e, 1e-12)) for l in importance}
+
+    def allocate(self, matrices, ratio, spectra=None, multiple=1):
+        spectra = self._spectra(matrices, spectra)
+        score = self.layer_scores(matrices, spectra)
+        total = sum(m.dense_params for m in matrices)
+        mean = sum(score[m.layer] * m.dense_params for m in matrices) / total  # parameter-weighted
+        keep = {m.name: min(1.0, (1.0 - ratio) * score[m.layer] / mean) for m in matrices}
+        return fit_to_budget(matrices, {m.name: exact_rank(m, keep[m.name]) for m in matrices}, ratio, multiple)
+
+
+class Global(Allocator):
+    name = "global"
+    summary = ("ours: each singular direction of each matrix priced by its predicted increase of the model's loss "
+               "(σ_k²·ṽ_kᵀXᵀXṽ_k·u_kᵀGu_k, G from the loss gradients); the budget goes to the cheapest losses "
+               "first, exactly on each matrix's concave hull")
+    needs = ("spectrum", "gradients", "inputs")
+
+    def allocate(self, matrices, ratio, spectra=None, multiple=1):
+        spectra = self._spectra(matrices, spectra)
+        check_feasible(matrices, ratio, multiple)
+        target = budget(matrices, ratio)
+        ranks: dict[str, int | None] = {m.name: multiple for m in matrices}
+        kept = sum(m.lowrank_params(multiple) for m in matrices)
+        hulls = {}
+        heap = []
+        for i, m in enumerate(matrices):
+            loss = spectra[m.name].loss
+            if loss is None:
+                raise SvdllmError("The global allocator needs gradient statistics (pipeline bug).")
+            if not torch.isfinite(loss).all():
+                raise SvdllmError(f"The predicted losses of {m.name} contain NaN/inf: the statistics are damaged.")
+            hulls[m.name] = _hull(m, loss.double().clamp_min(0), multiple)
+            if hulls[m.name]:
+                slope, _, _ = hulls[m.name][0]
+                heapq.heappush(heap, (-slope, m.name, i, 0))
+        while heap:
+            _, name, i, j = heapq.heappop(heap)
+            m = matrices[i]
+            slope, cost, rank = hulls[name][j]
+            if kept - m.cost(ranks[name]) + cost <= target:
+                kept += cost - m.cost(ranks[name])
+                ranks[name] = rank
+                if j + 1 < len(hulls[name]):
+                    heapq.heappush(heap, (-hulls[name][j + 1][0], name, i, j + 1))
+            else:  # the segment does not fit whole: take what fits of it, step by step, and stop this matrix
+                cur = ranks[name]
+                while cur is not None and cur + multiple <= (rank if rank is not None else m.dense_rank(multiple)) \
+                        and kept + m.lowrank_params(multiple) <= target:
+                    cur += multiple
+                    kept += m.lowrank_params(multiple)
+                ranks[name] = cur
+        return ranks
+
+
+def _hull(m: MatrixInfo, loss: torch.Tensor, multiple: int) -> list[tuple[float, int, int | None]]:
+    """The upper concave hull of (parameters kept, loss avoided) over the ranks multiple, 2·multiple, …, and dense.
+    Returns its segments after the first point: (loss avoided per parameter, cost at the end, rank at the end)."""
+    gain = torch.cat([loss.new_zeros(1), loss.cumsum(0)])  # gain[r]: loss avoided by keeping the first r components
+    top = m.dense_rank(multiple)
+    points = [(m.lowrank_params(r), float(gain[min(r, loss.numel())]), r) for r in range(multiple, top + 1, multiple)]
+    points.append((m.dense_params, float(gain[-1]), None))
+    hull = [points[0]]
+    for p in points[1:]:
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) <= (p[1] - y1) * (x2 - x1):  # hull[-1] lies on or below the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return [((y2 - y1) / (x2 - x1), x2, r2) for (x1, y1, _), (x2, y2, r2) in zip(hull, hull[1:])]
+
+
+ALLOCATORS: dict[str, type[Allocator]] = {a.name: a for a in (Uniform, V2, LoRAP, DipSVDLayers, Global)}
+
+
+def get_allocator(name: str, **options) -> Allocator:
+    if name not in ALLOCATORS:
+        raise SvdllmError(f"Unknown allocator {name!r}; available: {', '.join(ALLOCATORS)} (see `svdllm allocators`).")
+    return ALLOCATORS[name](**options)

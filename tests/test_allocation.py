@@ -1,0 +1,213 @@
+"""Allocators: budget exactness, the V2 rule by hand, global's optimality and its loss model, errors, report."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+import svdllm
+from svdllm.allocation import (ALLOCATORS, TOLERANCE, MatrixInfo, Spectrum, allocate, get_allocator,
+                               param_counts)
+from svdllm.allocation.allocators import V2
+from svdllm.errors import SvdllmError
+from svdllm.io import MANIFEST_NAME
+from tiny import tiny_model
+
+KINDS = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+         "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+         "mlp.down_proj": (576, 1536)}
+
+
+def smollm_like(layers=6, seed=0):
+    """SmolLM2's matrix shapes with random decaying spectra and sensitivities (no model needed)."""
+    g = torch.Generator().manual_seed(seed)
+    mats, spectra = [], {}
+    for i in range(layers):
+        for kind, (m, n) in KINDS.items():
+            name = f"model.layers.{i}.{kind}"
+            mats.append(MatrixInfo(name, m, n))
+            k = min(m, n)
+            decay = 0.5 + 3 * torch.rand(1, generator=g).item()
+            s = (torch.arange(k, dtype=torch.float64) + 1).pow(-decay / 2) * (1 + 10 * torch.rand(1, generator=g).item())
+            loss = s.pow(2) * (0.1 + torch.rand(k, generator=g, dtype=torch.float64)) * torch.rand(1, generator=g).item()
+            spectra[name] = Spectrum(s, loss, grad_norm=float(torch.rand(1, generator=g)) + 0.1, weight_norm=float(s.norm()))
+    return mats, spectra
+
+
+@pytest.mark.parametrize("name", list(ALLOCATORS))
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+@pytest.mark.parametrize("multiple", [1, 8, 32])
+def test_budget_is_met_within_tolerance(name, ratio, multiple):
+    mats, spectra = smollm_like()
+    ranks = allocate(name, mats, ratio, spectra, multiple)
+    counts = param_counts(mats, ranks)
+    target = (1 - ratio) * counts["linear_dense"]
+    assert counts["linear_kept"] <= target + 1e-6  # never over the budget
+    assert target - counts["linear_kept"] <= TOLERANCE * counts["linear_dense"]
+    for m in mats:
+        r = ranks[m.name]
+        assert r is None or (r >= 1 and r % multiple == 0 and m.lowrank_params(r) < m.dense_params)
+    assert allocate(name, mats, ratio, spectra, multiple) == ranks  # deterministic
+
+
+@pytest.mark.parametrize("name", list(ALLOCATORS))
+def test_impossible_budget_fails_clearly(name):
+    mats, spectra = smollm_like(layers=2)
+    with pytest.raises(SvdllmError, match="lower --ratio"):
+        allocate(name, mats, 0.9995, spectra)
+
+
+def test_v2_rule_by_hand():
+    # three q-type 8×8 matrices; the uniform rank at R=0.3 is floor(0.7·64/16) = 2, so the truncation loss is
+    # exactly the third singular value: L = e, e², e⁴ → 1/log L = 1, 1/2, 1/4 (mean 7/12)
+    mats = [MatrixInfo(f"model.layers.{i}.self_attn.q_proj", 8, 8) for i in range(3)]
+    spectra = {m.name: Spectrum(torch.tensor([50.0, 40.0, math.e ** p, 0, 0, 0, 0, 0], dtype=torch.float64))
+               for m, p in zip(mats, (1, 2, 4))}
+    ratios = V2().ratios(mats, 0.3, spectra)
+    expected = [0.3 * w / (7 / 12) for w in (1, 1 / 2, 1 / 4)]
+    assert [ratios[m.name] for m in mats] == pytest.approx(expected)
+    ranks = V2().allocate(mats, 0.3, spectra)
+    # the low-loss matrix is compressed hardest
+    assert ranks[mats[0].name] <= ranks[mats[1].name] <= ranks[mats[2].name]
+    assert param_counts(mats, ranks)["linear_kept"] <= 0.7 * 3 * 64
+
+
+def test_v2_guards_losses_below_one():
+    mats = [MatrixInfo(f"model.layers.{i}.mlp.up_proj", 8, 8) for i in range(2)]
+    spectra = {mats[0].name: Spectrum(torch.tensor([5.0, 4, 0.5, 0, 0, 0, 0, 0], dtype=torch.float64)),
+               mats[1].name: Spectrum(torch.tensor([5.0, 4, 2.0, 0, 0, 0, 0, 0], dtype=torch.float64))}
+    ratios = V2().ratios(mats, 0.3, spectra)
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+    assert ratios[mats[0].name] > ratios[mats[1].name]  # lower loss, higher ratio: order kept
+
+
+def test_global_is_optimal_on_small_problems():
+    # equal shapes and decreasing component losses (the tail beyond the largest rank that saves parameters is
+    # negligible, so keeping a matrix dense never pays): the hull greedy must match exhaustive search
+    g = torch.Generator().manual_seed(1)
+    mats = [MatrixInfo(f"model.layers.{i}.mlp.up_proj", 6, 10) for i in range(3)]
+    tail = torch.tensor([1, 1, 1, 1e-4, 1e-4, 1e-4], dtype=torch.float64)
+    spectra = {m.name: Spectrum(torch.ones(6, dtype=torch.float64),
+                                torch.rand(6, generator=g, dtype=torch.float64).sort(descending=True).values
+                                * (i + 1) * tail)
+               for i, m in enumerate(mats)}
+    ratio = 0.45
+    ranks = get_allocator("global").allocate(mats, ratio, spectra)
+
+    def total_loss(rs):
+        return sum(float(spectra[m.name].loss[r:].sum()) for m, r in zip(mats, rs))
+
+    target = (1 - ratio) * sum(m.dense_params for m in mats)
+    best = min(total_loss(rs) for rs in itertools.product(range(1, 4), repeat=3)
+               if sum(m.lowrank_params(r) for m, r in zip(mats, rs)) <= target)
+    assert total_loss([ranks[m.name] for m in mats]) == pytest.approx(best)
+
+
+def test_global_gives_ranks_to_the_sensitive_matrix():
+    mats = [MatrixInfo(f"model.layers.{i}.self_attn.o_proj", 64, 64) for i in range(2)]
+    base = (torch.arange(64, dtype=torch.float64) + 1).pow(-1.0)
+    spectra = {mats[0].name: Spectrum(base, base.clone()), mats[1].name: Spectrum(base, 10 * base)}
+    ranks = get_allocator("global").allocate(mats, 0.5, spectra)
+    assert ranks[mats[1].name] > ranks[mats[0].name]
+
+
+def test_lorap_split():
+    mats, spectra = smollm_like(layers=2)
+    alloc = get_allocator("lorap", attn_keep=0.3)
+    ranks = alloc.allocate(mats, 0.4, spectra)
+    q = next(m for m in mats if m.kind == "self_attn.q_proj")
+    assert ranks[q.name] == pytest.approx(0.3 * 576 * 576 / 1152, abs=2)
+    with pytest.raises(SvdllmError, match="infeasible"):
+        get_allocator("lorap", attn_keep=0.01).allocate(mats, 0.2, spectra)
+    # data-driven: attention with a fast-decaying spectrum is compressed harder than an MLP with a flat one
+    flat = {m.name: Spectrum(torch.ones(min(m.out_features, m.in_features), dtype=torch.float64)
+                             if not m.is_attention else
+                             (torch.arange(min(m.out_features, m.in_features), dtype=torch.float64) + 1).pow(-2.0))
+            for m in mats}
+    a, b = get_allocator("lorap").split(mats, 0.4, flat)
+    assert a < 0.6 < b
+
+
+def test_unknown_allocator_and_option():
+    with pytest.raises(SvdllmError, match="available"):
+        get_allocator("best")
+    with pytest.raises(SvdllmError, match="no option"):
+        get_allocator("v2", attn_keep=0.5)
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "svd", "asvd", "fwsvd"])
+def test_predicted_loss_of_components_matches_kfac_expression(method, tok, data_dir, tmp_path):
+    """Σ_{k≥r} loss_k = tr(diag(G)·ΔW·XᵀX·ΔWᵀ) for a truncation-aware method, computed from the dense matrices."""
+    from svdllm.calibration import LinearStats
+    from svdllm.factorization import METHODS
+    from svdllm.pipeline import _spectrum
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 20, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 20, dtype=torch.float64)
+    out = torch.rand(12, generator=g, dtype=torch.float64) + 0.1
+    stats = LinearStats(x.T @ x, x.abs().sum(0), 200, fisher_rows=torch.rand(12, generator=g, dtype=torch.float64))
+
+    class Grads:
+        rows, outputs, windows = {"m": stats.fisher_rows}, {"m": out}, 1
+
+    dec = METHODS[method].decompose(w, stats)
+    sp = _spectrum(w, dec, stats, Grads, "m")
+    r = 5
+    w_u, w_v = dec.factors(r, dtype=torch.float64)
+    dw = w - w_u @ w_v
+    exact = float(torch.trace(torch.diag(out) @ dw @ stats.gram @ dw.T))
+    if method == "svd-llm":  # XᵀX-orthonormal right factors: the split over components is exact
+        assert float(sp.loss[r:].sum()) == pytest.approx(exact, rel=1e-8)
+    else:  # a diagonal approximation: same order of magnitude, never negative
+        assert (sp.loss >= 0).all() and 0.05 < float(sp.loss[r:].sum()) / exact < 20
+
+
+def test_gradient_outputs_equal_autograd(tok):
+    from svdllm.calibration import gradient_stats
+
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    stats = gradient_stats(model, windows, progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    module = model.get_submodule(name)
+    expected = torch.zeros(module.out_features, dtype=torch.float64)
+    for w in windows:
+        captured = {}
+        h = module.register_forward_hook(lambda mod, a, o: captured.setdefault("y", o))
+        loss = model(input_ids=w[None], labels=w[None]).loss
+        h.remove()
+        (gy,) = torch.autograd.grad(loss, captured["y"])
+        expected += gy.double().pow(2).reshape(-1, gy.shape[-1]).sum(0)
+    torch.testing.assert_close(stats.outputs[name], expected, rtol=1e-5, atol=1e-14)
+
+
+@pytest.mark.parametrize("alloc", ["v2", "lorap", "dipsvd", "global"])
+def test_compress_with_each_allocator_on_a_tiny_model(alloc, tok, data_dir, tmp_path):
+    model = tiny_model("qwen2", hidden_size=64, intermediate_size=128)
+    config = svdllm.CompressConfig(ratio=[0.3, 0.5], alloc=alloc, cache_dir="",
+                                   calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir)))
+    results = svdllm.compress(model, tok, config, out=tmp_path / "out", progress=False)
+    for res in results:
+        assert res.params["linear_kept"] <= (1 - res.ratio) * res.params["linear_dense"] + 1e-6
+        assert (1 - res.ratio) * res.params["linear_dense"] - res.params["linear_kept"] <= \
+            TOLERANCE * res.params["linear_dense"]
+        manifest = json.loads((res.out / MANIFEST_NAME).read_text())
+        assert manifest["alloc"] == alloc and manifest["ranks"] == res.ranks
+        loaded = svdllm.load(res.out)
+        assert torch.isfinite(loaded(torch.tensor([[1, 2, 3, 4]])).logits).all()
+    from svdllm.report import report
+
+    out = report(tmp_path / "out")
+    assert (tmp_path / "out" / "ranks.png").stat().st_size > 1000
+    assert len(out["runs"]) == 2
+
+
+def test_spectral_allocation_with_the_closed_form_update(tok, data_dir, tmp_path):
+    model = tiny_model("llama")
+    config = svdllm.CompressConfig(ratio=0.4, alloc="global", update="closed-form", cache_dir=str(tmp_path / "c"),
+                                   calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir)))
+    res = svdllm.compress(model, tok, config, progress=False)[0]
+    assert len(set(r for r in res.ranks.values() if r is not None)) > 1  # really heterogeneous
+    assert res.params["achieved_ratio"] == pytest.approx(0.4, abs=TOLERANCE)
