@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--configs", required=True)
     p.add_argument("--ratios", default="0.2,0.4,0.6")
+    p.add_argument("--compress-ratios", default="0.2,0.4,0.6", help="ratios each compression writes (one pass)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--extra", default="", help="extra arguments for `svdllm compress`")
@@ -58,10 +59,10 @@ def main() -> None:
     for method, alloc, update in configs:
         name = f"{method}-{alloc}-{update}"
         dest = out / f"compress-{name}.json"
-        have = all((out / name / f"ratio-{float(r):g}").is_dir() for r in ratios)
+        have = all((out / name / f"ratio-{float(r):g}").is_dir() for r in args.compress_ratios.split(","))
         if not (dest.exists() and have):
             cmd = svdllm + ["compress", "--model", args.model, "--method", method, "--alloc", alloc, "--update", update,
-                            "--ratio", ",".join(sorted(ratios)), "--out", str(out / name), "--overwrite", "--json",
+                            "--ratio", args.compress_ratios, "--out", str(out / name), "--overwrite", "--json",
                             "-q"] + args.extra.split()
             run_json(cmd, dest, log)
     for r in ratios:

@@ -45,6 +45,19 @@ def data_dir(tmp_path_factory):
     with open(root / "c4" / "c4_validation_2k.jsonl", "w") as f:
         for i in range(300):
             f.write(json.dumps({"text": f"Document {i}: a short web page about topic {i % 7}.", "url": "x"}) + "\n")
+    # zero-shot tasks in their original release formats (PIQA: jsonl + labels; ARC: AI2 jsonl)
+    (root / "piqa").mkdir()
+    with open(root / "piqa" / "valid.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.",
+                                "sol2": f"Paint it {'blue' * (i % 3 + 1)}."}) + "\n")
+    (root / "piqa" / "valid-labels.lst").write_text("".join(f"{i % 2}\n" for i in range(8)))
+    (root / "arc_easy").mkdir()
+    with open(root / "arc_easy" / "ARC-Easy-Test.jsonl", "w") as f:
+        for i in range(8):
+            choices = [{"text": t, "label": l} for t, l in zip(["sun", "moon", "rock", f"tree {i}"], "ABCD")]
+            f.write(json.dumps({"id": f"q{i}", "question": {"stem": f"What gives light {i}?", "choices": choices},
+                                "answerKey": "ABCD"[i % 4]}) + "\n")
     return root
 
 

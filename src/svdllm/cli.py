@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
-    c.add_argument("--grad-samples", type=int, default=None,
-                   help="windows for the gradient (Fisher) pass that fwsvd needs (default: all --nsamples)")
+    c.add_argument("--grad-samples", type=int, default=8,
+                   help="windows for the gradient pass that fwsvd and the dipsvd/global allocators need (default 8, "
+                        "at most --nsamples; cached)")
     c.add_argument("--calib-mode", default="original", choices=["original", "sequential"],
                    help="original: every layer sees the dense model's activations (one pass serves all ratios); "
                         "sequential: each layer sees the already-compressed layers' outputs")
@@ -97,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a dense or compressed model by the protocol")
     _add_model_args(e)
-    e.add_argument("--ppl", type=_csv, default=["wikitext2"], help="test sets, comma-separated: wikitext2,ptb,c4")
+    e.add_argument("--ppl", type=_csv, default=["wikitext2"],
+                   help="perplexity test sets, comma-separated: wikitext2,ptb,c4 (none: skip)")
+    e.add_argument("--tasks", type=_csv, default=[],
+                   help="zero-shot tasks scored by lm-eval on the local data, comma-separated, or 'paper' for the seven "
+                        "of the SVD-LLM paper: openbookqa,arc_easy,arc_challenge,winogrande,hellaswag,piqa,mathqa")
+    e.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples per task (quick check)")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick check)")
     e.add_argument("--batch-size", type=int, default=1)
@@ -175,15 +181,36 @@ def cmd_compress(args) -> dict:
 def cmd_eval(args) -> dict:
     from .evaluation import perplexity
 
+    from .evaluation.zeroshot import PAPER_TASKS
+
+    tasks = PAPER_TASKS if args.tasks == ["paper"] else args.tasks
+    ppl_sets = [] if args.ppl in (["none"], []) else args.ppl
+    if tasks:  # fail on a missing task file before loading the model
+        from .evaluation.zeroshot import local_task_file
+        from .models.loading import cache_root
+
+        for t in tasks:
+            local_task_file(t, args.data_dir or os.environ.get("SVDLLM_DATA_DIR") or _no_data(), cache_root() / "zeroshot")
     model, tok = _load(args)
     results = {}
-    for name in args.ppl:
+    out = {"command": "eval", "model": args.model, "ppl": results}
+    for name in ppl_sets:
         r = perplexity(model, tok, name, args.data_dir, args.seqlen, args.max_windows, args.batch_size,
                        progress=not args.quiet)
         results[name] = r
         partial = "" if r["windows"] == r["total_windows"] else f"  [--max-windows {r['windows']} of {r['total_windows']}]"
         print(f"{name}: perplexity {r['ppl']:.3f} over {r['windows']} windows of {r['seqlen']} tokens{partial}")
-    return {"command": "eval", "model": args.model, "ppl": results}
+    if tasks:
+        from .evaluation.zeroshot import markdown_table, zero_shot
+
+        zs = zero_shot(model, tok, tasks, args.data_dir, args.limit, args.batch_size)
+        print(markdown_table(zs))
+        out["zero_shot"] = zs
+    return out
+
+
+def _no_data():
+    raise SvdllmError("Zero-shot tasks are read from local files: pass --data-dir or set $SVDLLM_DATA_DIR.")
 
 
 def cmd_generate(args) -> dict:

@@ -1,0 +1,68 @@
+"""Zero-shot accuracy through lm-eval on local data, checked against an independent log-likelihood computation."""
+import json
+
+import pytest
+import torch
+
+from svdllm.cli import main
+from svdllm.errors import SvdllmError
+from svdllm.evaluation.zeroshot import local_task_file, zero_shot
+from tiny import tiny_model
+
+
+@torch.no_grad()
+def _loglik(model, tok, context: str, continuation: str) -> float:
+    ctx = tok(context).input_ids
+    whole = tok(context + continuation).input_ids
+    ids = torch.tensor([whole])
+    logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    return float(sum(logp[i - 1, whole[i]] for i in range(len(ctx), len(whole))))
+
+
+def _by_hand(model, tok, docs):
+    """acc and acc_norm as lm-eval defines them: argmax of the log-likelihood of ' ' + choice after the prompt,
+    and of the same divided by the choice's length in characters."""
+    acc = norm = 0
+    for context, choices, gold in docs:
+        ll = [_loglik(model, tok, context, " " + c) for c in choices]
+        acc += max(range(len(ll)), key=ll.__getitem__) == gold
+        norm += max(range(len(ll)), key=lambda i: ll[i] / len(choices[i])) == gold
+    return acc / len(docs), norm / len(docs)
+
+
+def test_lm_eval_scores_equal_an_independent_computation(tok, data_dir, tmp_path):
+    model = tiny_model("llama")
+    res = zero_shot(model, tok, ["piqa", "arc_easy"], data_dir, limit=6, cache=tmp_path)
+    piqa = [json.loads(line) for line in (data_dir / "piqa" / "valid.jsonl").read_text().splitlines()][:6]
+    labels = [int(x) for x in (data_dir / "piqa" / "valid-labels.lst").read_text().split()]
+    docs = [(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], labels[i]) for i, d in enumerate(piqa)]
+    assert (res["tasks"]["piqa"]["acc"], res["tasks"]["piqa"]["acc_norm"]) == pytest.approx(_by_hand(model, tok, docs))
+    arc = [json.loads(line) for line in (data_dir / "arc_easy" / "ARC-Easy-Test.jsonl").read_text().splitlines()][:6]
+    docs = [(f"Question: {d['question']['stem']}\nAnswer:", [c["text"] for c in d["question"]["choices"]],
+             "ABCD".index(d["answerKey"])) for d in arc]
+    got = res["tasks"]["arc_easy"]
+    assert (got["acc"], got["acc_norm"]) == pytest.approx(_by_hand(model, tok, docs))
+    assert got["n"] == 6 and res["limit"] == 6
+    assert res["average_acc"] == pytest.approx((res["tasks"]["piqa"]["acc"] + got["acc"]) / 2)
+
+
+def test_missing_task_file_is_named(data_dir, tmp_path):
+    with pytest.raises(SvdllmError, match="hellaswag_val.jsonl is missing"):
+        local_task_file("hellaswag", data_dir, tmp_path)
+    with pytest.raises(SvdllmError, match="available offline"):
+        local_task_file("no_such_task", data_dir, tmp_path)
+
+
+def test_cli_eval_tasks_missing_file_fails_before_loading(data_dir, capsys):
+    assert main(["eval", "--model", "/nonexistent", "--tasks", "winogrande", "--data-dir", str(data_dir)]) == 2
+    assert "winogrande_xl_validation.jsonl is missing" in capsys.readouterr().err
+
+
+def test_real_task_files_convert(shared_data, tmp_path):
+    """Every paper task converts from the shared copies into the schema lm-eval's task expects."""
+    expected = {"piqa": ("goal", 1838), "arc_easy": ("question", 2376), "arc_challenge": ("question", 1172),
+                "openbookqa": ("question_stem", 500), "winogrande": ("sentence", 1267),
+                "hellaswag": ("ctx_a", 10042), "mathqa": ("Problem", 2985)}
+    for task, (key, n) in expected.items():
+        rows = (local_task_file(task, shared_data, tmp_path)).read_text().splitlines()
+        assert len(rows) == n and key in json.loads(rows[0])
