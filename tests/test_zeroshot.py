@@ -66,3 +66,29 @@ def test_real_task_files_convert(shared_data, tmp_path):
     for task, (key, n) in expected.items():
         rows = (local_task_file(task, shared_data, tmp_path)).read_text().splitlines()
         assert len(rows) == n and key in json.loads(rows[0])
+
+
+def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
+    import svdllm
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    config = svdllm.CompressConfig(ratio=0.5, cache_dir="",
+                                   calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
+    svdllm.compress(model, tok, config, out=tmp_path / "small", progress=False)
+    assert main(["bench", "--model", str(tmp_path / "small"), "--baseline", str(tmp_path / "dense"),
+                 "--batch-sizes", "1,2", "--prompt-lens", "8", "--new-tokens", "4", "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = out["result"]["rows"]
+    assert [(r["batch"], r["prompt_len"]) for r in rows] == [(1, 8), (2, 8)]
+    for r in rows:
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["prefill_speedup"] > 0
+        assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
+    assert out["result"]["params"] < out["dense"]["params"] and out["result"]["disk_bytes"] > 0
+    assert 0 < out["result"]["params_ratio"] < 1
+
+
+def test_bench_bad_sizes(capsys):
+    assert main(["bench", "--model", "x", "--batch-sizes", "a"]) == 2
+    assert "integers" in capsys.readouterr().err

@@ -128,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(d)
     _add_output_args(d)
 
+    b = sub.add_parser("bench", help="prefill/decode throughput and peak memory, against the dense model in the same run")
+    _add_model_args(b)
+    b.add_argument("--baseline", default="auto",
+                   help="the dense model to compare with: auto (the base model recorded in a compressed model's "
+                        "manifest), a model spec, or none")
+    b.add_argument("--batch-sizes", type=_csv, default=["1", "4"])
+    b.add_argument("--prompt-lens", type=_csv, default=["128", "512"])
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # measure one model in this process
+    _add_output_args(b)
+
     r = sub.add_parser("report", help="print the ranks of a compressed model and plot them per layer and matrix type")
     r.add_argument("run_dir", help="a directory written by `svdllm compress` (or its parent, with ratio-*/ inside)")
     r.add_argument("--png", default=None, help="where to write the plot (default RUN_DIR/ranks.png)")
@@ -255,6 +267,76 @@ def cmd_demo(args) -> dict:
             "generation_compressed": gen_after, "params": res.params, "note": note}
 
 
+def cmd_bench(args) -> dict:
+    import subprocess
+
+    from .evaluation import bench
+
+    try:
+        sizes = [int(x) for x in args.batch_sizes]
+        lens = [int(x) for x in args.prompt_lens]
+    except ValueError:
+        raise SvdllmError("--batch-sizes and --prompt-lens take integers separated by commas, e.g. 1,4.")
+    if min(sizes + lens + [args.new_tokens, args.repeats]) < 1:
+        raise SvdllmError("Batch sizes, prompt lengths, --new-tokens and --repeats must be at least 1.")
+    if args.single:
+        model, _ = _load(args)
+        rows = bench.measure(model, sizes, lens, args.new_tokens, args.repeats)
+        return {"model": args.model, **bench.model_facts(model, args.model), "rows": rows}
+
+    def child(spec: str) -> dict:
+        # each model in a fresh process, so one model's freed memory never counts against the other's peak
+        cmd = [sys.executable, "-m", "svdllm.cli", "bench", "--single", "--json", "-q", "--model", spec, "--dtype",
+               args.dtype, "--batch-sizes", ",".join(args.batch_sizes), "--prompt-lens", ",".join(args.prompt_lens),
+               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+        if args.device:
+            cmd += ["--device", args.device]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SvdllmError(f"benchmarking {spec} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    baseline = args.baseline
+    if baseline == "auto":
+        from .io.checkpoint import MANIFEST_NAME
+
+        manifest = os.path.join(args.model, MANIFEST_NAME)
+        baseline = json.load(open(manifest)).get("base_model") if os.path.isfile(manifest) else "none"
+    dense = child(baseline) if baseline and baseline != "none" else None
+    result = child(args.model)
+    if dense:
+        result["rows"] = bench.with_ratios(result["rows"], dense["rows"])
+        result["params_ratio"] = result["params"] / dense["params"]
+    print(f"{args.model}: {result['params']:,} parameters" + (f" ({result['params_ratio']:.3f} of dense)" if dense else ""))
+    print("| batch | prompt | prefill tok/s | decode tok/s | peak MB |" + (" prefill × | decode × | memory × |" if dense else ""))
+    print("|---|---|---|---|---|" + ("---|---|---|" if dense else ""))
+    for r in result["rows"]:
+        line = (f"| {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+                f"{r['peak_mem_mb'] or float('nan'):.0f} |")
+        if dense:
+            line += f" {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} | {r.get('peak_mem_ratio', float('nan')):.2f} |"
+        print(line)
+    return {"command": "bench", "model": args.model, "baseline": baseline, "dense": dense, "result": result,
+            "machine": _machine()}
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def cmd_report(args) -> dict:
     from .report import report
 
@@ -282,7 +364,7 @@ def cmd_allocators(args) -> dict:
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
-            "methods": cmd_methods, "allocators": cmd_allocators, "report": cmd_report}
+            "methods": cmd_methods, "allocators": cmd_allocators, "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

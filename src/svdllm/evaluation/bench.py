@@ -1,0 +1,115 @@
+"""Efficiency: prefill and decode throughput, peak memory, parameters and bytes on disk, always beside the dense
+model measured in the same process (shared machines are noisy; only the ratio travels between them).
+
+Peak memory is the resident-set high-water mark on the CPU (reset between measurements through
+/proc/self/clear_refs, Linux) and torch.cuda.max_memory_allocated on a GPU.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def disk_bytes(path: str | Path | None) -> int | None:
+    if path is None or not Path(path).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+@torch.no_grad()
+def measure(model, batch_sizes=(1, 4), prompt_lens=(128, 512), new_tokens: int = 32, repeats: int = 3,
+            vocab: int | None = None, seed: int = 0) -> list[dict]:
+    """Prefill tokens/s (one forward over the prompt, no cache) and decode tokens/s (greedy generation of
+    `new_tokens` with the KV cache, its prefill subtracted) for every batch size and prompt length."""
+    device = next(model.parameters()).device
+    vocab = vocab or model.config.vocab_size
+    model.eval()
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    for b in batch_sizes:
+        for n in prompt_lens:
+            ids = torch.randint(0, vocab, (b, n), generator=g).to(device)
+            mask = torch.ones_like(ids)
+            model(input_ids=ids, use_cache=False)  # warm-up
+            _reset_peak(device)
+            prefill = _timed(lambda: model(input_ids=ids, use_cache=False), device, repeats)
+            prefill_cached = _timed(lambda: model(input_ids=ids, use_cache=True), device, 1)
+            gen = _timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                min_new_tokens=new_tokens, do_sample=False,
+                                                pad_token_id=0), device, 1)
+            rows.append({"batch": b, "prompt_len": n, "new_tokens": new_tokens,
+                         "prefill_tok_s": b * n / prefill,
+                         "decode_tok_s": b * new_tokens / max(gen - prefill_cached, 1e-9),
+                         "peak_mem_mb": _peak_mb(device)})
+    return rows
+
+
+def model_facts(model, path=None) -> dict:
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "disk_bytes": disk_bytes(path)}
+
+
+def with_ratios(rows: list[dict], dense_rows: list[dict]) -> list[dict]:
+    """Each row of a compressed model with its speed and memory as ratios against the dense row of the same shape."""
+    ref = {(r["batch"], r["prompt_len"]): r for r in dense_rows}
+    out = []
+    for r in rows:
+        d = ref.get((r["batch"], r["prompt_len"]))
+        extra = {}
+        if d:
+            extra = {"prefill_speedup": r["prefill_tok_s"] / d["prefill_tok_s"],
+                     "decode_speedup": r["decode_tok_s"] / d["decode_tok_s"]}
+            if r["peak_mem_mb"] and d["peak_mem_mb"]:
+                extra["peak_mem_ratio"] = r["peak_mem_mb"] / d["peak_mem_mb"]
+        out.append({**r, **extra})
+    return out
+
+
+def release(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
