@@ -211,3 +211,22 @@ def test_spectral_allocation_with_the_closed_form_update(tok, data_dir, tmp_path
     res = svdllm.compress(model, tok, config, progress=False)[0]
     assert len(set(r for r in res.ranks.values() if r is not None)) > 1  # really heterogeneous
     assert res.params["achieved_ratio"] == pytest.approx(0.4, abs=TOLERANCE)
+
+
+def test_compare_reads_eval_and_bench_results(tok, data_dir, tmp_path, capsys):
+    from svdllm.cli import main
+
+    model = tiny_model("llama")
+    config = svdllm.CompressConfig(ratio=[0.3, 0.5], cache_dir="",
+                                   calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
+    svdllm.compress(model, tok, config, out=tmp_path / "run", progress=False)
+    for r in ("0.3", "0.5"):
+        assert main(["eval", "--model", str(tmp_path / "run" / f"ratio-{r}"), "--ppl", "wikitext2", "--seqlen", "64",
+                     "--max-windows", "2", "--data-dir", str(data_dir), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "run"), "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["ratio"] for r in out["rows"]] == [0.3, 0.5]
+    assert all(r["ppl"]["wikitext2"]["key"].startswith("wikitext2[2/") for r in out["rows"])
+    assert (tmp_path / "cmp" / "ppl_vs_ratio.png").stat().st_size > 1000
+    assert "wikitext2 ppl" in (tmp_path / "cmp" / "compare.md").read_text()

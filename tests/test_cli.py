@@ -43,6 +43,12 @@ def test_compress_several_ratios_then_eval(model_dir, data_dir, tmp_path, capsys
 
 def test_generate_and_listings(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "5", "--json"]) == 0
-    assert "text" in _last_json(capsys)
+    greedy = _last_json(capsys)
+    assert greedy["new_tokens"] >= 1 and greedy["tokens_per_s"] > 0
+    args = ["generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "5", "--json", "--sample"]
+    assert main(args) == 0
+    first = _last_json(capsys)
+    assert main(args) == 0
+    assert _last_json(capsys)["text"] == first["text"]  # sampling is seeded
     assert main(["methods"]) == 0 and "svd-llm" in capsys.readouterr().out
     assert main(["allocators"]) == 0 and "uniform" in capsys.readouterr().out

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=60)
     g.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
+    g.add_argument("--sample", action="store_true", help="sample (temperature/top-p) instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0)
     _add_output_args(g)
 
     d = sub.add_parser("demo", help="compress a built-in model and show perplexity and generations before/after")
@@ -144,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a directory written by `svdllm compress` (or its parent, with ratio-*/ inside)")
     r.add_argument("--png", default=None, help="where to write the plot (default RUN_DIR/ranks.png)")
     _add_output_args(r)
+
+    cm = sub.add_parser("compare", help="runs side by side (ranks, perplexity, zero-shot, speed) with PNG plots")
+    cm.add_argument("run_dirs", nargs="+", help="directories written by `svdllm compress` (or their parents)")
+    cm.add_argument("--out", default="compare", help="where compare.md and the plots go (default ./compare)")
+    _add_output_args(cm)
 
     sub.add_parser("methods", help="list the factorization methods")
     sub.add_parser("allocators", help="list the rank allocators")
@@ -218,7 +227,22 @@ def cmd_eval(args) -> dict:
         zs = zero_shot(model, tok, tasks, args.data_dir, args.limit, args.batch_size)
         print(markdown_table(zs))
         out["zero_shot"] = zs
+    if _is_svdllm_dir(args.model):  # kept beside the model for `svdllm compare`
+        from .io.results import EVAL_NAME, merge_results
+
+        key = lambda n, r: n if r["windows"] == r["total_windows"] else f"{n}[{r['windows']}/{r['total_windows']}]"  # noqa: E731
+        update = {"ppl": {key(n, r): r for n, r in results.items()}}
+        if tasks:
+            tag = "zero_shot" if not args.limit else f"zero_shot[limit={args.limit}]"
+            update[tag] = out["zero_shot"]
+        merge_results(args.model, EVAL_NAME, update)
     return out
+
+
+def _is_svdllm_dir(path: str) -> bool:
+    from .io.checkpoint import MANIFEST_NAME
+
+    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
 
 
 def _no_data():
@@ -226,14 +250,15 @@ def _no_data():
 
 
 def cmd_generate(args) -> dict:
-    from .evaluation import generate
+    from .evaluation.generation import generate_timed
 
     model, tok = _load(args)
-    t = time.perf_counter()
-    text = generate(model, tok, args.prompt, args.max_new_tokens, chat=not args.no_chat)
-    dt = time.perf_counter() - t
-    print(text)
-    return {"command": "generate", "model": args.model, "prompt": args.prompt, "text": text, "seconds": dt}
+    r = generate_timed(model, tok, args.prompt, args.max_new_tokens, chat=not args.no_chat, sample=args.sample,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(r["text"])
+    print(f"[{r['new_tokens']} tokens in {r['seconds']:.2f} s: {r['tokens_per_s']:.1f} tokens/s, "
+          f"{'sampled' if args.sample else 'greedy'}]", file=sys.stderr)
+    return {"command": "generate", "model": args.model, "prompt": args.prompt, **r}
 
 
 def cmd_demo(args) -> dict:
@@ -301,7 +326,7 @@ def cmd_bench(args) -> dict:
         from .io.checkpoint import MANIFEST_NAME
 
         manifest = os.path.join(args.model, MANIFEST_NAME)
-        baseline = json.load(open(manifest)).get("base_model") if os.path.isfile(manifest) else "none"
+        baseline = (json.load(open(manifest)).get("base_model") or "none") if os.path.isfile(manifest) else "none"
     dense = child(baseline) if baseline and baseline != "none" else None
     result = child(args.model)
     if dense:
@@ -316,8 +341,13 @@ def cmd_bench(args) -> dict:
         if dense:
             line += f" {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} | {r.get('peak_mem_ratio', float('nan')):.2f} |"
         print(line)
-    return {"command": "bench", "model": args.model, "baseline": baseline, "dense": dense, "result": result,
-            "machine": _machine()}
+    out = {"command": "bench", "model": args.model, "baseline": baseline, "dense": dense, "result": result,
+           "machine": _machine()}
+    if _is_svdllm_dir(args.model):
+        from .io.results import BENCH_NAME, merge_results
+
+        merge_results(args.model, BENCH_NAME, {k: v for k, v in out.items() if k != "command"})
+    return out
 
 
 def _machine() -> dict:
@@ -335,6 +365,12 @@ def _machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def cmd_compare(args) -> dict:
+    from .report import compare
+
+    return compare(args.run_dirs, args.out)
 
 
 def cmd_report(args) -> dict:
@@ -364,7 +400,7 @@ def cmd_allocators(args) -> dict:
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
-            "methods": cmd_methods, "allocators": cmd_allocators, "report": cmd_report, "bench": cmd_bench}
+            "methods": cmd_methods, "allocators": cmd_allocators, "report": cmd_report, "bench": cmd_bench, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

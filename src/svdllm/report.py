@@ -1,4 +1,5 @@
-"""`svdllm report RUN_DIR`: where the ranks went, as a table and a plot, read from the manifest alone."""
+"""`svdllm report RUN_DIR`: where the ranks went (table and plot, from the manifest alone); `svdllm compare RUN_DIR...`:
+runs side by side with their evaluation and benchmark results, a markdown table and plots."""
 from __future__ import annotations
 
 import json
@@ -74,12 +75,127 @@ def _plot(runs: list[dict], out: Path) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".png")
+    _save(fig, out)
+
+
+def _first(d: dict, name: str):
+    """The full-set result for `name` if there is one, else a partial one (its key says how partial)."""
+    if name in d:
+        return name, d[name]
+    partial = sorted(k for k in d if k.startswith(name + "["))
+    return (partial[0], d[partial[0]]) if partial else (None, None)
+
+
+def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare") -> dict:
+    """Runs side by side (manifest, svdllm_eval.json, svdllm_bench.json), a markdown table and PNG plots."""
+    from .io.results import BENCH_NAME, EVAL_NAME, read_results
+
+    rows = []
+    for rd in run_dirs:
+        rd = Path(rd)
+        if not rd.is_dir():
+            raise SvdllmError(f"{rd} is not a directory; give directories written by `svdllm compress`.")
+        for d in _run_dirs(rd):
+            m = json.loads((d / MANIFEST).read_text())
+            ev, be = read_results(d, EVAL_NAME), read_results(d, BENCH_NAME)
+            row = {"dir": str(d), "method": m["method"], "alloc": m.get("alloc", "uniform"),
+                   "update": m.get("update", "none"), "ratio": m["ratio"],
+                   "achieved": m["params"]["achieved_ratio"], "params": m["params"]["model_after"], "ppl": {}}
+            for ds in ("wikitext2", "ptb", "c4"):
+                key, r = _first(ev.get("ppl", {}), ds)
+                if r:
+                    row["ppl"][ds] = {"ppl": r["ppl"], "key": key}
+            zkey, z = _first(ev, "zero_shot")
+            if z:
+                row["zero_shot"] = {"average_acc": z["average_acc"], "key": zkey}
+            if be.get("result", {}).get("rows"):
+                row["bench"] = be["result"]["rows"]
+            rows.append(row)
+    rows.sort(key=lambda r: (r["method"], r["alloc"], r["update"], r["ratio"]))
+    datasets = [ds for ds in ("wikitext2", "ptb", "c4") if any(ds in r["ppl"] for r in rows)]
+    cols = ["method", "alloc", "update", "R", "parameters"] + [f"{ds} ppl" for ds in datasets] + \
+        ["zero-shot avg acc", "prefill × (b=1)", "decode × (b=1)"]
+    header = "| " + " | ".join(cols) + " |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        cells = [f"{r['ppl'][ds]['ppl']:.2f}" + ("" if r["ppl"][ds]["key"] == ds else f" {r['ppl'][ds]['key'][len(ds):]}")
+                 if ds in r["ppl"] else "–" for ds in datasets]
+        z = r.get("zero_shot")
+        zs = "–" if not z else f"{z['average_acc']:.4f}" + ("" if z["key"] == "zero_shot" else f" {z['key'][9:]}")
+        b1 = next((b for b in r.get("bench", []) if b["batch"] == min(x["batch"] for x in r["bench"])), None)
+        pf = f"{b1['prefill_speedup']:.2f}" if b1 and "prefill_speedup" in b1 else "–"
+        dc = f"{b1['decode_speedup']:.2f}" if b1 and "decode_speedup" in b1 else "–"
+        cells = [r["method"], r["alloc"], r["update"], f"{r['ratio']:g}", f"{r['params']:,}"] + cells + [zs, pf, dc]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic = out / "compare.md"
+    from .io.results import atomic_write_text
+
+    atomic_write_text(atomic, table + "\n")
+    pngs = _compare_plots(rows, out)
+    for p in pngs:
+        print(f"plot written to {p}")
+    return {"command": "compare", "rows": rows, "table": str(atomic), "png": [str(p) for p in pngs]}
+
+
+def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    series: dict[str, list] = {}
+    for r in rows:
+        if "wikitext2" in r["ppl"]:
+            series.setdefault(f"{r['method']} / {r['alloc']} / {r['update']}", []).append(
+                (r["ratio"], r["ppl"]["wikitext2"]["ppl"]))
+    if series:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("compression ratio R")
+        ax.set_ylabel("WikiText-2 perplexity")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out / "ppl_vs_ratio.png"))
+    benched = [r for r in rows if r.get("bench") and "prefill_speedup" in r["bench"][0]]
+    if benched:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for r in benched:
+            label = f"{r['method']} / {r['alloc']} / R={r['ratio']:g}"
+            for ax, key in zip(axes, ("prefill_speedup", "decode_speedup")):
+                lens = sorted({b["prompt_len"] for b in r["bench"]})
+                pts = [(b["batch"], b[key]) for b in r["bench"] if b["prompt_len"] == lens[-1]]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for ax, title in zip(axes, ("prefill", "decode")):
+            ax.set_title(f"{title} throughput vs dense")
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("× dense tokens/s")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out / "throughput_vs_batch.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        os.replace(tmp, path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..io.results import atomic_write_text
 from ..models.families import family_of
 from .fisher import GradientStats
 from .layerwise import LayerStats
@@ -50,7 +51,7 @@ class StatsCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "key.json"
         if not meta.exists():
-            _atomic_write_text(meta, json.dumps(self.key, indent=1, sort_keys=True))
+            atomic_write_text(meta, json.dumps(self.key, indent=1, sort_keys=True))
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         os.close(fd)
         try:
@@ -95,10 +96,3 @@ class StatsCache:
         tensors = load_file(path)
         pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         return LayerStats(pick("gram."), pick("abs_sum."), tokens)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -1,17 +1,31 @@
-"""Short greedy generation, with the chat template when the tokenizer has one."""
+"""Generation, greedy or sampled, with the chat template when the tokenizer has one."""
 from __future__ import annotations
+
+import time
 
 import torch
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = True) -> str:
+def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = True,
+                   sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> dict:
+    """The continuation, how many tokens it has, and the wall time (prefill included) it took."""
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(model.parameters()).device)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **kwargs)
+    seconds = time.perf_counter() - t
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "new_tokens": int(new.numel()),
+            "seconds": seconds, "tokens_per_s": new.numel() / max(seconds, 1e-9)}
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = True, **kw) -> str:
+    return generate_timed(model, tokenizer, prompt, max_new_tokens, chat, **kw)["text"]

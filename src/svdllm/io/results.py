@@ -1,0 +1,43 @@
+"""Evaluation and benchmark results kept beside the model they describe, so `svdllm compare` can find them.
+
+`svdllm_eval.json` / `svdllm_bench.json` in a model directory; each write merges into what is there and is atomic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+EVAL_NAME = "svdllm_eval.json"
+BENCH_NAME = "svdllm_bench.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_results(model_dir: str | os.PathLike, name: str) -> dict:
+    path = Path(model_dir) / name
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def merge_results(model_dir: str | os.PathLike, name: str, update: dict) -> None:
+    """Merge `update` (one level deep) into the model directory's results file; a no-op for non-directories."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        return
+    data = read_results(d, name)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    atomic_write_text(d / name, json.dumps(data, indent=1, default=str))
