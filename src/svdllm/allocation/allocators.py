@@ -113,22 +113,33 @@ class V2(Allocator):
                              ratio, multiple)
 
 
-def _relative_loss(spectrum: Spectrum, rank: int) -> float:
-    s2 = spectrum.s.double().pow(2)
-    return float(s2[rank:].sum() / s2.sum().clamp_min(1e-300))
+def effective_rank(s: torch.Tensor, threshold: float) -> int:
+    """The smallest k with Σ_{i≤k} σ_i ≥ threshold · Σ σ_i."""
+    s = s.double()
+    cum = s.cumsum(0) / s.sum().clamp_min(1e-300)
+    return int((cum < threshold).sum()) + 1
+
+
+def _effective_rank_ratio(matrices, spectra, threshold: float) -> float:
+    """Parameter-weighted mean of k_eff / min(m, n) over `matrices`."""
+    total = sum(m.dense_params for m in matrices)
+    return sum(effective_rank(spectra[m.name].s, threshold) / spectra[m.name].s.numel() * m.dense_params
+               for m in matrices) / total
 
 
 class LoRAP(Allocator):
     name = "lorap"
     summary = ("LoRAP: attention and MLP at different ratios (attention has the lower effective rank); option "
-               "attn_keep = kept fraction of the attention parameters, default: the split that minimises the summed "
-               "relative truncation loss")
+               "attn_keep = kept fraction of the attention parameters, default: the two kept fractions in the ratio "
+               "of the sub-layers' effective-rank ratios (threshold 0.9)")
     needs = ("spectrum",)
     attn_keep: float | None = None
+    threshold: float = 0.9
 
     @classmethod
     def options(cls):
-        return {"attn_keep": "kept fraction of the attention matrices' parameters (0..1); default: data-driven"}
+        return {"attn_keep": "kept fraction of the attention matrices' parameters (0..1); default: data-driven",
+                "threshold": "cumulative singular-value fraction defining the effective rank (default 0.9)"}
 
     def split(self, matrices, ratio, spectra) -> tuple[float, float]:
         attn = [m for m in matrices if m.is_attention]
@@ -147,19 +158,16 @@ class LoRAP(Allocator):
                 raise SvdllmError(f"attn_keep={a} is infeasible at ratio {ratio}: the MLP would keep "
                                   f"{mlp_keep(a):.3f} of its parameters; choose a value with both in (0, 1].")
             return a, mlp_keep(a)
-        best = None
-        for i in range(1, 100):
-            a = i / 100
-            b = mlp_keep(a)
-            if not 0.0 < b <= 1.0:
-                continue
-            loss = sum(_relative_loss(spectra[m.name], max(1, math.floor(exact_rank(m, a if m.is_attention else b))))
-                       for m in matrices)
-            if best is None or loss < best[0]:
-                best = (loss, a, b)
-        if best is None:
-            raise SvdllmError(f"No attention/MLP split meets ratio {ratio}; use a lower --ratio.")
-        return best[1], best[2]
+        # LoRAP's observation, measured: each sub-layer keeps parameters in proportion to its effective-rank ratio
+        e_a = _effective_rank_ratio(attn, spectra, self.threshold)
+        e_m = _effective_rank_ratio(mlp, spectra, self.threshold)
+        t = total_keep / (e_a * p_a + e_m * p_m)
+        a, b = t * e_a, t * e_m
+        if a > 1.0:  # attention kept whole, the rest of the budget to the MLP
+            a, b = 1.0, mlp_keep(1.0)
+        elif b > 1.0:
+            b, a = 1.0, (total_keep - p_m) / p_a
+        return a, b
 
     def allocate(self, matrices, ratio, spectra=None, multiple=1):
         spectra = self._spectra(matrices, spectra)
@@ -188,10 +196,7 @@ class DipSVDLayers(Allocator):
             if sp.grad_norm is None or sp.weight_norm is None:
                 raise SvdllmError("The dipsvd allocator needs gradient statistics (pipeline bug).")
             importance[m.layer] = importance.get(m.layer, 0.0) + sp.grad_norm / max(sp.weight_norm, 1e-30)
-            s = sp.s.double()
-            cum = s.cumsum(0) / s.sum().clamp_min(1e-300)
-            k = int((cum < self.threshold).sum()) + 1
-            eff.setdefault(m.layer, []).append(k / s.numel())
+            eff.setdefault(m.layer, []).append(effective_rank(sp.s, self.threshold) / sp.s.numel())
         mean_i = sum(importance.values()) / len(importance)
         eff_l = {l: sum(v) / len(v) for l, v in eff.items()}
         mean_e = sum(eff_l.values()) / len(eff_l)
