@@ -99,3 +99,44 @@ def test_fisher_rows_equal_autograd_gradients():
     torch.testing.assert_close(rows[name], expected, rtol=1e-5, atol=1e-12)
     assert len(rows) == 7 * len(model.model.layers)
     assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_interrupted_calibration_resumes_bit_identical(tok, data_dir, tmp_path, monkeypatch):
+    """A job killed after layer 0's statistics were written continues from them and produces the same model."""
+    import svdllm
+    from svdllm.calibration import cache as cache_mod
+    from svdllm.calibration import layerwise
+
+    def config(cache):
+        return svdllm.CompressConfig(ratio=0.4, cache_dir=str(cache), calibration=svdllm.CalibrationConfig(
+            nsamples=3, seqlen=32, data_dir=str(data_dir)))
+
+    reference = tiny_model("llama")
+    svdllm.compress(reference, tok, config(tmp_path / "c1"), progress=False)
+
+    real_save = cache_mod.StatsCache.save
+
+    def dying_save(self, i, stats):
+        real_save(self, i, stats)
+        if i == 0:
+            raise KeyboardInterrupt  # the job is killed right after layer 0 reached the disk
+
+    monkeypatch.setattr(cache_mod.StatsCache, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        svdllm.compress(tiny_model("llama"), tok, config(tmp_path / "c2"), progress=False)
+    monkeypatch.setattr(cache_mod.StatsCache, "save", real_save)
+
+    grams_computed = []
+    real_run = layerwise.run_layer
+
+    def counting_run(layer, inputs, kwargs, device, groups=None, *a, **kw):
+        if groups:
+            grams_computed.append(layer)
+        return real_run(layer, inputs, kwargs, device, groups, *a, **kw)
+
+    monkeypatch.setattr(layerwise, "run_layer", counting_run)
+    resumed = tiny_model("llama")
+    svdllm.compress(resumed, tok, config(tmp_path / "c2"), progress=False)
+    assert len(grams_computed) == len(resumed.model.layers) - 1  # layer 0 came from the interrupted run
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name

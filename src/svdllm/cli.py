@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"svdllm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("svdllm: interrupted; nothing half-written was left behind", file=sys.stderr)
+        print("svdllm: interrupted; nothing half-written was left behind, and the calibration statistics of the "
+              "layers already done are cached: the same command resumes from them", file=sys.stderr)
         return 130
     if getattr(args, "json", False):
         print(json.dumps(result, default=str))

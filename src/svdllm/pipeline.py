@@ -199,9 +199,11 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
 
                 scratch = tempfile.TemporaryDirectory(prefix="svdllm-stats-")
                 spectra_cache = _stats_cache(model, config, windows, root=Path(scratch.name))
-            if not spectra_cache.has_all(num_layers):
-                for i, stats in calibrate_layers(model, windows, cal.batch_size, progress=progress):
-                    spectra_cache.save(i, stats)
+            if not spectra_cache.has_all(num_layers):  # (resuming from any layers an earlier run left)
+                for i, stats in calibrate_layers(model, windows, cal.batch_size, progress=progress,
+                                                 cached=spectra_cache.load_if_present):
+                    if not spectra_cache.has(i):
+                        spectra_cache.save(i, stats)
             timings["calibration_s"] += time.perf_counter() - t
         t = time.perf_counter()
         spectra = {}
@@ -272,9 +274,10 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not progress)):
             process_layer(i, layer, cache.load(i) if use_cache else None)
     else:
+        resume = cache.load_if_present if cache is not None and cal.mode == "original" and not closed_form else None
         for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,
-                                         paired=closed_form):
-            if cache is not None and cal.mode == "original":
+                                         paired=closed_form, cached=resume):
+            if cache is not None and cal.mode == "original" and not cache.has(i):
                 cache.save(i, stats)
         timings["calibration_s"] += time.perf_counter() - t - timings["factorization_s"]
     if scratch is not None:

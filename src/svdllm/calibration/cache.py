@@ -44,8 +44,15 @@ class StatsCache:
     def _layer_path(self, i: int) -> Path:
         return self.dir / f"layer_{i:04d}.safetensors"
 
+    def has(self, i: int) -> bool:
+        return self._layer_path(i).exists()
+
     def has_all(self, num_layers: int) -> bool:
-        return all(self._layer_path(i).exists() for i in range(num_layers))
+        return all(self.has(i) for i in range(num_layers))
+
+    def load_if_present(self, i: int) -> LayerStats | None:
+        """Layer i's statistics if an earlier (possibly interrupted) run left them, else None."""
+        return self.load(i) if self.has(i) else None
 
     def save(self, i: int, stats: LayerStats) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,7 @@ def calibrate_layers(
     on_layer: Callable[[int, nn.Module, LayerStats], bool] | None = None,
     progress: bool = True,
     paired: bool = False,
+    cached: Callable[[int], LayerStats | None] | None = None,
 ) -> Iterator[tuple[int, LayerStats]]:
     """Yield (layer index, statistics) for every decoder layer, one layer at a time.
 
@@ -203,6 +204,9 @@ def calibrate_layers(
 
     With `paired`, two streams run side by side: the dense model's activations (whose statistics are yielded as
     usual) and the compressed model's (on_layer's changes apply to it only), with their cross moments.
+
+    `cached(i)` may return layer i's statistics from an earlier, interrupted run: the layer then only runs
+    forward (no Gram accumulation, most of a layer's cost) to feed the next one. Dense-model statistics only.
     """
     layers = family_of(model).decoder_layers(model)
     device = _model_device(model)
@@ -210,7 +214,11 @@ def calibrate_layers(
     compressed = list(hidden) if paired else None
     for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
         kwargs, where = layer_kwargs[i], f"model.layers.{i}"
-        outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where, partner=compressed)
+        stats = cached(i) if cached is not None and not paired else None
+        if stats is None:
+            outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where, partner=compressed)
+        else:
+            outputs = run_layer(layer, hidden, kwargs, device)[0]
         changed = on_layer is not None and on_layer(i, layer, stats)
         if paired:
             compressed = run_layer(layer, compressed, kwargs, device)[0]
