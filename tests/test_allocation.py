@@ -230,3 +230,19 @@ def test_compare_reads_eval_and_bench_results(tok, data_dir, tmp_path, capsys):
     assert all(r["ppl"]["wikitext2"]["key"].startswith("wikitext2[2/") for r in out["rows"])
     assert (tmp_path / "cmp" / "ppl_vs_ratio.png").stat().st_size > 1000
     assert "wikitext2 ppl" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.6])
+def test_global_per_layer_keeps_one_ratio_per_layer(ratio):
+    mats, spectra = smollm_like()
+    ranks = get_allocator("global", per_layer=1).allocate(mats, ratio, spectra)
+    counts = param_counts(mats, ranks)
+    target = (1 - ratio) * counts["linear_dense"]
+    assert target - TOLERANCE * counts["linear_dense"] <= counts["linear_kept"] <= target + 1e-6
+    for layer in range(6):
+        keeps = [m.cost(ranks[m.name]) / m.dense_params for m in mats if m.layer == layer]
+        assert max(keeps) - min(keeps) < 0.05  # one kept fraction per layer, up to rounding and budget filling
+    layers = {m.layer: 0.0 for m in mats}
+    for m in mats:
+        layers[m.layer] += m.cost(ranks[m.name])
+    assert len({round(v, -4) for v in layers.values()}) > 1  # but different layers get different budgets

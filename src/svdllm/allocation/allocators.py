@@ -217,61 +217,114 @@ class Global(Allocator):
                "(σ_k²·ṽ_kᵀXᵀXṽ_k·u_kᵀGu_k, G from the loss gradients); the budget goes to the cheapest losses "
                "first, exactly on each matrix's concave hull")
     needs = ("spectrum", "gradients", "inputs")
+    min_keep: float = 0.0
+    per_layer: float = 0.0
 
-    def allocate(self, matrices, ratio, spectra=None, multiple=1):
-        spectra = self._spectra(matrices, spectra)
-        check_feasible(matrices, ratio, multiple)
-        target = budget(matrices, ratio)
-        ranks: dict[str, int | None] = {m.name: multiple for m in matrices}
-        kept = sum(m.lowrank_params(multiple) for m in matrices)
-        hulls = {}
-        heap = []
-        for i, m in enumerate(matrices):
+    @classmethod
+    def options(cls):
+        return {"min_keep": "every matrix keeps at least this fraction of its uniform rank (0..1, default 0): a trust "
+                            "region for the quadratic loss model",
+                "per_layer": "1: allocate whole layers (one ratio for a layer's matrices) by their summed predicted "
+                             "loss; 0 (default): every matrix on its own"}
+
+    def _floor(self, m: MatrixInfo, ratio: float, multiple: int) -> int:
+        r = math.ceil(self.min_keep * (1.0 - ratio) * m.dense_params / (m.out_features + m.in_features))
+        r = -(-r // multiple) * multiple
+        return max(multiple, min(r, m.dense_rank(multiple)))
+
+    def _losses(self, matrices, spectra) -> dict[str, torch.Tensor]:
+        out = {}
+        for m in matrices:
             loss = spectra[m.name].loss
             if loss is None:
                 raise SvdllmError("The global allocator needs gradient statistics (pipeline bug).")
             if not torch.isfinite(loss).all():
                 raise SvdllmError(f"The predicted losses of {m.name} contain NaN/inf: the statistics are damaged.")
-            hulls[m.name] = _hull(m, loss.double().clamp_min(0), multiple)
-            if hulls[m.name]:
-                slope, _, _ = hulls[m.name][0]
-                heapq.heappush(heap, (-slope, m.name, i, 0))
-        while heap:
-            _, name, i, j = heapq.heappop(heap)
-            m = matrices[i]
-            slope, cost, rank = hulls[name][j]
-            if kept - m.cost(ranks[name]) + cost <= target:
-                kept += cost - m.cost(ranks[name])
-                ranks[name] = rank
-                if j + 1 < len(hulls[name]):
-                    heapq.heappush(heap, (-hulls[name][j + 1][0], name, i, j + 1))
-            else:  # the segment does not fit whole: take what fits of it, step by step, and stop this matrix
-                cur = ranks[name]
-                while cur is not None and cur + multiple <= (rank if rank is not None else m.dense_rank(multiple)) \
-                        and kept + m.lowrank_params(multiple) <= target:
-                    cur += multiple
-                    kept += m.lowrank_params(multiple)
-                ranks[name] = cur
-        return ranks
+            out[m.name] = torch.cat([loss.new_zeros(1), loss.double().clamp_min(0).cumsum(0)])  # avoided by top-r
+        return out
+
+    def allocate(self, matrices, ratio, spectra=None, multiple=1):
+        spectra = self._spectra(matrices, spectra)
+        check_feasible(matrices, ratio, multiple)
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise SvdllmError(f"min_keep must be in [0, 1], got {self.min_keep}.")
+        target = budget(matrices, ratio)
+        gains = self._losses(matrices, spectra)
+
+        def gain(m, r):
+            g = gains[m.name]
+            return float(g[-1] if r is None else g[min(r, g.numel() - 1)])
+
+        if self.per_layer:
+            layers: dict[int, list[MatrixInfo]] = {}
+            for m in matrices:
+                layers.setdefault(m.layer, []).append(m)
+            units = []
+            for group in layers.values():
+                pts = []
+                for step in range(1, 101):  # kept fraction of the layer's matrices, 1% steps
+                    keep = step / 100
+                    rs = [None if keep >= 1 else max(multiple, int(exact_rank(m, keep) // multiple) * multiple)
+                          for m in group]
+                    rs = [None if r is not None and r > m.dense_rank(multiple) else r for m, r in zip(group, rs)]
+                    pts.append((sum(m.cost(r) for m, r in zip(group, rs)), sum(gain(m, r) for m, r in zip(group, rs)),
+                                keep))
+                units.append(pts)
+            chosen = _greedy(units, target)
+            keep = {m.name: units[u][chosen[u]][2] for u, group in enumerate(layers.values()) for m in group}
+            return fit_to_budget(matrices, {m.name: exact_rank(m, keep[m.name]) for m in matrices}, ratio, multiple)
+
+        units = []
+        for m in matrices:
+            top = m.dense_rank(multiple)
+            pts = [(m.lowrank_params(r), gain(m, r), r) for r in range(self._floor(m, ratio, multiple), top + 1, multiple)]
+            pts.append((m.dense_params, gain(m, None), None))
+            units.append(pts)
+        chosen = _greedy(units, target)
+        return {m.name: units[u][chosen[u]][2] for u, m in enumerate(matrices)}
 
 
-def _hull(m: MatrixInfo, loss: torch.Tensor, multiple: int) -> list[tuple[float, int, int | None]]:
-    """The upper concave hull of (parameters kept, loss avoided) over the ranks multiple, 2·multiple, …, and dense.
-    Returns its segments after the first point: (loss avoided per parameter, cost at the end, rank at the end)."""
-    gain = torch.cat([loss.new_zeros(1), loss.cumsum(0)])  # gain[r]: loss avoided by keeping the first r components
-    top = m.dense_rank(multiple)
-    points = [(m.lowrank_params(r), float(gain[min(r, loss.numel())]), r) for r in range(multiple, top + 1, multiple)]
-    points.append((m.dense_params, float(gain[-1]), None))
-    hull = [points[0]]
-    for p in points[1:]:
+def _greedy(units: list[list[tuple[float, float, object]]], target: float) -> list[int]:
+    """Choose one point (cost, gain, state) per unit, costs ascending within a unit, maximising the total gain
+    with the total cost ≤ target: the budget goes to the steepest segments of each unit's upper concave hull
+    first (the exact optimum of the Lagrangian relaxation); where a segment does not fit whole, the unit takes the
+    costliest of its own points that fits and stops."""
+    chosen = [0] * len(units)
+    kept = sum(pts[0][0] for pts in units)
+    hulls = [_upper_hull(pts) for pts in units]
+    heap = [(-(units[u][h[0]][1] - units[u][0][1]) / max(units[u][h[0]][0] - units[u][0][0], 1e-30), u, 0)
+            for u, h in enumerate(hulls) if h]
+    heapq.heapify(heap)
+    while heap:
+        _, u, j = heapq.heappop(heap)
+        pts, cur = units[u], chosen[u]
+        nxt = hulls[u][j]
+        if kept + pts[nxt][0] - pts[cur][0] <= target:
+            kept += pts[nxt][0] - pts[cur][0]
+            chosen[u] = nxt
+            if j + 1 < len(hulls[u]):
+                a, b = pts[nxt], pts[hulls[u][j + 1]]
+                heapq.heappush(heap, (-(b[1] - a[1]) / max(b[0] - a[0], 1e-30), u, j + 1))
+        else:
+            fits = [k for k in range(cur + 1, nxt) if kept + pts[k][0] - pts[cur][0] <= target]
+            if fits:
+                kept += pts[fits[-1]][0] - pts[cur][0]
+                chosen[u] = fits[-1]
+    return chosen
+
+
+def _upper_hull(pts: list[tuple[float, float, object]]) -> list[int]:
+    """Indices (after the first point) of the upper concave hull of (cost, gain) points sorted by cost."""
+    hull = [0]
+    for k in range(1, len(pts)):
         while len(hull) >= 2:
-            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
-            if (y2 - y1) * (p[0] - x1) <= (p[1] - y1) * (x2 - x1):  # hull[-1] lies on or below the chord
+            (x1, y1, _), (x2, y2, _) = pts[hull[-2]], pts[hull[-1]]
+            if (y2 - y1) * (pts[k][0] - x1) <= (pts[k][1] - y1) * (x2 - x1):  # hull[-1] on or below the chord
                 hull.pop()
             else:
                 break
-        hull.append(p)
-    return [((y2 - y1) / (x2 - x1), x2, r2) for (x1, y1, _), (x2, y2, r2) in zip(hull, hull[1:])]
+        hull.append(k)
+    return hull[1:]
 
 
 ALLOCATORS: dict[str, type[Allocator]] = {a.name: a for a in (Uniform, V2, LoRAP, DipSVDLayers, Global)}
