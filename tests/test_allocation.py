@@ -246,3 +246,16 @@ def test_global_per_layer_keeps_one_ratio_per_layer(ratio):
     for m in mats:
         layers[m.layer] += m.cost(ranks[m.name])
     assert len({round(v, -4) for v in layers.values()}) > 1  # but different layers get different budgets
+
+
+def test_global_with_measured_type_scales(tok, data_dir, tmp_path):
+    model = tiny_model("llama")
+    config = svdllm.CompressConfig(ratio=0.5, alloc="global", alloc_options={"calibrate": 2}, cache_dir="",
+                                   calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir)))
+    res = svdllm.compress(model, tok, config, out=tmp_path / "out", progress=False)[0]
+    scales = res.manifest["allocation"]["loss_scales"]["0.5"]
+    assert set(scales) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert all(v > 0 and math.isfinite(v) for v in scales.values())
+    assert math.prod(scales.values()) == pytest.approx(1.0)  # normalised: only relative scales matter
+    assert res.params["achieved_ratio"] == pytest.approx(0.5, abs=TOLERANCE)

@@ -221,7 +221,22 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     else:
         spectra = None
     t = time.perf_counter()
-    rank_maps = {r: allocator.allocate(matrices, r, spectra, config.rank_multiple) for r in ratios}
+    spectra_by_ratio = {r: spectra for r in ratios}
+    alloc_info: dict = {}
+    n_check = int(getattr(allocator, "calibrate", 0) or 0)
+    if spectra is not None and n_check and any(sp.loss is not None for sp in spectra.values()):
+        t = time.perf_counter()
+        stats_of = (lambda i: spectra_cache.load(i)) if needs_inputs else (lambda i: None)
+        for r in ratios:
+            scale = _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose,
+                                          windows[:n_check], r)
+            log.info("ratio %.2f: measured/predicted loss per matrix type: %s", r,
+                     ", ".join(f"{k} {v:.3g}" for k, v in scale.items()))
+            alloc_info.setdefault("loss_scales", {})[str(r)] = scale
+            spectra_by_ratio[r] = {name: dataclasses.replace(sp, loss=sp.loss * scale[shapes[name].kind])
+                                   for name, sp in spectra.items()}
+        timings["loss_scale_s"] = time.perf_counter() - t
+    rank_maps = {r: allocator.allocate(matrices, r, spectra_by_ratio[r], config.rank_multiple) for r in ratios}
     timings["allocation_s"] = time.perf_counter() - t
 
     # the closed-form update needs the compressed model's activations, which no cache can hold
@@ -306,6 +321,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             "ratio": r,
             "alloc": config.alloc,
             "alloc_options": dict(config.alloc_options),
+            "allocation": alloc_info,
             "rank_multiple": config.rank_multiple,
             "update": config.update,
             "calibration": dict(cal.__dict__, used=needs_data, from_cache=use_cache),
@@ -345,6 +361,57 @@ def _spectrum(weight: torch.Tensor, dec, stats: LinearStats, grads, name: str) -
             out_weight = (left.pow(2) * grads.outputs[name].to(torch.float64)[:, None]).sum(0)
             loss = (s.pow(2) * in_energy.cpu() * out_weight.cpu()).clamp_min(0)
     return Spectrum(s, loss, grad_norm, float(weight.detach().double().norm()))
+
+
+@torch.no_grad()
+def _mean_nll(model, windows: torch.Tensor) -> float:
+    device = next(model.parameters()).device
+    return sum(float(model(input_ids=w[None].to(device), labels=w[None].to(device), use_cache=False).loss)
+               for w in windows) / len(windows)
+
+
+def _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose, windows, ratio) -> dict:
+    """Per matrix type, the model's measured loss increase when every matrix of that type is truncated at the
+    uniform rank for `ratio`, divided by the KFAC prediction for the same truncation.
+
+    The quadratic (KFAC) model is a tangent: exact for small errors, but at high compression the nonlinearities
+    after some projections (softmax after q/k, the SiLU gate) make it under- or over-state the damage, and by
+    matrix type. One secant measurement per type, at the size of error the allocation is about to make, rescales
+    the predictions (7 forward passes over a few windows)."""
+    from .allocation import ALLOCATORS
+
+    uniform = ALLOCATORS["uniform"]().allocate(matrices, ratio)
+    base = _mean_nll(model, windows)
+    factors: dict[str, dict] = {}  # kind -> name -> (W_u, W_v) at the uniform rank
+    predicted: dict[str, float] = {}
+    by_layer: dict[int, list[MatrixInfo]] = {}
+    for m in matrices:
+        by_layer.setdefault(m.layer, []).append(m)
+    for i, group in by_layer.items():
+        stats = stats_of(i)
+        for m in group:
+            rank = uniform[m.name]
+            if rank is None:
+                continue
+            lin = model.get_submodule(m.name)
+            dec = decompose(m.name, lin, stats_for(m.name, m.name.split(".", 3)[3], stats))
+            factors.setdefault(m.kind, {})[m.name] = dec.factors(rank, dtype=lin.weight.dtype)
+            predicted[m.kind] = predicted.get(m.kind, 0.0) + float(spectra[m.name].loss[rank:].sum())
+    scales = {}
+    for kind in sorted({m.kind for m in matrices}):
+        if kind not in factors or predicted[kind] <= 0:
+            scales[kind] = 1.0
+            continue
+        originals = swap_in(model, factors[kind])
+        try:
+            measured = _mean_nll(model, windows) - base
+        finally:
+            swap_back(model, originals)
+        # a measured change at or below zero (noise on few windows): keep the prediction as it is
+        scales[kind] = measured / predicted[kind] if measured > 0 else 1.0
+    # only the relative scale between types matters to the allocation; normalise to a geometric mean of 1
+    g = math.exp(sum(math.log(v) for v in scales.values()) / len(scales))
+    return {k: v / g for k, v in scales.items()}
 
 
 def _output_error(w, w_u, w_v, stats) -> float:

@@ -219,13 +219,16 @@ class Global(Allocator):
     needs = ("spectrum", "gradients", "inputs")
     min_keep: float = 0.0
     per_layer: float = 0.0
+    calibrate: float = 0.0
 
     @classmethod
     def options(cls):
         return {"min_keep": "every matrix keeps at least this fraction of its uniform rank (0..1, default 0): a trust "
                             "region for the quadratic loss model",
                 "per_layer": "1: allocate whole layers (one ratio for a layer's matrices) by their summed predicted "
-                             "loss; 0 (default): every matrix on its own"}
+                             "loss; 0 (default): every matrix on its own",
+                "calibrate": "N > 0: rescale the predicted losses of each matrix type by the model's measured loss "
+                             "increase when that type is truncated at the uniform rank, on N calibration windows"}
 
     def _floor(self, m: MatrixInfo, ratio: float, multiple: int) -> int:
         r = math.ceil(self.min_keep * (1.0 - ratio) * m.dense_params / (m.out_features + m.in_features))
