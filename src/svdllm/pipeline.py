@@ -227,9 +227,10 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     if spectra is not None and n_check and any(sp.loss is not None for sp in spectra.values()):
         t = time.perf_counter()
         stats_of = (lambda i: spectra_cache.load(i)) if needs_inputs else (lambda i: None)
+        all_scales = _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose,
+                                           windows[:n_check], ratios)
         for r in ratios:
-            scale = _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose,
-                                          windows[:n_check], r)
+            scale = all_scales[r]
             log.info("ratio %.2f: measured/predicted loss per matrix type: %s", r,
                      ", ".join(f"{k} {v:.3g}" for k, v in scale.items()))
             alloc_info.setdefault("loss_scales", {})[str(r)] = scale
@@ -370,48 +371,52 @@ def _mean_nll(model, windows: torch.Tensor) -> float:
                for w in windows) / len(windows)
 
 
-def _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose, windows, ratio) -> dict:
-    """Per matrix type, the model's measured loss increase when every matrix of that type is truncated at the
-    uniform rank for `ratio`, divided by the KFAC prediction for the same truncation.
+def _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose, windows, ratios) -> dict:
+    """Per ratio and matrix type, the model's measured loss increase when every matrix of that type is truncated
+    at the uniform rank for the ratio, divided by the KFAC prediction for the same truncation.
 
     The quadratic (KFAC) model is a tangent: exact for small errors, but at high compression the nonlinearities
     after some projections (softmax after q/k, the SiLU gate) make it under- or over-state the damage, and by
     matrix type. One secant measurement per type, at the size of error the allocation is about to make, rescales
-    the predictions (7 forward passes over a few windows)."""
+    the predictions: one more decomposition of each matrix, and 7 forward passes over a few windows per ratio."""
     from .allocation import ALLOCATORS
 
-    uniform = ALLOCATORS["uniform"]().allocate(matrices, ratio)
+    uniform = {r: ALLOCATORS["uniform"]().allocate(matrices, r) for r in ratios}
     base = _mean_nll(model, windows)
-    factors: dict[str, dict] = {}  # kind -> name -> (W_u, W_v) at the uniform rank
-    predicted: dict[str, float] = {}
+    factors: dict[tuple, dict] = {}  # (ratio, kind) -> name -> (W_u, W_v) at the uniform rank
+    predicted: dict[tuple, float] = {}
     by_layer: dict[int, list[MatrixInfo]] = {}
     for m in matrices:
         by_layer.setdefault(m.layer, []).append(m)
     for i, group in by_layer.items():
         stats = stats_of(i)
         for m in group:
-            rank = uniform[m.name]
-            if rank is None:
-                continue
             lin = model.get_submodule(m.name)
             dec = decompose(m.name, lin, stats_for(m.name, m.name.split(".", 3)[3], stats))
-            factors.setdefault(m.kind, {})[m.name] = dec.factors(rank, dtype=lin.weight.dtype)
-            predicted[m.kind] = predicted.get(m.kind, 0.0) + float(spectra[m.name].loss[rank:].sum())
-    scales = {}
-    for kind in sorted({m.kind for m in matrices}):
-        if kind not in factors or predicted[kind] <= 0:
-            scales[kind] = 1.0
-            continue
-        originals = swap_in(model, factors[kind])
-        try:
-            measured = _mean_nll(model, windows) - base
-        finally:
-            swap_back(model, originals)
-        # a measured change at or below zero (noise on few windows): keep the prediction as it is
-        scales[kind] = measured / predicted[kind] if measured > 0 else 1.0
-    # only the relative scale between types matters to the allocation; normalise to a geometric mean of 1
-    g = math.exp(sum(math.log(v) for v in scales.values()) / len(scales))
-    return {k: v / g for k, v in scales.items()}
+            for r in ratios:
+                rank = uniform[r][m.name]
+                if rank is None:
+                    continue
+                factors.setdefault((r, m.kind), {})[m.name] = dec.factors(rank, dtype=lin.weight.dtype)
+                predicted[r, m.kind] = predicted.get((r, m.kind), 0.0) + float(spectra[m.name].loss[rank:].sum())
+    out = {}
+    for r in ratios:
+        scales = {}
+        for kind in sorted({m.kind for m in matrices}):
+            if (r, kind) not in factors or predicted[r, kind] <= 0:
+                scales[kind] = 1.0
+                continue
+            originals = swap_in(model, factors.pop((r, kind)))
+            try:
+                measured = _mean_nll(model, windows) - base
+            finally:
+                swap_back(model, originals)
+            # a measured change at or below zero (noise on few windows): keep the prediction as it is
+            scales[kind] = measured / predicted[r, kind] if measured > 0 else 1.0
+        # only the relative scale between types matters to the allocation; normalise to a geometric mean of 1
+        g = math.exp(sum(math.log(v) for v in scales.values()) / len(scales))
+        out[r] = {k: v / g for k, v in scales.items()}
+    return out
 
 
 def _output_error(w, w_u, w_v, stats) -> float:
