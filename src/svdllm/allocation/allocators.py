@@ -214,12 +214,12 @@ class DipSVDLayers(Allocator):
 class Global(Allocator):
     name = "global"
     summary = ("ours: each singular direction of each matrix priced by its predicted increase of the model's loss "
-               "(σ_k²·ṽ_kᵀXᵀXṽ_k·u_kᵀGu_k, G from the loss gradients); the budget goes to the cheapest losses "
-               "first, exactly on each matrix's concave hull")
+               "(σ_k²·ṽ_kᵀXᵀXṽ_k·u_kᵀGu_k, G from the loss gradients), rescaled per matrix type by one measured "
+               "truncation; the budget goes to the cheapest losses first, exactly on each matrix's concave hull")
     needs = ("spectrum", "gradients", "inputs")
     min_keep: float = 0.0
     per_layer: float = 0.0
-    calibrate: float = 0.0
+    calibrate: float = 2.0
 
     @classmethod
     def options(cls):
@@ -227,8 +227,9 @@ class Global(Allocator):
                             "region for the quadratic loss model",
                 "per_layer": "1: allocate whole layers (one ratio for a layer's matrices) by their summed predicted "
                              "loss; 0 (default): every matrix on its own",
-                "calibrate": "N > 0: rescale the predicted losses of each matrix type by the model's measured loss "
-                             "increase when that type is truncated at the uniform rank, on N calibration windows"}
+                "calibrate": "rescale the predicted losses of each matrix type by the model's measured loss increase "
+                             "when that type alone is truncated at the uniform rank, on this many calibration windows "
+                             "(default 2; 0: the KFAC predictions as they are)"}
 
     def _floor(self, m: MatrixInfo, ratio: float, multiple: int) -> int:
         r = math.ceil(self.min_keep * (1.0 - ratio) * m.dense_params / (m.out_features + m.in_features))
