@@ -237,6 +237,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             spectra_by_ratio[r] = {name: dataclasses.replace(sp, loss=sp.loss * scale[shapes[name].kind])
                                    for name, sp in spectra.items()}
         timings["loss_scale_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     rank_maps = {r: allocator.allocate(matrices, r, spectra_by_ratio[r], config.rank_multiple) for r in ratios}
     timings["allocation_s"] = time.perf_counter() - t
 
