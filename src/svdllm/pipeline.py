@@ -220,7 +220,6 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             cache = spectra_cache  # phase 2 reads the statistics back instead of running the pass again
     else:
         spectra = None
-    t = time.perf_counter()
     spectra_by_ratio = {r: spectra for r in ratios}
     alloc_info: dict = {}
     n_check = int(getattr(allocator, "calibrate", 0) or 0)
