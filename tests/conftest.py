@@ -6,7 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("SVDLLM_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 from tiny import byte_tokenizer  # noqa: E402
 

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -54,6 +55,49 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
 
+FINETUNE_ARGS = [  # (name, type, help); every default comes from the preset
+    ("data", str, "alpaca (default), a .json/.jsonl of instruction/input/output records, or wikitext2/ptb/c4"),
+    ("samples", int, "training examples (default: the preset's; paper: all)"),
+    ("val-samples", int, "held-out examples for the validation loss at each stage's end"),
+    ("epochs", float, "passes over the training examples, per stage"),
+    ("lr", float, "peak learning rate (linear warmup and decay)"),
+    ("warmup-steps", int, "warmup steps"),
+    ("lora-r", int, "LoRA rank of the adapters on each factor"),
+    ("lora-alpha", int, "LoRA alpha (the adapter is scaled by alpha/r)"),
+    ("lora-dropout", float, "dropout on the adapters' input"),
+    ("seq-len", int, "examples are cut to this many tokens"),
+    ("batch-size", int, "examples per optimizer step"),
+    ("micro-batch", int, "examples per forward/backward (gradient accumulation fills the batch)"),
+    ("max-steps", int, "optimizer steps per stage at most (a quick run)"),
+    ("save-every", int, "checkpoint every this many steps"),
+]
+
+
+def _add_finetune_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from .update.lora import PRESETS, STAGES
+
+    p.add_argument(f"--{prefix}preset", dest="ft_preset", default="auto", choices=["auto", *PRESETS],
+                   help="fine-tuning recipe: paper (SVD-LLM/LLM-Pruner on a GPU: Alpaca, 2 epochs, batch 64, lr 1e-4, "
+                        "r 8) or cpu (about 30 min for SmolLM2 on 2 cores); auto: paper on CUDA, else cpu")
+    p.add_argument(f"--{prefix}stages", dest="ft_stages", default=None, choices=sorted(STAGES),
+                   help="sequential: W_u then W_v (the paper, default); joint: both at once (plain LoRA)")
+    for name, kind, text in FINETUNE_ARGS:
+        p.add_argument(f"--{prefix}{name}", dest="ft_" + name.replace("-", "_"), type=kind, default=None, help=text)
+
+
+def _finetune_config(args, device):
+    from .update.lora import default_config, preset
+
+    overrides = {name.replace("-", "_"): getattr(args, "ft_" + name.replace("-", "_"))
+                 for name, _, _ in FINETUNE_ARGS}
+    overrides.update(stages=args.ft_stages, data_dir=args.data_dir)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = default_config(device or "cpu", **overrides) if args.ft_preset == "auto" else preset(args.ft_preset,
+                                                                                                 **overrides)
+    config.validate()
+    return config
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import ALLOCATORS
     from .factorization import METHODS
@@ -77,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an allocator option, e.g. --alloc lorap --alloc-arg attn_keep=0.5 (repeatable)")
     c.add_argument("--rank-multiple", type=int, default=1,
                    help="round every rank to a multiple of this (8, 16, 32 suit fast kernels); the budget still holds")
-    c.add_argument("--update", default="none", choices=sorted(UPDATES))
+    c.add_argument("--update", default="none", choices=sorted(UPDATES),
+                   help="after truncation: closed-form (least-squares W_u), lora (sequential LoRA fine-tuning, "
+                        "options --ft-*), or closed-form+lora")
     c.add_argument("--calib-dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
     c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
@@ -94,7 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-cache", action="store_true", help="neither read nor write cached calibration statistics")
     c.add_argument("--out", required=True, help="output directory (with several ratios: one ratio-<R>/ each)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_finetune_args(c, prefix="ft-")
     _add_output_args(c)
+
+    f = sub.add_parser("finetune", help="sequential LoRA fine-tuning of a compressed model's factors (SVD-LLM §3.2)")
+    f.add_argument("run_dir", help="a model directory written by `svdllm compress`")
+    f.add_argument("--out", required=True, help="where the fine-tuned model is saved (same ranks and size)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    f.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoints, and where an interrupted run resumes from (default: .<out>.finetune beside --out)")
+    f.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cpu)")
+    _add_data_args(f)
+    _add_finetune_args(f)
+    _add_output_args(f)
 
     e = sub.add_parser("eval", help="perplexity of a dense or compressed model by the protocol")
     _add_model_args(e)
@@ -181,6 +239,8 @@ def cmd_compress(args) -> dict:
                                       data_dir=args.data_dir, grad_samples=args.grad_samples),
         cache_dir="" if args.no_cache else args.cache_dir,
     )
+    if args.update.endswith("lora"):
+        config.finetune = _finetune_config(args, args.device)
     config.validate()  # fail on bad input before loading the model
     from .allocation import get_allocator
 
@@ -197,6 +257,34 @@ def cmd_compress(args) -> dict:
     print(f"calibration {t['calibration_s']:.1f} s, factorization {t['factorization_s']:.1f} s, "
           f"peak RSS {t['peak_rss_mb']:.0f} MB")
     return {"command": "compress", "model": args.model, "method": args.method, "results": rows}
+
+
+def cmd_finetune(args) -> dict:
+    from pathlib import Path
+
+    from .io.checkpoint import check_out_dir, load, read_manifest, save
+    from .update.lora import finetune, summary, write_history
+
+    config = _finetune_config(args, args.device)
+    manifest = read_manifest(args.run_dir)
+    check_out_dir(args.out, args.overwrite)
+    out = Path(args.out)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f".{out.name}.finetune"
+    model, tok = load(args.run_dir, device=args.device, with_tokenizer=True)
+    print(f"fine-tuning {args.run_dir}: {config.stages} LoRA (r {config.lora_r}, lr {config.lr:g}, batch "
+          f"{config.batch_size}, {config.samples or 'all'} examples of {config.data}); checkpoints in {ckpt}")
+    history = finetune(model, tok, config, checkpoint_dir=ckpt, progress=not args.quiet)
+    previous = manifest.get("update", "none")
+    manifest.update(update="lora" if previous == "none" else f"{previous}+lora",
+                    finetune=dict(summary(history), config=history["config"], source=str(args.run_dir)))
+    save(model, tok, out, manifest, overwrite=args.overwrite)
+    write_history(history, out)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    s = summary(history)
+    val = ", ".join(f"{k} {v:.4f}" for k, v in s["val_loss"].items())
+    print(f"done in {history['wall_s'] / 60:.1f} min ({s['steps_per_stage']} steps per stage); validation loss: "
+          f"{val or 'not measured'}; saved to {out} (loss curve: {out / 'finetune_loss.png'})")
+    return {"command": "finetune", "run_dir": str(args.run_dir), "out": str(out), **s}
 
 
 def cmd_eval(args) -> dict:
@@ -399,7 +487,7 @@ def cmd_allocators(args) -> dict:
     return {}
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
+COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
             "methods": cmd_methods, "allocators": cmd_allocators, "report": cmd_report, "bench": cmd_bench, "compare": cmd_compare}
 
 

@@ -52,6 +52,7 @@ class CompressConfig:
     alloc_options: dict = field(default_factory=dict)  # e.g. {"attn_keep": 0.5} for lorap
     rank_multiple: int = 1  # round every rank to a multiple of this (8/16/32 suit fast kernels)
     update: str = "none"
+    finetune: object | None = None  # an update.lora.FinetuneConfig for --update lora (None: the preset for the device)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     cache_dir: str | None = None  # None: $SVDLLM_CACHE_DIR or ~/.cache/svdllm; "" disables the statistics cache
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from .factorization import LowRankLinear, get_method
 from .io.checkpoint import check_out_dir, save
 from .models.families import LINEAR_NAMES, family_of, set_submodule
 from .models.loading import cache_root
-from .update import UPDATES, closed_form_w_u
+from .update import UPDATES, base_update, closed_form_w_u
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,8 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     for o in outs.values():
         if o is not None:
             check_out_dir(o, overwrite)
+    if base_update(config.update) != config.update:
+        return _compress_then_finetune(model, tokenizer, config, out, overwrite, progress)
     if _ratio_dependent(config) and len(ratios) > 1:
         log.info("Sequential calibration and the closed-form update depend on the ratio: one pass per ratio.")
         results = []
@@ -137,6 +140,29 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
             swap_back(model, results[-1].originals)
         return results
     return _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress)
+
+
+def _compress_then_finetune(model, tokenizer, config, out, overwrite, progress):
+    """Truncate (and closed-form update) as asked, then the sequential LoRA fine-tuning of each ratio's model."""
+    from .io.checkpoint import load
+    from .update.lora import default_config, finetune, summary, write_history
+
+    ft = config.finetune or default_config(next(model.parameters()).device, data_dir=config.calibration.data_dir)
+    ft.validate()
+    results = compress(model, tokenizer, dataclasses.replace(config, update=base_update(config.update)), out,
+                       overwrite, progress)
+    for res in results:
+        # several ratios leave the model dense and each compressed one on disk; one ratio leaves it compressed here
+        target = model if len(results) == 1 else load(res.out)
+        ckpt = None if res.out is None else res.out.parent / f".{res.out.name}.finetune"
+        history = finetune(target, tokenizer, ft, checkpoint_dir=ckpt, progress=progress)
+        res.manifest.update(update=config.update, finetune=dict(summary(history), config=history["config"]))
+        res.timings["finetune_s"] = history["wall_s"]
+        if res.out is not None:
+            save(target, tokenizer, res.out, res.manifest, overwrite=True)
+            write_history(history, res.out)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return results
 
 
 def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress):

@@ -4,7 +4,8 @@
 - "closed-form": SVD-LLM's whitening + update step. Keep W_v and recompute W_u by least squares so that
   W_u·(W_v·X′) best matches W·X, where X are the dense model's inputs of the layer and X′ the inputs it sees once
   the layers before it are compressed: the truncation error and the drift from earlier layers are both absorbed.
-  The LoRA fine-tuning of SVD-LLM §3.2 is planned.
+- "lora" / "closed-form+lora": SVD-LLM's sequential LoRA fine-tuning of the factors (paper §3.2, update/lora.py),
+  after the truncation or after the closed-form update.
 """
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ UPDATES = {
     "none": "keep the truncated factors as they are",
     "closed-form": "least-squares W_u so that W_u·W_v·X′ best matches W·X (X′: inputs after earlier layers are "
                    "compressed); one calibration pass per ratio",
+    "lora": "sequential LoRA fine-tuning of W_u, then W_v, merged back (SVD-LLM §3.2; see `svdllm finetune`)",
+    "closed-form+lora": "the closed-form update, then the sequential LoRA fine-tuning",
 }
+LORA_SUFFIX = "lora"
+
+
+def base_update(update: str) -> str:
+    """The update applied during compression, before any fine-tuning."""
+    return update.removesuffix("+lora") if update.endswith("+lora") else "none" if update == "lora" else update
 
 
 def closed_form_w_u(weight: torch.Tensor, w_v: torch.Tensor, cross: torch.Tensor, gram_compressed: torch.Tensor,

@@ -1,0 +1,121 @@
+"""Fine-tuning data: Alpaca-style instruction records, or plain text cut into windows.
+
+Instruction records are formatted with the prompt template of the Stanford Alpaca release; the loss is taken on
+the response tokens only (the prompt's labels are -100), as in LLM-Pruner's post-training recipe that SVD-LLM uses.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import SvdllmError
+from .texts import CORPORA, load_text, resolve_data_dir
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_FILE = "alpaca/alpaca_data.json"
+IGNORE = -100
+
+
+def alpaca_prompt(record: dict) -> str:
+    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def _read_records(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+            else json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SvdllmError(f"Cannot read the fine-tuning data {path}: {e}.") from e
+    if not isinstance(records, list) or not records or not all(
+            isinstance(r, dict) and "instruction" in r and "output" in r for r in records):
+        raise SvdllmError(f"{path} must be a JSON list (or JSONL) of records with 'instruction', 'output' and "
+                          "optionally 'input' keys, as in Alpaca.")
+    return records
+
+
+def load_records(data: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """`data` is "alpaca" (the data directory's copy, else the hub's tatsu-lab/alpaca) or a .json/.jsonl path."""
+    if data != "alpaca":
+        path = Path(data).expanduser()
+        if not path.is_file():
+            raise SvdllmError(f"Fine-tuning data {data!r} is neither 'alpaca', a corpus name "
+                              f"({', '.join(CORPORA)}) nor an existing .json/.jsonl file.")
+        return _read_records(path)
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        path = root / ALPACA_FILE
+        if not path.is_file():
+            raise SvdllmError(f"Missing {path}: the data directory {root} has no Alpaca copy ({ALPACA_FILE}).")
+        return _read_records(path)
+    try:
+        import datasets
+
+        return [dict(r) for r in datasets.load_dataset("tatsu-lab/alpaca", split="train")]
+    except Exception as e:  # the hub raises many types (connection, missing package)
+        raise SvdllmError(f"Could not fetch Alpaca from the Hugging Face hub ({e}); without network, pass "
+                          "--data-dir (a folder with alpaca/alpaca_data.json).") from e
+
+
+def tokenize_record(tokenizer, record: dict, max_len: int, train_on_inputs: bool = False) -> dict:
+    prompt = alpaca_prompt(record)
+    full = tokenizer(prompt + record["output"], add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not full or full[-1] != tokenizer.eos_token_id):
+        full = full + [tokenizer.eos_token_id]
+    full = full[:max_len]  # a truncated example keeps no EOS, as in the Alpaca/LLM-Pruner recipe
+    labels = list(full)
+    if not train_on_inputs:
+        n_prompt = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        labels[:n_prompt] = [IGNORE] * min(n_prompt, len(labels))
+    return {"input_ids": full, "labels": labels}
+
+
+def text_examples(tokenizer, name: str, max_len: int, data_dir=None) -> list[dict]:
+    """A corpus (wikitext2, ptb, c4) as consecutive windows of `max_len` tokens, loss on every token."""
+    ids = tokenizer(load_text(name, "validation", data_dir), add_special_tokens=True)["input_ids"]
+    n = len(ids) // max_len
+    return [{"input_ids": ids[i * max_len:(i + 1) * max_len], "labels": ids[i * max_len:(i + 1) * max_len]}
+            for i in range(n)]
+
+
+def load_items(tokenizer, data: str, max_len: int, data_dir=None, train_on_inputs: bool = False):
+    """The raw items of a fine-tuning set and a function that turns a selection of them into examples.
+
+    Instruction records are tokenized only once selected; an example whose response was cut away entirely
+    (a prompt longer than `max_len`) teaches nothing and is dropped.
+    """
+    if data in CORPORA:
+        return text_examples(tokenizer, data, max_len, data_dir), list
+
+    def prepare(records):
+        examples = [tokenize_record(tokenizer, r, max_len, train_on_inputs) for r in records]
+        return [e for e in examples if any(t != IGNORE for t in e["labels"][1:])]
+
+    return load_records(data, data_dir), prepare
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,172 @@
+"""Sequential LoRA fine-tuning of the factors (SVD-LLM §3.2) on tiny compressed models."""
+import json
+
+import pytest
+import torch
+
+import svdllm
+from svdllm.cli import main
+from svdllm.data.instructions import IGNORE, alpaca_prompt, tokenize_record
+from svdllm.errors import SvdllmError
+from svdllm.factorization import LowRankLinear
+from svdllm.io import load
+from svdllm.update.lora import FinetuneConfig, finetune
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ft") / "records.json"
+    recs = [{"instruction": f"Name the number after {i}.", "input": "" if i % 3 else f"count {i}",
+             "output": f"It is {i + 1}. " * (1 + i % 3)} for i in range(48)]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def _compressed(tok, family="llama", ratio=0.5):
+    model = tiny_model(family)
+    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=ratio, method="svd"), progress=False)
+    return model
+
+
+def _config(records, **kw):
+    base = dict(data=str(records), val_samples=8, batch_size=8, micro_batch=4, lr=5e-3, warmup_steps=0,
+                max_steps=4, save_every=2)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _factors(model, which):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(f".{which}.weight")}
+
+
+def test_prompt_is_masked_and_response_is_learned(tok):
+    rec = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
+    ex = tokenize_record(tok, rec, max_len=512)
+    n_prompt = len(tok(alpaca_prompt(rec))["input_ids"])
+    assert all(t == IGNORE for t in ex["labels"][:n_prompt])
+    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:] and ex["input_ids"][-1] == tok.eos_token_id
+    assert "### Input:" in alpaca_prompt({"instruction": "a", "input": "b"})
+    assert "### Input:" not in alpaca_prompt(rec)
+
+
+def test_sequential_stages_freeze_the_other_factor_and_lower_the_loss(tok, records):
+    model = _compressed(tok)
+    u0, v0 = _factors(model, "u"), _factors(model, "v")
+    params = sum(p.numel() for p in model.parameters())
+    seen = {}
+
+    def spy(stage, step, loss):  # the factors at the end of stage 1 (after its last step, before the merge)
+        seen[stage] = _factors(model, "v") if stage == 0 else _factors(model, "u")
+
+    history = finetune(model, tok, _config(records, max_steps=6), progress=False, callback=spy)
+    u1 = _factors(model, "u")
+    # stage 1 (W_u) left every W_v bit-identical; stage 2 (W_v) left the merged W_u bit-identical
+    assert all(torch.equal(seen[0][n], v0[n]) for n in v0)
+    assert all(torch.equal(seen[1][n], u1[n]) for n in u1)
+    assert any(not torch.equal(u1[n], u0[n]) for n in u0)
+    assert any(not torch.equal(p, v0[n]) for n, p in _factors(model, "v").items())
+    # ranks and size unchanged, no adapter left behind
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    val = [v["loss"] for v in history["val"]]
+    assert len(val) == 3 and val[2] < val[1] < val[0]
+    first, last = history["train"][0]["loss"], history["train"][-1]["loss"]
+    assert last < first
+
+
+def test_merged_model_equals_the_adapter_model(tok, records):
+    """Merging B·A into a factor changes nothing the model computes."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _compressed(tok)
+    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[n + ".u" for n in names]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # B starts at zero; give the adapters something to merge
+    ids = tok("The game began development in 2010.", return_tensors="pt").input_ids
+    peft_model.eval()
+    with torch.no_grad():
+        with_adapters = peft_model(ids).logits
+        merged = peft_model.merge_and_unload()
+        after = merged(ids).logits
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(after, with_adapters, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tok, records, tmp_path):
+    cfg = _config(records, max_steps=5, save_every=2, lora_dropout=0.1)
+    straight = _compressed(tok)
+    h_straight = finetune(straight, tok, cfg, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_stage_two(stage, step, loss):
+        if stage == 1 and step == 3:  # after a checkpoint at step 2: step 3 is lost and redone
+            raise Stop
+
+    interrupted = _compressed(tok)
+    with pytest.raises(Stop):
+        finetune(interrupted, tok, cfg, checkpoint_dir=tmp_path / "ckpt", progress=False, callback=stop_in_stage_two)
+    resumed = _compressed(tok)  # a fresh process: the compressed model as it was saved, before any training
+    h_resumed = finetune(resumed, tok, cfg, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    assert [r["loss"] for r in h_resumed["train"]] == [r["loss"] for r in h_straight["train"]]
+
+
+def test_checkpoint_from_other_settings_is_refused(tok, records, tmp_path):
+    finetune(_compressed(tok), tok, _config(records, max_steps=2), checkpoint_dir=tmp_path / "c", progress=False)
+    with pytest.raises(SvdllmError, match="other settings"):
+        finetune(_compressed(tok), tok, _config(records, max_steps=2, lr=1e-3), checkpoint_dir=tmp_path / "c",
+                 progress=False)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tok, records):
+    model = _compressed(tok)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.v.weight[0, 0] = float("nan")
+    with pytest.raises(SvdllmError, match="loss became nan"):
+        finetune(model, tok, _config(records), progress=False)
+
+
+def test_dense_model_is_refused(tok, records):
+    with pytest.raises(SvdllmError, match="no low-rank layers"):
+        finetune(tiny_model("llama"), tok, _config(records), progress=False)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_gqa_families_and_compress_update_lora(family, tok, records, data_dir, tmp_path):
+    model = tiny_model(family)
+    cfg = svdllm.CompressConfig(ratio=0.4, update="lora", finetune=_config(records, max_steps=2),
+                                calibration=svdllm.CalibrationConfig(nsamples=4, seqlen=32, data_dir=str(data_dir)),
+                                cache_dir=str(tmp_path / "cache"))
+    res = svdllm.compress(model, tok, cfg, out=tmp_path / "m", progress=False)[0]
+    assert res.manifest["update"] == "lora" and res.manifest["finetune"]["steps_per_stage"] == 2
+    loaded = load(tmp_path / "m")
+    ids = tok("The game began.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert (tmp_path / "m" / "finetune_loss.png").stat().st_size > 0
+    assert not (tmp_path / ".m.finetune").exists()
+
+
+def test_cli_finetune(tok, records, tmp_path, capsys):
+    model = tiny_model("llama")
+    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.6, method="svd"), out=tmp_path / "c2", progress=False)
+    params = sum(p.numel() for p in load(tmp_path / "c2").parameters())
+    rc = main(["finetune", str(tmp_path / "c2"), "--out", str(tmp_path / "ft"), "--data", str(records),
+               "--max-steps", "2", "--batch-size", "4", "--micro-batch", "2", "--val-samples", "4", "-q", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps_per_stage"] == 2 and set(out["val_loss"]) == {"before", "after_stage1", "after_stage2"}
+    tuned = load(tmp_path / "ft")
+    assert sum(p.numel() for p in tuned.parameters()) == params
+    manifest = json.loads((tmp_path / "ft" / "svdllm_manifest.json").read_text())
+    assert manifest["update"] == "lora" and manifest["finetune"]["config"]["lora_r"] == 8
+    # bad input: a missing data file is named
+    rc = main(["finetune", str(tmp_path / "c2"), "--out", str(tmp_path / "ft2"), "--data", "nope.json", "-q"])
+    assert rc == 2 and "nope.json" in capsys.readouterr().err
