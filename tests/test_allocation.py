@@ -259,3 +259,26 @@ def test_global_with_measured_type_scales(tok, data_dir, tmp_path):
     assert all(v > 0 and math.isfinite(v) for v in scales.values())
     assert math.prod(scales.values()) == pytest.approx(1.0)  # normalised: only relative scales matter
     assert res.params["achieved_ratio"] == pytest.approx(0.5, abs=TOLERANCE)
+
+
+def test_kfac_svd_with_global_allocation_and_cached_output_grams(tok, data_dir, tmp_path, monkeypatch):
+    """kfac-svd's spectra are the KFAC loss itself; the global allocator spends one budget across them; the
+    output-gradient Grams are cached, so a second run does no gradient pass and gives the same model."""
+    import svdllm.pipeline as pipeline
+
+    def config():
+        return svdllm.CompressConfig(ratio=0.4, method="kfac-svd", alloc="global", alloc_options={"calibrate": 0},
+                                     cache_dir=str(tmp_path / "cache"),
+                                     calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32,
+                                                                          data_dir=str(data_dir)))
+
+    first = tiny_model("qwen2")
+    res = svdllm.compress(first, tok, config(), progress=False)[0]
+    assert res.params["achieved_ratio"] == pytest.approx(0.4, abs=TOLERANCE)
+    assert len(set(res.ranks.values())) > 2  # not uniform
+    monkeypatch.setattr(pipeline, "gradient_stats", lambda *a, **k: pytest.fail("gradient pass not cached"))
+    second = tiny_model("qwen2")
+    res2 = svdllm.compress(second, tok, config(), progress=False)[0]
+    assert res2.ranks == res.ranks
+    for (n, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), n

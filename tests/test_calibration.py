@@ -101,6 +101,28 @@ def test_fisher_rows_equal_autograd_gradients():
     assert all(p.requires_grad for p in model.parameters())  # restored
 
 
+def test_output_gradient_grams_equal_autograd():
+    """GᵀG per linear, G = ∂L/∂y at the linear's output, from the pass's tensor hooks vs autograd directly."""
+    from svdllm.calibration import gradient_stats
+
+    model = tiny_model("mistral")  # GQA: k/v have fewer outputs than q
+    windows = _windows(n=2, seqlen=16)
+    stats = gradient_stats(model, windows, progress=False, output_grams=True)
+    for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
+        module = model.get_submodule(name)
+        expected = torch.zeros(module.out_features, module.out_features, dtype=torch.float64)
+        for w in windows:
+            seen = {}
+            handle = module.register_forward_hook(lambda m, a, out: seen.setdefault("y", out))
+            loss = model(input_ids=w[None], labels=w[None]).loss
+            handle.remove()
+            (g,) = torch.autograd.grad(loss, seen["y"])
+            g = g.double().reshape(-1, module.out_features)
+            expected += g.T @ g
+        torch.testing.assert_close(stats.output_grams[name], expected, rtol=1e-5, atol=1e-14)
+        torch.testing.assert_close(stats.outputs[name], expected.diagonal(), rtol=1e-5, atol=1e-14)
+
+
 def test_interrupted_calibration_resumes_bit_identical(tok, data_dir, tmp_path, monkeypatch):
     """A job killed after layer 0's statistics were written continues from them and produces the same model."""
     import svdllm

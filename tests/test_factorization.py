@@ -10,9 +10,14 @@ from svdllm.factorization.whitening import cholesky_whitening
 
 
 def _stats(x, w=None):
-    # Fisher rows for fwsvd: any positive weights serve the identities tested here
+    # Fisher rows for fwsvd and an output-gradient Gram for kfac-svd: any positive (definite) ones serve the
+    # identities tested here
     rows = None if w is None else torch.linspace(0.5, 2.0, w.shape[0], dtype=torch.float64)
-    return LinearStats(x.T @ x, x.abs().sum(0), x.shape[0], fisher_rows=rows)
+    out_gram = None
+    if w is not None:
+        g = torch.randn(3 * w.shape[0], w.shape[0], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        out_gram = g.T @ g
+    return LinearStats(x.T @ x, x.abs().sum(0), x.shape[0], fisher_rows=rows, output_gram=out_gram)
 
 
 def _problem(m=48, n=32, tokens=500, seed=0, dead_channels=0):
@@ -181,3 +186,52 @@ def test_fwsvd_minimises_the_fisher_weighted_error():
     p_u, p_v = METHODS["svd"].decompose(w).factors(9, torch.float64)
     f_u, f_v = flat.factors(9, torch.float64)
     torch.testing.assert_close(f_u @ f_v, p_u @ p_v)
+
+
+@pytest.mark.parametrize("rank", [1, 7, 20])
+def test_kfac_svd_loss_is_the_two_sided_theoretical_minimum(rank):
+    from svdllm.factorization import KFACSVD
+
+    w, x = _problem(m=36, n=28, seed=5)
+    stats = _stats(x, w)
+    dec = KFACSVD(shrink_outputs=0.0).decompose(w, stats)
+    w_u, w_v = dec.factors(rank, torch.float64)
+    # independent: numpy Cholesky factors of both Grams and numpy singular values of L_gᵀ·W·L_x
+    l_x = np.linalg.cholesky(stats.gram.numpy())
+    l_g = np.linalg.cholesky(stats.output_gram.numpy())
+    sv = np.linalg.svd(l_g.T @ w.numpy() @ l_x, compute_uv=False)
+    expected = float(np.sqrt(np.sum(sv[rank:] ** 2)))
+    loss = np.linalg.norm(l_g.T @ (w - w_u @ w_v).numpy() @ l_x)
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert dec.truncation_loss(rank) == pytest.approx(expected, rel=1e-6)
+    # the same number as the KFAC loss tr(G·ΔW·XᵀX·ΔWᵀ)
+    dw = w - w_u @ w_v
+    assert float(torch.trace(stats.output_gram @ dw @ stats.gram @ dw.T)) == pytest.approx(expected**2, rel=1e-6)
+
+
+def test_kfac_svd_with_identity_output_gram_is_svd_llm():
+    from svdllm.factorization import KFACSVD
+
+    w, x = _problem(seed=9)
+    stats = _stats(x)
+    stats.output_gram = torch.eye(w.shape[0], dtype=torch.float64)
+    for r in (3, 12):
+        a_u, a_v = KFACSVD(shrink_outputs=0.0).decompose(w, stats).factors(r, torch.float64)
+        b_u, b_v = METHODS["svd-llm"].decompose(w, stats).factors(r, torch.float64)
+        torch.testing.assert_close(a_u @ a_v, b_u @ b_v, rtol=1e-9, atol=1e-9)
+    # full shrinkage toward a scaled identity is the same as an identity (the scale does not move the optimum)
+    stats.output_gram = torch.diag(torch.linspace(1, 5, w.shape[0], dtype=torch.float64))
+    a_u, a_v = KFACSVD(shrink_outputs=1.0).decompose(w, stats).factors(5, torch.float64)
+    b_u, b_v = METHODS["svd-llm"].decompose(w, stats).factors(5, torch.float64)
+    torch.testing.assert_close(a_u @ a_v, b_u @ b_v, rtol=1e-9, atol=1e-9)
+
+
+def test_method_options_are_checked():
+    from svdllm.errors import SvdllmError
+    from svdllm.factorization import get_method
+
+    assert get_method("kfac-svd", shrink_outputs=0.3).shrink_outputs == 0.3
+    with pytest.raises(SvdllmError, match="no option"):
+        get_method("svd-llm", alpha=1.0)
+    with pytest.raises(SvdllmError, match="Bad option"):
+        get_method("kfac-svd", shrink_outputs=2.0)

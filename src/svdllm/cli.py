@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="calibrate, factorize and save a compressed model")
     _add_model_args(c)
     c.add_argument("--method", default="svd-llm", choices=sorted(METHODS))
+    c.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                   help="a method option, e.g. --method kfac-svd --method-arg shrink_outputs=0.2 (repeatable; "
+                        "see `svdllm methods`)")
     c.add_argument("--ratio", type=_ratios, default=[0.4],
                    help="fraction of the compressed matrices' parameters to remove; several, comma-separated, "
                         "share one calibration pass (e.g. 0.2,0.4,0.6)")
@@ -232,7 +235,8 @@ def cmd_compress(args) -> dict:
     from .pipeline import compress, summarize
 
     config = CompressConfig(
-        ratio=args.ratio, method=args.method, alloc=args.alloc, update=args.update,
+        ratio=args.ratio, method=args.method, method_options=dict(args.method_arg), alloc=args.alloc,
+        update=args.update,
         alloc_options=dict(args.alloc_arg), rank_multiple=args.rank_multiple,
         calibration=CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen,
                                       seed=args.seed, batch_size=args.batch_size, mode=args.calib_mode,
@@ -245,6 +249,9 @@ def cmd_compress(args) -> dict:
     from .allocation import get_allocator
 
     get_allocator(config.alloc, **config.alloc_options)  # unknown options too
+    from .factorization import get_method
+
+    get_method(config.method, **config.method_options)
     if len(config.ratios) == 1:
         check_out_dir(args.out, args.overwrite)
     model, tok = _load(args)
@@ -472,6 +479,8 @@ def cmd_methods(args) -> dict:
 
     for m in METHODS.values():
         print(f"{m.name:12s} {m.summary}")
+        for opt, help_text in m.options().items():
+            print(f"{'':12s}   --method-arg {opt}=…  {help_text}")
     return {}
 
 

@@ -48,6 +48,7 @@ class CompressConfig:
 
     ratio: float | list[float] = 0.4
     method: str = "svd-llm"
+    method_options: dict = field(default_factory=dict)  # e.g. {"shrink_outputs": 0.2} for kfac-svd
     alloc: str = "uniform"
     alloc_options: dict = field(default_factory=dict)  # e.g. {"attn_keep": 0.5} for lorap
     rank_multiple: int = 1  # round every rank to a multiple of this (8/16/32 suit fast kernels)

@@ -119,7 +119,7 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     config = config or CompressConfig()
     config.validate()
     family_of(model)
-    method = get_method(config.method)
+    method = get_method(config.method, **config.method_options)
     if config.update not in UPDATES:
         raise SvdllmError(f"Unknown update {config.update!r}; available: {', '.join(UPDATES)}.")
     ratios = [float(r) for r in config.ratios]
@@ -174,7 +174,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     params_before = count_params(model)
     closed_form = config.update == "closed-form"
     needs_inputs = "inputs" in method.needs or closed_form or "inputs" in allocator.needs
-    needs_grads = "fisher" in method.needs or "gradients" in allocator.needs
+    needs_grams = "output_grams" in method.needs
+    needs_grads = "fisher" in method.needs or "gradients" in allocator.needs or needs_grams
     needs_data = needs_inputs or needs_grads
     timings = {"calibration_s": 0.0, "factorization_s": 0.0}
 
@@ -189,9 +190,9 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     grads = None
     if needs_grads:
         n_grad = min(cal.grad_samples or cal.nsamples, cal.nsamples)
-        grads = cache.load_gradients(n_grad) if cache is not None else None
+        grads = cache.load_gradients(n_grad, needs_grams) if cache is not None else None
         if grads is None:
-            grads = gradient_stats(model, windows[:n_grad], progress)
+            grads = gradient_stats(model, windows[:n_grad], progress, output_grams=needs_grams)
             if cache is not None:
                 cache.save_gradients(grads)
         timings["gradient_pass_s"] = time.perf_counter() - t0
@@ -200,6 +201,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         linear_stats = stats.for_linear(name) if stats is not None else LinearStats()
         if grads is not None:
             linear_stats.fisher_rows = grads.rows[full]
+            if grads.output_grams is not None:
+                linear_stats.output_gram = grads.output_grams[full]
         return linear_stats
 
     def decompose(full: str, lin: nn.Module, linear_stats: LinearStats):
@@ -345,6 +348,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             "model_type": model.config.model_type,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "method": config.method,
+            "method_options": dict(config.method_options),
             "ratio": r,
             "alloc": config.alloc,
             "alloc_options": dict(config.alloc_options),
@@ -382,7 +386,9 @@ def _spectrum(weight: torch.Tensor, dec, stats: LinearStats, grads, name: str) -
     loss = grad_norm = None
     if grads is not None:
         grad_norm = math.sqrt(float(grads.rows[name].sum()) / max(grads.windows, 1))
-        if stats.gram is not None:
+        if dec.info.get("kfac_loss"):  # two-sided whitening: s_k² already is the component's KFAC loss, full G
+            loss = s.pow(2)
+        elif stats.gram is not None:
             right, left = dec.right.to(torch.float64), dec.left.to(torch.float64)
             in_energy = ((right @ stats.gram.to(torch.float64)) * right).sum(1)
             out_weight = (left.pow(2) * grads.outputs[name].to(torch.float64)[:, None]).sum(0)

@@ -73,26 +73,35 @@ class StatsCache:
     def _gradient_path(self, windows: int) -> Path:
         return self.dir / f"gradients_{windows}.safetensors"
 
-    def save_gradients(self, grads: GradientStats) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"rows.{k}": v.contiguous() for k, v in grads.rows.items()}
-        tensors.update({f"outputs.{k}": v.contiguous() for k, v in grads.outputs.items()})
+    def _gram_path(self, windows: int) -> Path:
+        return self.dir / f"gradient_grams_{windows}.safetensors"
+
+    def _save_atomic(self, tensors: dict, path: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         os.close(fd)
         try:
             save_file(tensors, tmp)
-            os.replace(tmp, self._gradient_path(grads.windows))
+            os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def load_gradients(self, windows: int) -> GradientStats | None:
+    def save_gradients(self, grads: GradientStats) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"rows.{k}": v.contiguous() for k, v in grads.rows.items()}
+        tensors.update({f"outputs.{k}": v.contiguous() for k, v in grads.outputs.items()})
+        if grads.output_grams is not None:  # a file of its own: large, and only kfac-svd reads it
+            self._save_atomic({k: v.contiguous() for k, v in grads.output_grams.items()}, self._gram_path(grads.windows))
+        self._save_atomic(tensors, self._gradient_path(grads.windows))
+
+    def load_gradients(self, windows: int, output_grams: bool = False) -> GradientStats | None:
         path = self._gradient_path(windows)
-        if not path.exists():
+        if not path.exists() or (output_grams and not self._gram_path(windows).exists()):
             return None
         t = load_file(path)
         pick = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
-        return GradientStats(pick("rows."), pick("outputs."), windows)
+        grams = load_file(self._gram_path(windows)) if output_grams else None
+        return GradientStats(pick("rows."), pick("outputs."), windows, grams)
 
     def load(self, i: int) -> LayerStats:
         from safetensors import safe_open

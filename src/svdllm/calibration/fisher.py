@@ -6,8 +6,12 @@ Two quantities come out of one forward/backward pass per window:
   moment G. Under the Kronecker (KFAC) approximation a change ΔW raises the loss by ≈ ½·tr(G·ΔW·XᵀX·ΔWᵀ), so G
   turns each matrix's output error into a predicted loss increase: the sensitivity the global allocator uses.
 
-Gradients need the whole model, so this is a pass of its own, not part of the layer-by-layer one. Only vectors
-(one value per output row) are kept: no per-token or per-element storage.
+- `output_grams` (only when asked, for kfac-svd): the whole second moment G = Σ_tokens (∂L/∂y)(∂L/∂y)ᵀ per linear,
+  m × m in float64 (Σ m² · 8 bytes for the model: 1.3 GB for SmolLM2-135M). q, k and v share an input but not an
+  output, so each linear has its own.
+
+Gradients need the whole model, so this is a pass of its own, not part of the layer-by-layer one. Only the sums
+above are kept: no per-token storage.
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ class GradientStats:
     rows: dict[str, torch.Tensor]  # name -> Σ_windows Σ_j (∂L/∂W_ij)², float64 (m,)
     outputs: dict[str, torch.Tensor]  # name -> Σ_tokens (∂L/∂y_i)², float64 (m,)
     windows: int
+    output_grams: dict[str, torch.Tensor] | None = None  # name -> Σ_tokens (∂L/∂y)(∂L/∂y)ᵀ, float64 (m, m)
 
 
-def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> GradientStats:
+def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = True,
+                   output_grams: bool = False) -> GradientStats:
     """One forward and backward pass per calibration window; see the module docstring for what is summed."""
     layers = family_of(model).decoder_layers(model)
     modules = {f"model.layers.{i}.{n}": layer.get_submodule(n) for i, layer in enumerate(layers) for n in LINEAR_NAMES}
@@ -36,11 +42,15 @@ def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = Tru
     device = next(model.parameters()).device
     rows = {name: torch.zeros(m.out_features, dtype=torch.float64) for name, m in modules.items()}
     outputs = {name: torch.zeros(m.out_features, dtype=torch.float64) for name, m in modules.items()}
+    grams = {name: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for name, m in modules.items()} \
+        if output_grams else None
 
     def output_hook(name):
         def accumulate(g):
-            g = g.detach().to(torch.float64)
-            outputs[name] += g.pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+            g = g.detach().to(torch.float64).reshape(-1, g.shape[-1])
+            outputs[name] += g.pow(2).sum(0).cpu()
+            if grams is not None:  # moved off the accelerator as soon as each window's product is formed
+                grams[name] += (g.T @ g).cpu()
 
         def hook(module, args, out):  # a tensor hook on the output sees ∂L/∂y during backward
             if out.requires_grad:
@@ -74,7 +84,7 @@ def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = Tru
     for name in modules:
         if not (torch.isfinite(rows[name]).all() and torch.isfinite(outputs[name]).all()):
             raise SvdllmError(f"The gradients of {name} overflowed to inf/NaN; use --dtype float32.")
-    return GradientStats(rows, outputs, len(windows))
+    return GradientStats(rows, outputs, len(windows), grams)
 
 
 def fisher_rows(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:

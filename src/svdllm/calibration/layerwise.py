@@ -28,6 +28,7 @@ class LinearStats:
     abs_sum: torch.Tensor | None = None  # Σ_t |x_t|, float64, n (ASVD's activation scale is abs_sum / tokens)
     tokens: int = 0
     fisher_rows: torch.Tensor | None = None  # Σ_j (∂L/∂W_ij)², float64, m (FWSVD)
+    output_gram: torch.Tensor | None = None  # Σ_t g_t g_tᵀ, g = ∂L/∂y, float64, m × m (kfac-svd)
     cross: torch.Tensor | None = None  # XᵀX′: dense-model inputs against compressed-model inputs, n × n
     gram_compressed: torch.Tensor | None = None  # X′ᵀX′, n × n
 

@@ -43,6 +43,11 @@ class Method:
     summary: str = ""
     needs: tuple[str, ...] = ()  # statistics beyond the weight ("inputs": XᵀX and Σ|x| of the layer's input)
 
+    @classmethod
+    def options(cls) -> dict:
+        """Option name -> help, settable with --method-arg NAME=VALUE."""
+        return {}
+
     def decompose(self, weight: torch.Tensor, stats) -> Decomposition:
         """Factorize `weight` (m × n, float64) given `stats` (a LinearStats, or None when `needs` is empty)."""
         raise NotImplementedError

@@ -58,6 +58,10 @@ class ASVD(Method):
     def __init__(self, alpha: float = 0.5):
         self.alpha = alpha
 
+    @classmethod
+    def options(cls):
+        return {"alpha": "exponent of the activation scale mean|x|^α (default 0.5; 0 gives plain SVD)"}
+
     def decompose(self, weight, stats):
         # channels that never fire would give a zero scale; floor them so S stays invertible
         scale = stats.abs_mean.to(torch.float64).clamp_min(1e-6 * float(stats.abs_mean.max().clamp_min(1e-30)))
@@ -72,7 +76,14 @@ class DipSVD(Method):
     needs = ("inputs",)
 
     def __init__(self, top_fraction: float = 0.05, boost: float = 2.0):
+        if not 0 < top_fraction <= 1 or boost <= 0:
+            raise ValueError(f"top_fraction must be in (0, 1] and boost positive, got {top_fraction}, {boost}")
         self.top_fraction, self.boost = top_fraction, boost
+
+    @classmethod
+    def options(cls):
+        return {"top_fraction": "fraction p of input channels protected (default 0.05)",
+                "boost": "factor a > 1 on the protected channels' statistics (default 2)"}
 
     def protection(self, gram: torch.Tensor) -> torch.Tensor:
         """D = diag(a on the top-p% channels by α_j = ‖row j of XᵀX‖, 1 elsewhere)."""
@@ -86,6 +97,44 @@ class DipSVD(Method):
         d = self.protection(stats.gram)
         # X̃ = D·X (channels scaled), so X̃ᵀX̃ = D·XᵀX·D
         return _cholesky_whitened(weight, d[:, None] * stats.gram.to(torch.float64) * d[None, :])
+
+
+def shrink(gram: torch.Tensor, intensity: float) -> torch.Tensor:
+    """(1 − γ)·M + γ·mean(diag M)·I: pulls a second moment estimated from few tokens toward a scaled identity."""
+    g = gram.to(torch.float64)
+    if intensity == 0:
+        return g
+    return (1 - intensity) * g + intensity * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+
+
+class KFACSVD(Method):
+    name = "kfac-svd"
+    summary = ("two-sided Fisher whitening (KFAC-SVD): SVD of L_gᵀ·W·L_x with L_x L_xᵀ = XᵀX and L_g L_gᵀ = GᵀG, "
+               "G the LM-loss gradient at the layer's output; minimises the KFAC estimate of the loss increase")
+    needs = ("inputs", "output_grams")
+
+    def __init__(self, shrink_inputs: float = 0.0, shrink_outputs: float = 0.1):
+        for v in (shrink_inputs, shrink_outputs):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"shrinkage intensities are in [0, 1], got {v}")
+        self.shrink_inputs, self.shrink_outputs = shrink_inputs, shrink_outputs
+
+    @classmethod
+    def options(cls):
+        return {"shrink_inputs": "shrinkage γ of XᵀX toward mean(diag)·I (default 0)",
+                "shrink_outputs": "shrinkage γ of GᵀG toward mean(diag)·I (default 0.1: G comes from few windows)"}
+
+    def decompose(self, weight, stats):
+        if stats.output_gram is None:
+            raise ValueError("kfac-svd needs the output-gradient second moment (gathered by the gradient pass)")
+        l_x, jitter_x = cholesky_whitening(shrink(stats.gram, self.shrink_inputs))
+        l_g, jitter_g = cholesky_whitening(shrink(stats.output_gram, self.shrink_outputs))
+        # ‖L_gᵀ(W − W′)L_x‖_F² = tr(G·ΔW·XᵀX·ΔWᵀ): truncating the SVD of L_gᵀ·W·L_x minimises it
+        u, s, vh = torch.linalg.svd(l_g.T @ weight @ l_x, full_matrices=False)
+        left = torch.linalg.solve_triangular(l_g.T, u, upper=True)  # L_g⁻ᵀ U
+        right = torch.linalg.solve_triangular(l_x, vh, upper=False, left=False)  # Vᵀ L_x⁻¹
+        return Decomposition(left, s, right, info={"whitening_jitter": jitter_x, "output_jitter": jitter_g,
+                                                   "kfac_loss": True})
 
 
 class FWSVD(Method):

@@ -77,7 +77,7 @@ STAGES = {"sequential": [("u",), ("v",)], "joint": [("u", "v")]}
 # Measured on 2 CPU cores (BENCHMARKS.md): about half an hour for SmolLM2-135M at R = 0.4.
 PRESETS = {
     "paper": {},
-    "cpu": dict(samples=768, val_samples=64, epochs=1.0, lr=3e-4, warmup_steps=4, batch_size=16, micro_batch=4,
+    "cpu": dict(samples=1024, val_samples=64, epochs=1.0, lr=3e-4, warmup_steps=4, batch_size=16, micro_batch=4,
                 save_every=8),
 }
 
