@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_args(f)
     _add_output_args(f)
 
+    x = sub.add_parser("export", help="write a compressed model in another form (--dense: factors multiplied back)")
+    x.add_argument("run_dir", help="a model directory written by `svdllm compress`")
+    x.add_argument("--out", required=True)
+    x.add_argument("--dense", action="store_true", required=True,
+                   help="a plain dense Hugging Face checkpoint (W = W_u·W_v), for tools that take only dense models")
+    x.add_argument("--overwrite", action="store_true")
+    _add_output_args(x)
+
     e = sub.add_parser("eval", help="perplexity of a dense or compressed model by the protocol")
     _add_model_args(e)
     e.add_argument("--ppl", type=_csv, default=["wikitext2"],
@@ -294,6 +302,33 @@ def cmd_finetune(args) -> dict:
     return {"command": "finetune", "run_dir": str(args.run_dir), "out": str(out), **s}
 
 
+def cmd_export(args) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from .io.checkpoint import check_out_dir, load
+    from .io.hf_native import export_dense
+
+    check_out_dir(args.out, args.overwrite)
+    model, tok = load(args.run_dir, with_tokenizer=True)
+    export_dense(model)
+    out = Path(args.out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise SvdllmError(f"Writing the dense export to {out} failed ({e}); nothing was written there.") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"dense export of {args.run_dir}: {params:,} parameters, written to {out}")
+    return {"command": "export", "run_dir": str(args.run_dir), "out": str(out), "params": params}
+
+
 def cmd_eval(args) -> dict:
     from .evaluation import perplexity
 
@@ -331,6 +366,11 @@ def cmd_eval(args) -> dict:
             tag = "zero_shot" if not args.limit else f"zero_shot[limit={args.limit}]"
             update[tag] = out["zero_shot"]
         merge_results(args.model, EVAL_NAME, update)
+        from .io.checkpoint import read_manifest
+        from .io.hf_native import write_card
+        from .io.results import read_results
+
+        write_card(args.model, read_manifest(args.model), read_results(args.model, EVAL_NAME))
     return out
 
 
@@ -496,7 +536,7 @@ def cmd_allocators(args) -> dict:
     return {}
 
 
-COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
+COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
             "methods": cmd_methods, "allocators": cmd_allocators, "report": cmd_report, "bench": cmd_bench, "compare": cmd_compare}
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import SvdllmError
 from ..factorization.lowrank import LowRankLinear
 from ..models.families import family_of, set_submodule
+from .hf_native import MODELING_FILE, model_card, modeling_source, native_config, strip_native
 
 log = logging.getLogger(__name__)
 MANIFEST_NAME = "svdllm_manifest.json"
@@ -60,11 +61,14 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, ov
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        model.config.save_pretrained(tmp)
+        # config.json with the rank map and auto_map, and the modeling file: loadable by plain transformers
+        native_config(model, manifest.get("ranks", {})).save_pretrained(tmp)
+        (tmp / MODELING_FILE).write_text(modeling_source(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         manifest = dict(manifest, format="svdllm", format_version=FORMAT_VERSION)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        (tmp / "README.md").write_text(model_card(manifest))
         if out.exists():  # --overwrite: swap the old directory out only once the new one is complete
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
@@ -144,6 +148,7 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     except (OSError, ValueError) as e:
         raise SvdllmError(f"The config.json in {path} cannot be read ({e}).") from e
     family_of(config)
+    strip_native(config)
     dtype = parse_dtype(dtype) if dtype is not None else parse_dtype(manifest.get("dtype", "float32"))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

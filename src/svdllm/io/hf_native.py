@@ -1,0 +1,121 @@
+"""What makes a saved model usable outside svdllm: the Hugging Face remote-code files, a model card, dense export.
+
+A saved directory carries `modeling_svdllm.py`, a dozen lines generated for its architecture, and a config.json
+with the rank of every matrix (`svdllm_ranks`) and an `auto_map` entry, so that plain
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` rebuilds the low-rank layers. `svdllm.load`
+needs none of that (it reads the manifest), and `export_dense` multiplies the factors back for tools that only
+take dense checkpoints.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..factorization.lowrank import LowRankLinear
+from ..models.families import set_submodule
+
+MODELING_FILE = "modeling_svdllm.py"
+AUTO_CLASS = "modeling_svdllm.SvdllmForCausalLM"
+
+# The modeling file is self-contained on purpose: whoever loads the checkpoint needs transformers, not svdllm.
+_MODELING_TEMPLATE = '''"""Low-rank {base} written by svdllm: every matrix named in config.svdllm_ranks is W_u·W_v of that rank.
+
+Load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), or with svdllm.load(path).
+"""
+from torch import nn
+from transformers import {base} as _Base
+
+
+class LowRankLinear(nn.Module):
+    def __init__(self, in_features, out_features, rank, bias=False):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.v = nn.Linear(in_features, rank, bias=False)
+        self.u = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x):
+        return self.u(self.v(x))
+
+
+class SvdllmForCausalLM(_Base):
+    def __init__(self, config):
+        super().__init__(config)
+        for name, rank in (getattr(config, "svdllm_ranks", None) or {{}}).items():
+            if rank is None:
+                continue
+            parent, _, child = name.rpartition(".")
+            dense = getattr(self.get_submodule(parent), child)
+            setattr(self.get_submodule(parent), child,
+                    LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None))
+'''
+
+
+def modeling_source(model: nn.Module) -> str:
+    return _MODELING_TEMPLATE.format(base=type(model).__name__)
+
+
+def native_config(model: nn.Module, ranks: dict[str, int | None]):
+    """The model's config plus what the remote code needs; the model's own config is left untouched."""
+    config = copy.deepcopy(model.config)
+    config.svdllm_ranks = {k: v for k, v in ranks.items() if v is not None}
+    config.auto_map = {"AutoModelForCausalLM": AUTO_CLASS}
+    return config
+
+
+def strip_native(config) -> None:
+    """svdllm.load builds the layers itself: no remote code, no stale rank map on the in-memory config."""
+    for attr in ("auto_map", "svdllm_ranks"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+
+
+def model_card(manifest: dict, results: dict | None = None) -> str:
+    """A README.md in the Hugging Face model-card layout, from the manifest and any measured results."""
+    p = manifest.get("params", {})
+    lines = ["---", "library_name: transformers", "tags:", "- svdllm", "- low-rank", "- compressed", "---", "",
+             f"# {manifest.get('base_model') or manifest.get('model_type', 'model')}, compressed by svdllm", "",
+             f"Low-rank factorization of every compressed linear layer (W ≈ W_u·W_v) by svdllm "
+             f"{manifest.get('svdllm_version', '')}.", "",
+             "| | |", "|---|---|",
+             f"| method | `{manifest.get('method')}` {manifest.get('method_options') or ''} |",
+             f"| allocation | `{manifest.get('alloc')}` {manifest.get('alloc_options') or ''} |",
+             f"| update | `{manifest.get('update')}` |",
+             f"| compression ratio R (of the compressed linears' parameters) | {manifest.get('ratio')} "
+             f"(achieved {p.get('achieved_ratio', float('nan')):.4f}) |",
+             f"| parameters | {p.get('model_before', 0):,} → {p.get('model_after', 0):,} |"]
+    cal = manifest.get("calibration") or {}
+    if cal.get("used"):
+        lines.append(f"| calibration | {cal.get('nsamples')} × {cal.get('seqlen')} tokens of {cal.get('dataset')}, "
+                     f"seed {cal.get('seed')} |")
+    for name, r in sorted(((results or {}).get("ppl") or {}).items()):
+        windows = "" if r.get("windows") == r.get("total_windows") else f", first {r.get('windows')} windows"
+        lines.append(f"| perplexity, {name} ({r.get('seqlen')}-token windows{windows}) | {r.get('ppl'):.2f} |")
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
+              "tokenizer = AutoTokenizer.from_pretrained(PATH)", "# or, without remote code: import svdllm; "
+              "model = svdllm.load(PATH)", "```", ""]
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def export_dense(model: nn.Module) -> nn.Module:
+    """Multiply every LowRankLinear back into an nn.Linear (W = W_u·W_v, in float64 then the model's dtype)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            u, v = module.u, module.v
+            dense = nn.Linear(module.in_features, module.out_features, bias=u.bias is not None,
+                              device=u.weight.device, dtype=u.weight.dtype)
+            dense.weight.copy_((u.weight.double() @ v.weight.double()).to(u.weight.dtype))
+            if u.bias is not None:
+                dense.bias.copy_(u.bias)
+            set_submodule(model, name, dense)
+    return model
+
+
+def write_card(directory: str | Path, manifest: dict, results: dict | None = None) -> None:
+    from .results import atomic_write_text
+
+    atomic_write_text(Path(directory) / "README.md", model_card(manifest, results))
