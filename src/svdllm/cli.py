@@ -165,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     _add_output_args(x)
 
+    qz = sub.add_parser("quantize", help="weight-only int8/int4 quantization of the factors (or of a dense model)")
+    qz.add_argument("--model", required=True, help="a directory written by `svdllm compress`, or any model "
+                    "`compress` accepts (a dense model, for the comparison at equal memory)")
+    qz.add_argument("--scheme", default="int8", choices=["int8", "int4"])
+    qz.add_argument("--group-size", type=int, default=32, help="int4: input channels per scale (default 32)")
+    qz.add_argument("--out", required=True)
+    qz.add_argument("--overwrite", action="store_true")
+    _add_output_args(qz)
+
     e = sub.add_parser("eval", help="perplexity of a dense or compressed model by the protocol")
     _add_model_args(e)
     e.add_argument("--ppl", type=_csv, default=["wikitext2"],
@@ -300,6 +309,40 @@ def cmd_finetune(args) -> dict:
     print(f"done in {history['wall_s'] / 60:.1f} min ({s['steps_per_stage']} steps per stage); validation loss: "
           f"{val or 'not measured'}; saved to {out} (loss curve: {out / 'finetune_loss.png'})")
     return {"command": "finetune", "run_dir": str(args.run_dir), "out": str(out), **s}
+
+
+def cmd_quantize(args) -> dict:
+    from pathlib import Path
+
+    from .io.checkpoint import check_out_dir, read_manifest, save
+    from .quantization import quantization_report, quantize_model
+
+    check_out_dir(args.out, args.overwrite)
+    if _is_svdllm_dir(args.model):
+        manifest = read_manifest(args.model)
+        if manifest.get("quantization"):
+            raise SvdllmError(f"{args.model} is already quantized ({manifest['quantization']['scheme']}).")
+        from .io.checkpoint import load
+
+        model, tok = load(args.model, with_tokenizer=True)
+    else:
+        model, tok = _load(argparse.Namespace(model=args.model, dtype="float32", device=None))
+        from . import __version__
+
+        n = sum(p.numel() for p in model.parameters())
+        manifest = {"svdllm_version": __version__, "base_model": args.model, "model_type": model.config.model_type,
+                    "method": "dense", "ratio": 0.0, "alloc": None, "update": "none", "ranks": {},
+                    "params": {"model_before": n, "model_after": n, "achieved_ratio": 0.0}}
+    info = quantize_model(model, args.scheme, args.group_size)
+    info.update(quantization_report(model, args.scheme))
+    manifest.update(quantization=info, dtype="float32", source=str(args.model))
+    save(model, tok, args.out, manifest, overwrite=args.overwrite)
+    disk = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    print(f"{args.scheme}: {info['matrices']} matrices, {info['bits_per_weight']:.2f} bits per weight "
+          f"({info['stored_bits_per_weight']:.2f} as stored), {disk / 2**20:.1f} MiB of weights on disk; "
+          f"saved to {args.out}")
+    return {"command": "quantize", "model": args.model, "out": args.out, "bytes_on_disk": disk,
+            **{k: v for k, v in info.items() if k != "groups"}}
 
 
 def cmd_export(args) -> dict:
@@ -536,7 +579,7 @@ def cmd_allocators(args) -> dict:
     return {}
 
 
-COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
+COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "export": cmd_export, "quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
             "methods": cmd_methods, "allocators": cmd_allocators, "report": cmd_report, "bench": cmd_bench, "compare": cmd_compare}
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import SvdllmError
 from ..factorization.lowrank import LowRankLinear
 from ..models.families import family_of, set_submodule
+from ..quantization import flatten_state, is_quantized, unflatten_state
 from .hf_native import MODELING_FILE, model_card, modeling_source, native_config, strip_native
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,12 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, ov
         state = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to the embeddings; re-tied on load
-        state = {k: v.detach().contiguous() for k, v in state.items()}
+        state = {k: v.detach() if is_quantized(v) else v.detach().contiguous() for k, v in state.items()}
+        state, quant_meta = flatten_state(state)  # torchao's quantized tensors as plain entries + metadata
         split = split_torch_state_dict_into_shards(state, max_shard_size="5GB")
         for filename, names in split.filename_to_tensors.items():
-            save_file({n: state[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+            save_file({n: state[n].contiguous() for n in names}, tmp / filename,
+                      metadata={"format": "pt", **(quant_meta or {})})
         if split.is_sharded:
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                      "weight_map": split.tensor_to_filename}
@@ -105,15 +108,24 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from safetensors import safe_open
+
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise SvdllmError(f"No .safetensors weights in {path}; the directory is incomplete.")
-    state = {}
+    state, metadata = {}, {}
     for f in files:
         try:
             state.update(load_file(f))
+            with safe_open(f, "pt") as handle:
+                metadata.update(handle.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise SvdllmError(f"The weights file {f} is damaged or truncated ({e}).") from e
+    if "tensor_names" in metadata:  # quantized weights, flattened by torchao
+        try:
+            state = unflatten_state(state, metadata)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise SvdllmError(f"The quantized weights in {path} cannot be rebuilt ({e}); the files are damaged.") from e
     return state
 
 
@@ -169,7 +181,8 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     for k, v in state.items():
         if tuple(v.shape) != tuple(shapes[k].shape):
             raise SvdllmError(f"The weight {k} in {path} has shape {tuple(v.shape)}, expected {tuple(shapes[k].shape)}.")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v if is_quantized(v) else v.to(dtype) for k, v in state.items()}, strict=False,
+                          assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     if device is not None:

@@ -192,6 +192,10 @@ def finetune(model: nn.Module, tokenizer, config: FinetuneConfig | None = None,
     config = config or FinetuneConfig()
     config.validate()
     names = low_rank_names(model)
+    from ..quantization import is_quantized
+
+    if any(is_quantized(p) for p in model.parameters()):
+        raise SvdllmError("The model is quantized; fine-tune the unquantized compressed model, then quantize it.")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if device.type == "cpu" and dtype != torch.float32:
