@@ -50,5 +50,19 @@ def test_generate_and_listings(model_dir, capsys):
     first = _last_json(capsys)
     assert main(args) == 0
     assert _last_json(capsys)["text"] == first["text"]  # sampling is seeded
+    # the low-rank KV cache: refused on a dense model, the same text with fewer bytes on a compressed one
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--kv-cache", "low-rank"]) == 2
+    assert "low-rank KV cache needs a model compressed" in capsys.readouterr().err
+    small = model_dir.parent / "small-qwen2"
+    assert main(["compress", "--model", str(model_dir), "--method", "svd", "--ratio", "0.5", "--out", str(small),
+                 "--overwrite", "-q"]) == 0
+    capsys.readouterr()
+    runs = {}
+    for kind in ("dynamic", "low-rank"):
+        assert main(["generate", "--model", str(small), "--prompt", "hello", "--max-new-tokens", "5", "--json",
+                     "--kv-cache", kind]) == 0
+        runs[kind] = _last_json(capsys)
+    assert runs["low-rank"]["text"] == runs["dynamic"]["text"]
+    assert 0 < runs["low-rank"]["kv_cache_bytes"] < runs["dynamic"]["kv_cache_bytes"]
     assert main(["methods"]) == 0 and "svd-llm" in capsys.readouterr().out
     assert main(["allocators"]) == 0 and "uniform" in capsys.readouterr().out

@@ -78,7 +78,8 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
                                    calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
     svdllm.compress(model, tok, config, out=tmp_path / "small", progress=False)
     assert main(["bench", "--model", str(tmp_path / "small"), "--baseline", str(tmp_path / "dense"),
-                 "--batch-sizes", "1,2", "--prompt-lens", "8", "--new-tokens", "4", "--repeats", "1", "--json"]) == 0
+                 "--batch-sizes", "1,2", "--prompt-lens", "8", "--new-tokens", "4", "--repeats", "1",
+                 "--kv-lengths", "64", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = out["result"]["rows"]
     assert [(r["batch"], r["prompt_len"]) for r in rows] == [(1, 8), (2, 8)]
@@ -87,6 +88,9 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
     assert out["result"]["params"] < out["dense"]["params"] and out["result"]["disk_bytes"] > 0
     assert 0 < out["result"]["params_ratio"] < 1
+    (kv,) = out["result"]["kv_cache"]
+    assert kv["tokens"] == 64 and 0 < kv["low_rank_bytes"] < kv["dynamic_bytes"]
+    assert out["dense"]["kv_cache"][0]["dynamic_bytes"] == kv["dynamic_bytes"]
 
 
 def test_bench_bad_sizes(capsys):

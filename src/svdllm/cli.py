@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-p", type=float, default=0.9)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--kv-cache", default="dynamic", choices=["dynamic", "low-rank"],
+                   help="low-rank: cache the rank-r intermediates W_v·x of low-rank k/v projections instead of the "
+                        "keys and values, re-projected on use (SVD-LLM §4.4)")
     _add_output_args(g)
 
     d = sub.add_parser("demo", help="compress a built-in model and show perplexity and generations before/after")
@@ -219,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-lens", type=_csv, default=["128", "512"])
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--kv-lengths", type=_csv, default=["2048"],
+                   help="prefill lengths at which the KV cache's bytes are measured (dynamic, and low-rank where "
+                        "k/v are low-rank); none to skip")
     b.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # measure one model in this process
     _add_output_args(b)
 
@@ -432,10 +438,11 @@ def cmd_generate(args) -> dict:
 
     model, tok = _load(args)
     r = generate_timed(model, tok, args.prompt, args.max_new_tokens, chat=not args.no_chat, sample=args.sample,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, kv_cache=args.kv_cache)
     print(r["text"])
+    kv = f", KV cache {r['kv_cache_bytes'] / 2**10:.0f} KiB ({args.kv_cache})" if r.get("kv_cache_bytes") else ""
     print(f"[{r['new_tokens']} tokens in {r['seconds']:.2f} s: {r['tokens_per_s']:.1f} tokens/s, "
-          f"{'sampled' if args.sample else 'greedy'}]", file=sys.stderr)
+          f"{'sampled' if args.sample else 'greedy'}{kv}]", file=sys.stderr)
     return {"command": "generate", "model": args.model, "prompt": args.prompt, **r}
 
 
@@ -478,6 +485,7 @@ def cmd_bench(args) -> dict:
     try:
         sizes = [int(x) for x in args.batch_sizes]
         lens = [int(x) for x in args.prompt_lens]
+        kv_lens = [] if args.kv_lengths == ["none"] else [int(x) for x in args.kv_lengths]
     except ValueError:
         raise SvdllmError("--batch-sizes and --prompt-lens take integers separated by commas, e.g. 1,4.")
     if min(sizes + lens + [args.new_tokens, args.repeats]) < 1:
@@ -485,13 +493,15 @@ def cmd_bench(args) -> dict:
     if args.single:
         model, _ = _load(args)
         rows = bench.measure(model, sizes, lens, args.new_tokens, args.repeats)
-        return {"model": args.model, **bench.model_facts(model, args.model), "rows": rows}
+        kv = bench.kv_cache_bytes(model, kv_lens) if kv_lens else []
+        return {"model": args.model, **bench.model_facts(model, args.model), "rows": rows, "kv_cache": kv}
 
     def child(spec: str) -> dict:
         # each model in a fresh process, so one model's freed memory never counts against the other's peak
         cmd = [sys.executable, "-m", "svdllm.cli", "bench", "--single", "--json", "-q", "--model", spec, "--dtype",
                args.dtype, "--batch-sizes", ",".join(args.batch_sizes), "--prompt-lens", ",".join(args.prompt_lens),
-               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+               "--kv-lengths", ",".join(args.kv_lengths)]
         if args.device:
             cmd += ["--device", args.device]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -519,6 +529,10 @@ def cmd_bench(args) -> dict:
         if dense:
             line += f" {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} | {r.get('peak_mem_ratio', float('nan')):.2f} |"
         print(line)
+    for k in result.get("kv_cache", []):
+        low = (f", low-rank {k['low_rank_bytes'] / 2**20:.2f} MiB ({k['low_rank_ratio']:.3f} of dynamic)"
+               if "low_rank_bytes" in k else "")
+        print(f"KV cache after {k['tokens']} tokens: dynamic {k['dynamic_bytes'] / 2**20:.2f} MiB{low}")
     out = {"command": "bench", "model": args.model, "baseline": baseline, "dense": dense, "result": result,
            "machine": _machine()}
     if _is_svdllm_dir(args.model):

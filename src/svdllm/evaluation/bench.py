@@ -86,6 +86,34 @@ def measure(model, batch_sizes=(1, 4), prompt_lens=(128, 512), new_tokens: int =
     return rows
 
 
+@torch.no_grad()
+def kv_cache_bytes(model, lengths=(2048,), batch: int = 1, seed: int = 0) -> list[dict]:
+    """Bytes of the KV cache after a prefill of each length: transformers' dynamic cache, and the low-rank one
+    where the model has low-rank k/v projections."""
+    from transformers import DynamicCache
+
+    from ..kv_cache import cache_nbytes, low_rank_kv_cache
+    from ..factorization.lowrank import LowRankLinear
+
+    device = next(model.parameters()).device
+    low_rank = any(isinstance(m, LowRankLinear) for n, m in model.named_modules() if n.endswith(("k_proj", "v_proj")))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (batch, n), generator=g).to(device)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        row = {"tokens": n, "batch": batch, "dynamic_bytes": cache_nbytes(cache)}
+        del cache
+        if low_rank:
+            with low_rank_kv_cache(model) as cache:
+                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                row["low_rank_bytes"] = cache_nbytes(cache)
+            row["low_rank_ratio"] = row["low_rank_bytes"] / row["dynamic_bytes"]
+        rows.append(row)
+    return rows
+
+
 def model_facts(model, path=None) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()),
             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

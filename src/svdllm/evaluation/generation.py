@@ -1,6 +1,7 @@
 """Generation, greedy or sampled, with the chat template when the tokenizer has one."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -8,8 +9,13 @@ import torch
 
 @torch.no_grad()
 def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = True,
-                   sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> dict:
-    """The continuation, how many tokens it has, and the wall time (prefill included) it took."""
+                   sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+                  kv_cache: str = "dynamic") -> dict:
+    """The continuation, how many tokens it has, and the wall time (prefill included) it took.
+
+    kv_cache="low-rank" caches the rank-r intermediates of low-rank k/v projections (svdllm.kv_cache)."""
+    from ..kv_cache import cache_nbytes, low_rank_kv_cache
+
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -18,13 +24,17 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(model.parameters()).device)
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     torch.manual_seed(seed)
-    t = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **kwargs)
-    seconds = time.perf_counter() - t
-    new = out[0, inputs["input_ids"].shape[1]:]
+    with (low_rank_kv_cache(model) if kv_cache == "low-rank" else contextlib.nullcontext()) as cache:
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        t = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **kwargs)
+        seconds = time.perf_counter() - t
+    new = out.sequences[0, inputs["input_ids"].shape[1]:]
     return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "new_tokens": int(new.numel()),
-            "seconds": seconds, "tokens_per_s": new.numel() / max(seconds, 1e-9)}
+            "seconds": seconds, "tokens_per_s": new.numel() / max(seconds, 1e-9), "kv_cache": kv_cache,
+            "kv_cache_bytes": cache_nbytes(out.past_key_values) if out.past_key_values is not None else None}
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = True, **kw) -> str:
