@@ -99,8 +99,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise SvdllmError(f"The manifest {mpath} is not valid JSON ({e}); the directory is damaged.") from e
     if not isinstance(manifest, dict) or manifest.get("format") != "svdllm" or not isinstance(manifest.get("ranks"), dict):
         raise SvdllmError(f"The manifest {mpath} is not an svdllm manifest (no format/ranks entries).")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise SvdllmError(f"{mpath} was written by a newer svdllm (format {manifest['format_version']}); upgrade svdllm.")
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SvdllmError(f"The manifest {mpath} has a format_version that is not an integer ({version!r}).")
+    if version > FORMAT_VERSION:
+        raise SvdllmError(f"{mpath} was written by a newer svdllm (format {version}); upgrade svdllm.")
+    for name, rank in manifest["ranks"].items():
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+            raise SvdllmError(f"The manifest {mpath} gives {name} the rank {rank!r}; a rank is a positive integer "
+                              "(or null for a matrix kept dense). The directory is damaged.")
+    if not isinstance(manifest.get("dtype", "float32"), str):
+        raise SvdllmError(f"The manifest {mpath} has a dtype that is not a name ({manifest['dtype']!r}).")
+    if not isinstance(manifest.get("quantization") or {}, dict):
+        raise SvdllmError(f"The manifest {mpath} has a quantization entry that is not an object.")
     return manifest
 
 
@@ -138,9 +149,29 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int | None], dtype=None, devi
             dense = model.get_submodule(name)
         except AttributeError as e:
             raise SvdllmError(f"The manifest names {name}, which this model does not have.") from e
+        if not isinstance(dense, nn.Linear):
+            raise SvdllmError(f"The manifest names {name}, which is not a linear layer of this model.")
+        if rank > min(dense.in_features, dense.out_features):
+            raise SvdllmError(f"The manifest gives {name} rank {rank}, more than its shape "
+                              f"{dense.out_features} × {dense.in_features} allows; the directory is damaged.")
         low = LowRankLinear(dense.in_features, dense.out_features, int(rank), bias=dense.bias is not None,
                             device=device or dense.weight.device, dtype=dtype or dense.weight.dtype)
         set_submodule(model, name, low)
+
+
+def _check_config_against_weights(config, state: dict, path: Path) -> None:
+    """The sizes that decide how big a model gets built must agree with the weights, before anything is built."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    embed = state.get("model.embed_tokens.weight")
+    checks = [("num_hidden_layers", getattr(text, "num_hidden_layers", None), len(layers))]
+    if embed is not None:
+        checks += [("vocab_size", getattr(text, "vocab_size", None), embed.shape[0]),
+                   ("hidden_size", getattr(text, "hidden_size", None), embed.shape[-1])]
+    for field_name, value, actual in checks:
+        if value != actual:
+            raise SvdllmError(f"The config.json in {path} says {field_name} = {value!r}, but the weights have "
+                              f"{actual}; the directory is damaged.")
 
 
 def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None,
@@ -157,15 +188,20 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     manifest = read_manifest(path)
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SvdllmError(f"The config.json in {path} cannot be read ({e}).") from e
+    except Exception as e:  # transformers and huggingface_hub raise many types for a bad config.json
+        raise SvdllmError(f"The config.json in {path} cannot be read ({type(e).__name__}: {e}).") from e
     family_of(config)
     strip_native(config)
     dtype = parse_dtype(dtype) if dtype is not None else parse_dtype(manifest.get("dtype", "float32"))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_ranks(model, manifest["ranks"], dtype=dtype, device="meta")
     state = _read_weights(path)
+    _check_config_against_weights(config, state, path)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # a config that parses but describes no buildable model
+        raise SvdllmError(f"The config.json in {path} describes no model transformers can build "
+                          f"({type(e).__name__}: {e}).") from e
+    apply_ranks(model, manifest["ranks"], dtype=dtype, device="meta")
     expected = set(model.state_dict().keys())
     tied = getattr(config, "tie_word_embeddings", False)
     if tied:
