@@ -128,3 +128,30 @@ def test_nan_weights_are_caught(tok, data_dir):
         model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("nan")
     with pytest.raises(SvdllmError, match=r"model\.layers\.0"):
         svdllm.compress(model, tok, _cfg(data_dir), progress=False)
+
+
+def test_tokenizer_of_another_model_is_named(tok, data_dir):
+    from tiny import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    small_vocab = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    with pytest.raises(SvdllmError, match="tokenizer belongs to another model"):
+        svdllm.compress(small_vocab, tok, _cfg(data_dir), progress=False)
+    from svdllm.evaluation import perplexity
+
+    with pytest.raises(SvdllmError, match="tokenizer belongs to another model"):
+        perplexity(small_vocab, tok, "wikitext2", data_dir, 32, 1, progress=False)
+
+
+def test_full_disk_during_save_leaves_nothing_behind(tok, data_dir, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    with pytest.raises(SvdllmError, match="No space left"):
+        svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir), out=tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory

@@ -23,7 +23,7 @@ from . import __version__
 from .allocation import MatrixInfo, Spectrum, get_allocator, param_counts
 from .calibration import LinearStats, StatsCache, calibrate_layers, gradient_stats, model_fingerprint
 from .config import CompressConfig
-from .data import calibration_windows, load_text, tokenize_text
+from .data import calibration_windows, check_token_ids, load_text, tokenize_text
 from .errors import SvdllmError
 from .factorization import LowRankLinear, get_method
 from .io.checkpoint import check_out_dir, save
@@ -182,6 +182,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     windows, cache, scratch = None, None, None
     if needs_data:
         ids = tokenize_text(tokenizer, load_text(cal.dataset, "validation", cal.data_dir))
+        check_token_ids(ids, model)
         windows = calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
         cache = _stats_cache(model, config, windows)
     num_layers = len(family_of(model).decoder_layers(model))

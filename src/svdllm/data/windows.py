@@ -12,6 +12,15 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return ids[0]
 
 
+def check_token_ids(ids: torch.Tensor, model) -> None:
+    """Token ids beyond the model's embedding table mean the tokenizer belongs to another model."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= rows:
+        raise SvdllmError(f"The tokenizer produced token id {top}, but the model has only {rows} embeddings: the "
+                          "tokenizer belongs to another model. Load the model and its own tokenizer together.")
+
+
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens at random start positions, reproducible from `seed`."""
     if ids.numel() <= seqlen:

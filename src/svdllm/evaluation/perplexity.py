@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import eval_windows, load_text, tokenize_text
+from ..data import check_token_ids, eval_windows, load_text, tokenize_text
 from ..errors import SvdllmError
 
 LOGIT_CHUNK = 512  # positions per lm-head chunk: Gemma's 262k vocabulary makes full logits 2 GB per window
@@ -38,6 +38,7 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", data_dir=None, seql
                max_windows: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
     """Perplexity of `model` on a test set; `max_windows` limits the windows for quick checks (reported)."""
     ids = tokenize_text(tokenizer, load_text(dataset, "test", data_dir))
+    check_token_ids(ids, model)
     all_windows = ids.numel() // seqlen
     windows = eval_windows(ids, seqlen, max_windows)
     device = next(model.parameters()).device
