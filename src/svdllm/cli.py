@@ -277,9 +277,17 @@ def cmd_compress(args) -> dict:
     get_method(config.method, **config.method_options)
     if len(config.ratios) == 1:
         check_out_dir(args.out, args.overwrite)
+    from .calibration import distributed
+
+    device = distributed.init_from_env()  # under torchrun: data-parallel calibration, one GPU per rank if any
+    if device and not args.device:
+        args.device = device
     model, tok = _load(args)
-    results = compress(model, tok, config, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    results = compress(model, tok, config, out=args.out, overwrite=args.overwrite,
+                       progress=not args.quiet and distributed.is_main())
     rows = summarize(results)
+    if not distributed.is_main():
+        return {"command": "compress", "rank": distributed.rank()}
     for row in rows:
         print(f"ratio {row['ratio']:.2f}: parameters {row['model_before']:,} → {row['model_after']:,} "
               f"({100 * row['achieved_ratio']:.2f}% of the compressed linears removed); saved to {row['out']}")
@@ -601,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "huggingface_hub", "accelerate"):
+    # torchao (pulled in by transformers/peft when present) logs every GPU kernel library a CPU build lacks
+    for noisy in ("transformers", "huggingface_hub", "accelerate", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

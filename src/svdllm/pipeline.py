@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .allocation import MatrixInfo, Spectrum, get_allocator, param_counts
+from .calibration import distributed
 from .calibration import LinearStats, StatsCache, calibrate_layers, gradient_stats, model_fingerprint
 from .config import CompressConfig
 from .data import calibration_windows, check_token_ids, load_text, tokenize_text
@@ -144,6 +145,8 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
 
 def _compress_then_finetune(model, tokenizer, config, out, overwrite, progress):
     """Truncate (and closed-form update) as asked, then the sequential LoRA fine-tuning of each ratio's model."""
+    if distributed.active():
+        raise SvdllmError("--update lora runs in one process: compress under torchrun, then `svdllm finetune`.")
     from .io.checkpoint import load
     from .update.lora import default_config, finetune, summary, write_history
 
@@ -240,11 +243,14 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         layers = family_of(model).decoder_layers(model)
         for i, layer in enumerate(tqdm(layers, desc="spectra", unit="layer", disable=not progress)):
             stats = spectra_cache.load(i) if needs_inputs else None
-            for name in LINEAR_NAMES:
+            for k, name in enumerate(LINEAR_NAMES):
+                if not distributed.mine(i * len(LINEAR_NAMES) + k):  # round-robin across ranks under torchrun
+                    continue
                 full = f"model.layers.{i}.{name}"
                 lin = layer.get_submodule(name)
                 linear_stats = stats_for(full, name, stats)
                 spectra[full] = _spectrum(lin.weight, decompose(full, lin, linear_stats), linear_stats, grads, full)
+        spectra = distributed.gather_merge(spectra)
         timings["spectra_s"] = time.perf_counter() - t
         if needs_inputs and not _ratio_dependent(config):
             cache = spectra_cache  # phase 2 reads the statistics back instead of running the pass again
@@ -280,31 +286,45 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     applied: dict[str, nn.Module] = {}
     update_gain: dict[str, float] = {}
 
+    def factorize_one(full: str, name: str, lin: nn.Module, stats) -> dict:
+        """Every ratio's factors of one matrix, and what the manifest records about it."""
+        linear_stats = stats_for(full, name, stats)
+        whiten_stats = linear_stats
+        if closed_form and cal.mode == "sequential":  # whiten on the compressed model's own inputs
+            whiten_stats = dataclasses.replace(linear_stats, gram=linear_stats.gram_compressed)
+        dec = decompose(full, lin, whiten_stats)
+        out = {"jitter": dec.info.get("whitening_jitter"), "factors": {}, "losses": {}, "gain": None}
+        for r in ratios:
+            rank = rank_maps[r][full]
+            if rank is None:
+                continue
+            w_u, w_v = dec.factors(rank, dtype=torch.float64)
+            if closed_form:
+                w = lin.weight.detach().to(torch.float64)
+                before = _output_error(w, w_u, w_v, linear_stats)
+                w_u = closed_form_w_u(w, w_v, linear_stats.cross, linear_stats.gram_compressed)
+                # relative reduction of the squared output error on the calibration data
+                out["gain"] = 1.0 - _output_error(w, w_u, w_v, linear_stats) / max(before, 1e-300)
+            out["factors"][r] = (w_u.to(lin.weight.dtype).contiguous(), w_v.to(lin.weight.dtype).contiguous())
+            out["losses"][r] = dec.truncation_loss(rank)
+        return out
+
     def process_layer(i: int, layer: nn.Module, stats) -> bool:
         t = time.perf_counter()
-        for name in LINEAR_NAMES:
-            full = f"model.layers.{i}.{name}"
-            lin = layer.get_submodule(name)
-            linear_stats = stats_for(full, name, stats)
-            whiten_stats = linear_stats
-            if closed_form and cal.mode == "sequential":  # whiten on the compressed model's own inputs
-                whiten_stats = dataclasses.replace(linear_stats, gram=linear_stats.gram_compressed)
-            dec = decompose(full, lin, whiten_stats)
-            if dec.info.get("whitening_jitter"):
-                jitters[full] = dec.info["whitening_jitter"]
-            for r in ratios:
-                rank = rank_maps[r][full]
-                if rank is None:
-                    continue
-                w_u, w_v = dec.factors(rank, dtype=torch.float64)
-                if closed_form:
-                    w = lin.weight.detach().to(torch.float64)
-                    before = _output_error(w, w_u, w_v, linear_stats)
-                    w_u = closed_form_w_u(w, w_v, linear_stats.cross, linear_stats.gram_compressed)
-                    # relative reduction of the squared output error on the calibration data
-                    update_gain[full] = 1.0 - _output_error(w, w_u, w_v, linear_stats) / max(before, 1e-300)
-                factors[r][full] = (w_u.to(lin.weight.dtype).contiguous(), w_v.to(lin.weight.dtype).contiguous())
-                losses[r][full] = dec.truncation_loss(rank)
+        # under torchrun each rank factorizes every world_size-th matrix; the results are gathered on all ranks
+        done = distributed.gather_merge({
+            f"model.layers.{i}.{name}": factorize_one(f"model.layers.{i}.{name}", name, layer.get_submodule(name),
+                                                      stats)
+            for k, name in enumerate(LINEAR_NAMES) if distributed.mine(i * len(LINEAR_NAMES) + k)})
+        for full in (f"model.layers.{i}.{name}" for name in LINEAR_NAMES):
+            one = done[full]
+            if one["jitter"]:
+                jitters[full] = one["jitter"]
+            if one["gain"] is not None:
+                update_gain[full] = one["gain"]
+            for r, pair in one["factors"].items():
+                factors[r][full] = pair
+                losses[r][full] = one["losses"][r]
         timings["factorization_s"] += time.perf_counter() - t
         if sequential:
             prefix = f"model.layers.{i}."
@@ -367,13 +387,14 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         result = CompressionResult(r, rank_maps[r], counts, losses[r], dict(timings), outs[r], manifest, originals)
-        if outs[r] is not None:
+        if outs[r] is not None and distributed.is_main():  # written once, by rank 0
             save(model, tokenizer, outs[r], manifest, overwrite)
         if len(ratios) > 1:
             swap_back(model, originals)
         results.append(result)
         log.info("ratio %.2f: %d → %d parameters (%.1f%% of the compressed linears removed)", r, params_before,
                  counts["model_after"], 100 * counts["achieved_ratio"])
+    distributed.barrier()  # no rank returns before rank 0 has written the models
     return results
 
 

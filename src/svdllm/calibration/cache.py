@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..io.results import atomic_write_text
 from ..models.families import family_of
 from .fisher import GradientStats
+from . import distributed
 from .layerwise import LayerStats
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,14 @@ class StatsCache:
     def has(self, i: int) -> bool:
         return self._layer_path(i).exists()
 
+    # Under torchrun every rank writes its (identical, all-reduced) statistics itself, and a cache entry is used
+    # only if every rank can read it: ranks that disagreed would wait for each other in different collectives.
     def has_all(self, num_layers: int) -> bool:
-        return all(self.has(i) for i in range(num_layers))
+        return distributed.all_agree(all(self.has(i) for i in range(num_layers)))
 
     def load_if_present(self, i: int) -> LayerStats | None:
         """Layer i's statistics if an earlier (possibly interrupted) run left them, else None."""
-        return self.load(i) if self.has(i) else None
+        return self.load(i) if distributed.all_agree(self.has(i)) else None
 
     def save(self, i: int, stats: LayerStats) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +99,7 @@ class StatsCache:
 
     def load_gradients(self, windows: int, output_grams: bool = False) -> GradientStats | None:
         path = self._gradient_path(windows)
-        if not path.exists() or (output_grams and not self._gram_path(windows).exists()):
+        if not distributed.all_agree(path.exists() and (not output_grams or self._gram_path(windows).exists())):
             return None
         t = load_file(path)
         pick = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731

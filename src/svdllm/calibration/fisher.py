@@ -36,6 +36,9 @@ class GradientStats:
 def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = True,
                    output_grams: bool = False) -> GradientStats:
     """One forward and backward pass per calibration window; see the module docstring for what is summed."""
+    from . import distributed
+
+    windows = distributed.shard(windows)  # under torchrun: this rank's windows; sums all-reduced at the end
     layers = family_of(model).decoder_layers(model)
     modules = {f"model.layers.{i}.{n}": layer.get_submodule(n) for i, layer in enumerate(layers) for n in LINEAR_NAMES}
     previous = {p: p.requires_grad for p in model.parameters()}
@@ -81,10 +84,14 @@ def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = Tru
         for p, flag in previous.items():
             p.requires_grad_(flag)
         model.train(was_training)
+    rows, outputs = distributed.all_reduce_sum(rows), distributed.all_reduce_sum(outputs)
+    if grams is not None:
+        grams = distributed.all_reduce_sum(grams)
+    n_windows = distributed.sum_int(len(windows))
     for name in modules:
         if not (torch.isfinite(rows[name]).all() and torch.isfinite(outputs[name]).all()):
             raise SvdllmError(f"The gradients of {name} overflowed to inf/NaN; use --dtype float32.")
-    return GradientStats(rows, outputs, len(windows), grams)
+    return GradientStats(rows, outputs, n_windows, grams)
 
 
 def fisher_rows(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SvdllmError
+from . import distributed
 from ..models.families import GROUP_OF, INPUT_GROUPS, family_of
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,14 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device
     return outputs, LayerStats(cpu(grams), cpu(abs_sums), tokens, cpu(cross) or None, cpu(grams_c) or None)
 
 
+def _sum_over_ranks(stats: LayerStats) -> LayerStats:
+    if not distributed.active():
+        return stats
+    reduce = lambda d: None if d is None else distributed.all_reduce_sum(d)  # noqa: E731
+    return LayerStats(reduce(stats.grams), reduce(stats.abs_sums), distributed.sum_int(stats.tokens),
+                      reduce(stats.cross), reduce(stats.grams_compressed))
+
+
 def calibrate_layers(
     model: nn.Module,
     windows: torch.Tensor,
@@ -211,6 +220,9 @@ def calibrate_layers(
     """
     layers = family_of(model).decoder_layers(model)
     device = _model_device(model)
+    windows = distributed.shard(windows)  # under torchrun: this rank's windows; the sums are all-reduced below
+    if windows.shape[0] == 0:
+        raise SvdllmError(f"More processes ({distributed.world_size()}) than calibration windows; raise --nsamples.")
     hidden, layer_kwargs = capture_layer_inputs(model, windows, batch_size)
     compressed = list(hidden) if paired else None
     for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
@@ -218,6 +230,7 @@ def calibrate_layers(
         stats = cached(i) if cached is not None and not paired else None
         if stats is None:
             outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where, partner=compressed)
+            stats = _sum_over_ranks(stats)
         else:
             outputs = run_layer(layer, hidden, kwargs, device)[0]
         changed = on_layer is not None and on_layer(i, layer, stats)

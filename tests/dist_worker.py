@@ -1,0 +1,23 @@
+"""A torch.distributed rank for test_distributed.py (spawned processes import it from here)."""
+import os
+import sys
+
+
+def run(rank: int, world: int, port: int, tests_dir: str, data_dir: str, out: str, cache: str) -> None:
+    sys.path.insert(0, tests_dir)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import svdllm
+        from tiny import byte_tokenizer, tiny_model
+
+        config = svdllm.CompressConfig(
+            ratio=[0.3, 0.6], method="kfac-svd", alloc="global", alloc_options={"calibrate": 0}, cache_dir=cache,
+            calibration=svdllm.CalibrationConfig(nsamples=5, seqlen=32, data_dir=data_dir, grad_samples=3))
+        svdllm.compress(tiny_model("qwen2"), byte_tokenizer(), config, out=out, progress=False)
+    finally:
+        dist.destroy_process_group()
