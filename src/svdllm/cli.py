@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(c)
     c.add_argument("--cache-dir", default=None, help="statistics cache (default $SVDLLM_CACHE_DIR or ~/.cache/svdllm)")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write cached calibration statistics")
+    c.add_argument("--layerwise", action="store_true",
+                   help="models bigger than memory: read one decoder layer at a time from the safetensors shards and "
+                        "write each compressed layer at once (peak memory about one layer; no gradient pass)")
     c.add_argument("--out", required=True, help="output directory (with several ratios: one ratio-<R>/ each)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_finetune_args(c, prefix="ft-")
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from .models import load_model
 
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = load_model(args.model, args.dtype, layerwise=getattr(args, "layerwise", False))
     if getattr(args, "device", None):
         model.to(args.device)
     return model, tok

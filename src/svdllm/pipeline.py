@@ -27,7 +27,8 @@ from .config import CompressConfig
 from .data import calibration_windows, check_token_ids, load_text, tokenize_text
 from .errors import SvdllmError
 from .factorization import LowRankLinear, get_method
-from .io.checkpoint import check_out_dir, save
+from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
+from .models.lazy import is_lazy, release, resident, resident_bytes
 from .models.families import LINEAR_NAMES, family_of, set_submodule
 from .models.loading import cache_root
 from .update import UPDATES, base_update, closed_form_w_u
@@ -140,7 +141,11 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
             results += compress(model, tokenizer, one, outs[r], overwrite, progress)
             swap_back(model, results[-1].originals)
         return results
-    return _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress)
+    try:
+        return _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress)
+    except BaseException:
+        abort_open_writers()  # a layer-wise save leaves no partial directory behind
+        raise
 
 
 def _compress_then_finetune(model, tokenizer, config, out, overwrite, progress):
@@ -181,6 +186,17 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     needs_grads = "fisher" in method.needs or "gradients" in allocator.needs or needs_grams
     needs_data = needs_inputs or needs_grads
     timings = {"calibration_s": 0.0, "factorization_s": 0.0}
+    lazy = is_lazy(model)
+    writers = {}
+    if lazy:
+        if needs_grads:
+            raise SvdllmError(f"--layerwise cannot run the gradient pass that {config.method} / {config.alloc} need "
+                              "(it back-propagates through the whole model); use svd-llm, svd-llm-v2, asvd, dipsvd "
+                              "or svd with uniform, v2 or lorap allocation, or load the model whole.")
+        if any(o is None for o in outs.values()):
+            raise SvdllmError("--layerwise writes each layer as it is compressed: give an output directory.")
+        writers = {r: LayerwiseWriter(outs[r], overwrite) for r in ratios}
+        timings["peak_resident_weight_mb"] = resident_bytes(model) / 2**20
 
     windows, cache, scratch = None, None, None
     if needs_data:
@@ -243,13 +259,15 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         layers = family_of(model).decoder_layers(model)
         for i, layer in enumerate(tqdm(layers, desc="spectra", unit="layer", disable=not progress)):
             stats = spectra_cache.load(i) if needs_inputs else None
-            for k, name in enumerate(LINEAR_NAMES):
-                if not distributed.mine(i * len(LINEAR_NAMES) + k):  # round-robin across ranks under torchrun
-                    continue
-                full = f"model.layers.{i}.{name}"
-                lin = layer.get_submodule(name)
-                linear_stats = stats_for(full, name, stats)
-                spectra[full] = _spectrum(lin.weight, decompose(full, lin, linear_stats), linear_stats, grads, full)
+            with resident(model, i):
+                for k, name in enumerate(LINEAR_NAMES):
+                    if not distributed.mine(i * len(LINEAR_NAMES) + k):  # round-robin across ranks under torchrun
+                        continue
+                    full = f"model.layers.{i}.{name}"
+                    lin = layer.get_submodule(name)
+                    linear_stats = stats_for(full, name, stats)
+                    spectra[full] = _spectrum(lin.weight, decompose(full, lin, linear_stats), linear_stats, grads,
+                                              full)
         spectra = distributed.gather_merge(spectra)
         timings["spectra_s"] = time.perf_counter() - t
         if needs_inputs and not _ratio_dependent(config):
@@ -326,11 +344,18 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                 factors[r][full] = pair
                 losses[r][full] = one["losses"][r]
         timings["factorization_s"] += time.perf_counter() - t
+        prefix = f"model.layers.{i}."
+        if lazy:  # written now, so the compressed model is never whole in memory
+            for r in ratios:
+                writers[r].add(f"model-layer-{i:05d}.safetensors", _layer_tensors(layer, prefix, factors[r]))
+            timings["peak_resident_weight_mb"] = max(timings["peak_resident_weight_mb"], resident_bytes(model) / 2**20)
         if sequential:
-            prefix = f"model.layers.{i}."
             applied.update(swap_in(model, {k: v for k, v in factors[ratios[0]].items() if k.startswith(prefix)}))
-            return True
-        return False
+        if lazy:
+            for r in ratios:
+                for k in [k for k in factors[r] if k.startswith(prefix)]:
+                    del factors[r][k]
+        return sequential
 
     t = time.perf_counter()
     if not needs_inputs or use_cache:  # no calibration pass: factorize from the cache (or from the weights alone)
@@ -338,11 +363,13 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             log.info("Calibration statistics found in the cache (%s): skipping the calibration pass.", cache.dir)
         layers = family_of(model).decoder_layers(model)
         for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not progress)):
-            process_layer(i, layer, cache.load(i) if use_cache else None)
+            with resident(model, i):
+                process_layer(i, layer, cache.load(i) if use_cache else None)
     else:
         resume = cache.load_if_present if cache is not None and cal.mode == "original" and not closed_form else None
+        release_layer = (lambda i, layer: release(model, f"model.layers.{i}.")) if lazy else None  # noqa: E731
         for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,
-                                         paired=closed_form, cached=resume):
+                                         paired=closed_form, cached=resume, on_exit=release_layer):
             if cache is not None and cal.mode == "original" and not cache.has(i):
                 cache.save(i, stats)
         timings["calibration_s"] += time.perf_counter() - t - timings["factorization_s"]
@@ -359,10 +386,15 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     probe = windows[:1, : min(128, cal.seqlen)] if windows is not None else torch.tensor([[1, 2, 3, 4]])
     # (the probe only checks that the compressed model's logits are finite before anything is saved)
     for r in ratios:
-        originals = applied if sequential else swap_in(model, factors[r])
         counts = param_counts(matrices, rank_maps[r])
-        counts.update(model_before=params_before, model_after=count_params(model))
-        check_finite_outputs(model, probe)
+        if lazy:  # the layers were written one by one; the model here is a shell
+            originals = {}
+            counts.update(model_before=params_before,
+                          model_after=params_before - counts["linear_dense"] + counts["linear_kept"])
+        else:
+            originals = applied if sequential else swap_in(model, factors[r])
+            counts.update(model_before=params_before, model_after=count_params(model))
+            check_finite_outputs(model, probe)
         manifest = {
             "svdllm_version": __version__,
             "base_model": getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
@@ -387,7 +419,12 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         result = CompressionResult(r, rank_maps[r], counts, losses[r], dict(timings), outs[r], manifest, originals)
-        if outs[r] is not None and distributed.is_main():  # written once, by rank 0
+        if lazy:
+            tied = getattr(model.config, "tie_word_embeddings", False)
+            rest = {k: v for k, v in model.state_dict().items()
+                    if not k.startswith("model.layers.") and not (tied and k == "lm_head.weight")}
+            writers[r].finish(model, tokenizer, manifest, rest)
+        elif outs[r] is not None and distributed.is_main():  # written once, by rank 0
             save(model, tokenizer, outs[r], manifest, overwrite)
         if len(ratios) > 1:
             swap_back(model, originals)
@@ -470,6 +507,24 @@ def _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompo
         # only the relative scale between types matters to the allocation; normalise to a geometric mean of 1
         g = math.exp(sum(math.log(v) for v in scales.values()) / len(scales))
         out[r] = {k: v / g for k, v in scales.items()}
+    return out
+
+
+def _layer_tensors(layer: nn.Module, prefix: str, factors: dict) -> dict[str, torch.Tensor]:
+    """Decoder layer's tensors as the saved model names them: each factorized linear as its u/v factors."""
+    out = {}
+    for name, t in layer.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        pair = factors.get(prefix + module)
+        if pair is None:
+            out[prefix + name] = t
+        elif name.endswith(".weight"):
+            out[f"{prefix}{module}.u.weight"], out[f"{prefix}{module}.v.weight"] = pair
+        else:  # a linear's bias goes with W_u
+            out[f"{prefix}{module}.u.bias"] = t
+    for k, v in out.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise SvdllmError(f"{k} contains NaN or inf after factorization; nothing was written.")
     return out
 
 

@@ -27,12 +27,15 @@ STATS_VERSION = 2  # bump when the meaning of a cached statistic changes
 
 def model_fingerprint(model) -> str:
     """Identify the weights cheaply: the config plus the bytes of the first and last decoder layers."""
+    from ..models.lazy import resident
+
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     layers = family_of(model).decoder_layers(model)
-    for layer in (layers[0], layers[-1]):
-        for name, p in sorted(layer.state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for i in sorted({0, len(layers) - 1}):
+        with resident(model, i):  # a layer-wise model reads the two layers from its checkpoint
+            for name, p in sorted(layers[i].state_dict().items()):
+                h.update(name.encode())
+                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -6,6 +6,7 @@ accumulated in float64: 4 per layer, not 7.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import SvdllmError
 from . import distributed
 from ..models.families import GROUP_OF, INPUT_GROUPS, family_of
+from ..models.lazy import is_lazy, materialize
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,19 @@ def _layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@contextlib.contextmanager
+def _pass_through(layers):
+    """Decoder layers that return their input: the model's own loop then builds every layer's keyword arguments
+    (masks, rotary tables per layer type) without touching a weight."""
+    for layer in layers:
+        layer.forward = lambda hidden_states=None, *args, **kwargs: hidden_states
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 1):
     """Run the embeddings only, returning (hidden-state batches of layer 0, per-layer keyword arguments).
@@ -101,7 +116,11 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        model.model(input_ids=windows[:1].to(device), use_cache=False)  # records every layer's kwargs
+        if is_lazy(model):  # the layers are not in memory: let them pass the hidden state through unchanged
+            with _pass_through(layers):
+                model.model(input_ids=windows[:1].to(device), use_cache=False)
+        else:
+            model.model(input_ids=windows[:1].to(device), use_cache=False)  # records every layer's kwargs
         captured.clear()
         stop_at_first[0] = True
         for start in range(0, windows.shape[0], batch_size):
@@ -205,6 +224,7 @@ def calibrate_layers(
     progress: bool = True,
     paired: bool = False,
     cached: Callable[[int], LayerStats | None] | None = None,
+    on_exit: Callable[[int, nn.Module], None] | None = None,
 ) -> Iterator[tuple[int, LayerStats]]:
     """Yield (layer index, statistics) for every decoder layer, one layer at a time.
 
@@ -217,6 +237,9 @@ def calibrate_layers(
 
     `cached(i)` may return layer i's statistics from an earlier, interrupted run: the layer then only runs
     forward (no Gram accumulation, most of a layer's cost) to feed the next one. Dense-model statistics only.
+
+    A layer-wise (lazy) model has each layer materialized from its checkpoint just before it runs; `on_exit(i,
+    layer)` runs once the layer's outputs are passed on (the pipeline writes and releases it there).
     """
     layers = family_of(model).decoder_layers(model)
     device = _model_device(model)
@@ -226,6 +249,8 @@ def calibrate_layers(
     hidden, layer_kwargs = capture_layer_inputs(model, windows, batch_size)
     compressed = list(hidden) if paired else None
     for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
+        if is_lazy(model):
+            materialize(model, f"model.layers.{i}.")
         kwargs, where = layer_kwargs[i], f"model.layers.{i}"
         stats = cached(i) if cached is not None and not paired else None
         if stats is None:
@@ -243,4 +268,6 @@ def calibrate_layers(
         for out in outputs:
             _check_finite(out, f"the output of {where}")
         hidden = outputs
+        if on_exit is not None:
+            on_exit(i, layer)
         yield i, stats

@@ -64,21 +64,8 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, ov
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        # config.json with the rank map and auto_map, and the modeling file: loadable by plain transformers
-        native_config(model, manifest.get("ranks", {})).save_pretrained(tmp)
-        (tmp / MODELING_FILE).write_text(modeling_source(model))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        manifest = dict(manifest, format="svdllm", format_version=FORMAT_VERSION)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-        (tmp / "README.md").write_text(model_card(manifest))
-        if out.exists():  # --overwrite: swap the old directory out only once the new one is complete
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _write_beside_weights(tmp, model, tokenizer, manifest)
+        _move_into_place(tmp, out)
     except OSError as e:
         raise SvdllmError(f"Saving to {out} failed ({e}); nothing was written there.") from e
     finally:
@@ -86,6 +73,80 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, ov
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("Saved the compressed model to %s", out)
     return out
+
+
+def _write_beside_weights(tmp: Path, model: nn.Module, tokenizer, manifest: dict) -> None:
+    # config.json with the rank map and auto_map, and the modeling file: loadable by plain transformers
+    native_config(model, manifest.get("ranks", {})).save_pretrained(tmp)
+    (tmp / MODELING_FILE).write_text(modeling_source(model))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    manifest = dict(manifest, format="svdllm", format_version=FORMAT_VERSION)
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    (tmp / "README.md").write_text(model_card(manifest))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():  # --overwrite: swap the old directory out only once the new one is complete
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / "old")
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+class LayerwiseWriter:
+    """A model directory written one decoder layer at a time (one safetensors shard per layer, an index, the rest
+    at the end), so that a layer-wise compression never holds the compressed model in memory. Nothing appears at
+    `out` until `finish`; `abort` removes the partial shards."""
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
+        self.out = Path(out)
+        _prepare_out_dir(self.out, overwrite)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        _OPEN_WRITERS.add(self)
+
+    def add(self, filename: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        try:
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, self.tmp / filename,
+                      metadata={"format": "pt"})
+        except OSError as e:
+            self.abort()
+            raise SvdllmError(f"Writing {filename} for {self.out} failed ({e}); nothing was written there.") from e
+        self.weight_map.update({k: filename for k in tensors})
+        self.total += sum(v.numel() * v.element_size() for v in tensors.values())
+
+    def finish(self, model: nn.Module, tokenizer, manifest: dict, rest: dict[str, torch.Tensor]) -> Path:
+        self.add("model-rest.safetensors", rest)
+        try:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            _write_beside_weights(self.tmp, model, tokenizer, manifest)
+            _move_into_place(self.tmp, self.out)
+        except OSError as e:
+            self.abort()
+            raise SvdllmError(f"Saving to {self.out} failed ({e}); nothing was written there.") from e
+        _OPEN_WRITERS.discard(self)
+        log.info("Saved the compressed model to %s", self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        _OPEN_WRITERS.discard(self)
+
+
+_OPEN_WRITERS: set[LayerwiseWriter] = set()
+
+
+def abort_open_writers() -> None:
+    """Remove the partial output of every unfinished layer-wise save (after an error or an interruption)."""
+    for writer in list(_OPEN_WRITERS):
+        writer.abort()
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

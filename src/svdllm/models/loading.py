@@ -134,13 +134,28 @@ def _load_hf(name_or_path: str, dtype: torch.dtype, display: str | None = None):
     return model, tokenizer
 
 
-def load_model(spec: str, dtype: str | torch.dtype = "float32"):
+def load_model(spec: str, dtype: str | torch.dtype = "float32", layerwise: bool = False):
     """Return (model, tokenizer) in eval mode for a built-in name, a .gguf file, a directory or a hub id.
 
-    A directory written by ``svdllm compress`` is loaded as the compressed model it holds.
+    A directory written by ``svdllm compress`` is loaded as the compressed model it holds. With `layerwise`,
+    the decoder layers stay on the meta device and are read one at a time when compression reaches them
+    (models/lazy.py): a built-in name or a local directory of safetensors shards.
     """
     dtype = parse_dtype(dtype)
     path = Path(spec).expanduser()
+    if layerwise:
+        from ..io import MANIFEST_NAME
+        from .lazy import load_lazy
+
+        if spec in BUILTIN_MODELS:
+            target = cache_root() / "models" / spec
+            if not (target / "config.json").exists():
+                _load_builtin(spec, dtype)  # converted from GGUF once (a full load); later runs read shards
+            path = target
+        if not path.is_dir() or (path / MANIFEST_NAME).exists():
+            raise SvdllmError(f"--layerwise reads a dense model's safetensors shards: give a built-in name or a local "
+                              f"model directory, not {spec!r}.")
+        return load_lazy(path, dtype)
     if spec in BUILTIN_MODELS:
         model, tokenizer = _load_builtin(spec, dtype)
     elif path.suffix == ".gguf":

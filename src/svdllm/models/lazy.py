@@ -1,0 +1,119 @@
+"""Models bigger than memory: the decoder layers stay on the meta device and are read from their safetensors
+shards one at a time (`svdllm compress --layerwise`), like llm-compressor's sequential onloading.
+
+The embeddings, final norm and LM head are loaded at once; a decoder layer is materialized just before the
+calibration pass reaches it and released (back to meta) once its factors are written, so peak memory is about one
+layer plus its activations and statistics, whatever the depth. accelerate's `set_module_tensor_to_device` moves
+the tensors; safetensors reads only the requested ones.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SvdllmError
+from .families import family_of
+
+LAYER_PREFIX = "model.layers."
+
+
+class LazyCheckpoint:
+    """Which shard holds each tensor, read from the safetensors headers only."""
+
+    def __init__(self, directory: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.dir = Path(directory)
+        self.files: dict[str, Path] = {}
+        shards = sorted(self.dir.glob("*.safetensors"))
+        if not shards:
+            raise SvdllmError(f"No .safetensors weights in {self.dir}: layer-wise loading reads safetensors shards.")
+        for f in shards:
+            with safe_open(f, "pt") as handle:
+                for name in handle.keys():
+                    self.files[name] = f
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise SvdllmError(f"The checkpoint in {self.dir} has no tensor {name}.")
+        with safe_open(self.files[name], "pt") as handle:
+            return handle.get_tensor(name)
+
+
+def is_lazy(model: nn.Module) -> bool:
+    return getattr(model, "_svdllm_lazy", None) is not None
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor | None, device="cpu") -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, name, device if value is not None else "meta", value=value)
+
+
+def materialize(model: nn.Module, prefix: str) -> None:
+    """Read every meta parameter under `prefix` from the checkpoint, in the model's dtype."""
+    ckpt: LazyCheckpoint = model._svdllm_lazy
+    dtype = model._svdllm_dtype
+    for name, p in list(model.named_parameters()):
+        if name.startswith(prefix) and p.is_meta:
+            _set(model, name, ckpt.get(name).to(dtype))
+
+
+def release(model: nn.Module, prefix: str) -> None:
+    """Drop every parameter under `prefix` back to the meta device."""
+    for name, p in list(model.named_parameters()):
+        if name.startswith(prefix) and not p.is_meta:
+            _set(model, name, None)
+
+
+@contextlib.contextmanager
+def resident(model: nn.Module, i: int):
+    """Decoder layer i materialized for the duration (a no-op for an ordinary model)."""
+    if not is_lazy(model):
+        yield
+        return
+    prefix = f"{LAYER_PREFIX}{i}."
+    was_meta = any(p.is_meta for n, p in model.named_parameters() if n.startswith(prefix))
+    materialize(model, prefix)
+    try:
+        yield
+    finally:
+        if was_meta:
+            release(model, prefix)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+
+
+def load_lazy(directory: str | os.PathLike, dtype: torch.dtype):
+    """(model, tokenizer) with everything but the decoder layers loaded; the layers come on demand."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # transformers raises many types for a bad directory
+        raise SvdllmError(f"Could not read a model config and tokenizer from {directory}: {e}") from e
+    family_of(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model._svdllm_lazy = LazyCheckpoint(directory)
+    model._svdllm_dtype = dtype
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, p in list(model.named_parameters()):
+        if not name.startswith(LAYER_PREFIX) and not (tied and name == "lm_head.weight"):
+            _set(model, name, model._svdllm_lazy.get(name).to(dtype))
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    model.config.name_or_path = str(directory)
+    model.eval()
+    return model, tokenizer
