@@ -92,7 +92,7 @@ def resident_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
 
 
-def load_lazy(directory: str | os.PathLike, dtype: torch.dtype):
+def load_lazy(directory: str | os.PathLike, dtype: torch.dtype, display: str | None = None):
     """(model, tokenizer) with everything but the decoder layers loaded; the layers come on demand."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -114,6 +114,6 @@ def load_lazy(directory: str | os.PathLike, dtype: torch.dtype):
             _set(model, name, model._svdllm_lazy.get(name).to(dtype))
     if tied:
         model.lm_head.weight = model.get_input_embeddings().weight
-    model.config.name_or_path = str(directory)
+    model.config.name_or_path = display or str(directory)  # as a whole load names it (the cache key reads it)
     model.eval()
     return model, tokenizer

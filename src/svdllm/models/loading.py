@@ -155,7 +155,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", layerwise: bool 
         if not path.is_dir() or (path / MANIFEST_NAME).exists():
             raise SvdllmError(f"--layerwise reads a dense model's safetensors shards: give a built-in name or a local "
                               f"model directory, not {spec!r}.")
-        return load_lazy(path, dtype)
+        return load_lazy(path, dtype, display=spec if spec in BUILTIN_MODELS else None)
     if spec in BUILTIN_MODELS:
         model, tokenizer = _load_builtin(spec, dtype)
     elif path.suffix == ".gguf":
