@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue "Parameter update": SmolLM2-135M, svd-llm uniform at R = 0.4 and 0.6: WikiText-2 perplexity after the
+# truncation, after the closed-form update, and after sequential LoRA (CPU preset), with the fine-tuning wall time.
+# Usage: bash benchmarks/lora_smollm2.sh [OUT_DIR]      (about 3 hours on 2 CPU cores; resumable: finished steps
+# are skipped, an interrupted fine-tuning resumes from its checkpoint)
+set -euo pipefail
+OUT=${1:-runs/lora}
+SVDLLM=${SVDLLM:-svdllm}
+export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data}
+mkdir -p "$OUT"
+[ -d "$OUT/whiten/ratio-0.6" ] || $SVDLLM compress --model smollm2-135m --ratio 0.4,0.6 --out "$OUT/whiten" --overwrite -q
+for r in 0.4 0.6; do
+  [ -d "$OUT/closed/ratio-$r" ] || $SVDLLM compress --model smollm2-135m --ratio $r --update closed-form \
+      --out "$OUT/closed/ratio-$r" --overwrite -q
+  [ -d "$OUT/lora-$r" ] || $SVDLLM finetune "$OUT/whiten/ratio-$r" --out "$OUT/lora-$r" --preset cpu --json -q \
+      | tail -1 > "$OUT/finetune-$r.json"
+  for m in "whiten/ratio-$r" "closed/ratio-$r" "lora-$r"; do
+    tag=$(echo "$m" | tr '/' '_')
+    [ -s "$OUT/eval-$tag.json" ] || $SVDLLM eval --model "$OUT/$m" --ppl wikitext2 --json -q | tail -1 > "$OUT/eval-$tag.json"
+  done
+done
