@@ -282,3 +282,21 @@ def test_kfac_svd_with_global_allocation_and_cached_output_grams(tok, data_dir, 
     assert res2.ranks == res.ranks
     for (n, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("alloc", ["uniform", "v2", "lorap", "dipsvd", "global"])
+@pytest.mark.parametrize("update", ["none", "closed-form"])
+def test_kfac_svd_with_every_allocator_and_update(alloc, update, tok, data_dir, tmp_path):
+    model = tiny_model("mistral")
+    config = svdllm.CompressConfig(ratio=0.5, method="kfac-svd", alloc=alloc, update=update,
+                                   alloc_options={"calibrate": 1} if alloc == "global" else {},
+                                   cache_dir=str(tmp_path / "cache"),
+                                   calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir),
+                                                                        grad_samples=2))
+    res = svdllm.compress(model, tok, config, progress=False)[0]
+    if alloc == "uniform":  # the protocol's floor formula: at most one rank per matrix short of the budget
+        assert 0.5 <= res.params["achieved_ratio"] < 0.52
+    else:
+        assert res.params["achieved_ratio"] == pytest.approx(0.5, abs=TOLERANCE)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
