@@ -8,7 +8,7 @@ OUT=${1:-runs/deploy}
 SVDLLM=${SVDLLM:-svdllm}
 export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data}
 mkdir -p "$OUT"
-[ -d "$OUT/svd-llm/ratio-0.6" ] || $SVDLLM compress --model smollm2-135m --ratio 0.2,0.4,0.6 --out "$OUT/svd-llm" --overwrite -q
+[ -d "$OUT/svd-llm/ratio-0.6" ] || $SVDLLM compress --model smollm2-135m --preset paper --ratio 0.2,0.4,0.6 --out "$OUT/svd-llm" --overwrite -q
 for r in 0.2 0.4 0.6; do
   [ -s "$OUT/bench-$r.json" ] || $SVDLLM bench --model "$OUT/svd-llm/ratio-$r" --batch-sizes 1,4 --prompt-lens 128,512 \
       --kv-lengths 2048 --json | tail -1 > "$OUT/bench-$r.json"

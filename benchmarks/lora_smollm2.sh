@@ -8,9 +8,9 @@ OUT=${1:-runs/lora}
 SVDLLM=${SVDLLM:-svdllm}
 export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data}
 mkdir -p "$OUT"
-[ -d "$OUT/whiten/ratio-0.6" ] || $SVDLLM compress --model smollm2-135m --ratio 0.4,0.6 --out "$OUT/whiten" --overwrite -q
+[ -d "$OUT/whiten/ratio-0.6" ] || $SVDLLM compress --model smollm2-135m --preset paper --ratio 0.4,0.6 --out "$OUT/whiten" --overwrite -q
 for r in 0.4 0.6; do
-  [ -d "$OUT/closed/ratio-$r" ] || $SVDLLM compress --model smollm2-135m --ratio $r --update closed-form \
+  [ -d "$OUT/closed/ratio-$r" ] || $SVDLLM compress --model smollm2-135m --preset paper --ratio $r --update closed-form \
       --out "$OUT/closed/ratio-$r" --overwrite -q
   [ -d "$OUT/lora-$r" ] || $SVDLLM finetune "$OUT/whiten/ratio-$r" --out "$OUT/lora-$r" --preset cpu --json -q \
       | tail -1 > "$OUT/finetune-$r.json"

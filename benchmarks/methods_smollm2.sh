@@ -12,7 +12,7 @@ export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data}
 mkdir -p "$OUT"
 for m in $METHODS; do
   for update in none closed-form; do
-    $SVDLLM compress --model smollm2-135m --method "$m" --update "$update" --ratio 0.2,0.4,0.6 --nsamples 64 \
+    $SVDLLM compress --model smollm2-135m --alloc uniform --method "$m" --update "$update" --ratio 0.2,0.4,0.6 --nsamples 64 \
       --seqlen 2048 --seed 0 --out "$OUT/$m-$update" --overwrite --json -q | tail -1 > "$OUT/compress-$m-$update.json"
     for r in 0.2 0.4 0.6; do
       $SVDLLM eval --model "$OUT/$m-$update/ratio-$r" --ppl wikitext2 --json -q | tail -1 > "$OUT/eval-$m-$update-r$r.json"

@@ -8,7 +8,7 @@ SVDLLM=${SVDLLM:-svdllm}
 export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data}
 mkdir -p "$OUT"
 nproc > "$OUT/machine.txt"; lscpu | grep -E "Model name|^CPU\(s\)" >> "$OUT/machine.txt" || true
-$SVDLLM compress --model smollm2-135m --method svd-llm --ratio 0.2,0.4,0.6 --nsamples 64 --seqlen 2048 --seed 0 \
+$SVDLLM compress --model smollm2-135m --preset paper --ratio 0.2,0.4,0.6 --nsamples 64 --seqlen 2048 --seed 0 \
   --out "$OUT/smollm2-svdllm" --overwrite --json -q | tail -1 > "$OUT/compress.json"
 $SVDLLM eval --model smollm2-135m --ppl wikitext2 --json -q | tail -1 > "$OUT/eval-dense.json"
 for r in 0.2 0.4 0.6; do

@@ -111,20 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="calibrate, factorize and save a compressed model")
     _add_model_args(c)
-    c.add_argument("--method", default="svd-llm", choices=sorted(METHODS))
+    c.add_argument("--preset", default="best", choices=["best", "paper"],
+                   help="best (default): the lowest perplexity for the size measured so far (svd-llm with the global "
+                        "allocator); paper: SVD-LLM (W) as published (svd-llm, uniform ranks). --method, --alloc and "
+                        "--update override the preset's choice")
+    c.add_argument("--method", default=None, choices=sorted(METHODS))
     c.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="a method option, e.g. --method kfac-svd --method-arg shrink_outputs=0.2 (repeatable; "
                         "see `svdllm methods`)")
     c.add_argument("--ratio", type=_ratios, default=[0.4],
                    help="fraction of the compressed matrices' parameters to remove; several, comma-separated, "
                         "share one calibration pass (e.g. 0.2,0.4,0.6)")
-    c.add_argument("--alloc", default="uniform", choices=sorted(ALLOCATORS),
+    c.add_argument("--alloc", default=None, choices=sorted(ALLOCATORS),
                    help="rank allocation (see `svdllm allocators`); any allocator works with any method")
     c.add_argument("--alloc-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="an allocator option, e.g. --alloc lorap --alloc-arg attn_keep=0.5 (repeatable)")
     c.add_argument("--rank-multiple", type=int, default=1,
                    help="round every rank to a multiple of this (8, 16, 32 suit fast kernels); the budget still holds")
-    c.add_argument("--update", default="none", choices=sorted(UPDATES),
+    c.add_argument("--update", default=None, choices=sorted(UPDATES),
                    help="after truncation: closed-form (least-squares W_u), lora (sequential LoRA fine-tuning, "
                         "options --ft-*), or closed-form+lora")
     c.add_argument("--calib-dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
@@ -256,7 +260,11 @@ def _load(args):
 
 
 def cmd_compress(args) -> dict:
-    from .config import CalibrationConfig, CompressConfig
+    from .config import PRESETS, CalibrationConfig, CompressConfig
+
+    for key, value in PRESETS[args.preset].items():  # the preset fills what was not named
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     from .io.checkpoint import check_out_dir
     from .pipeline import compress, summarize
 

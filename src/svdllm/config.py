@@ -8,6 +8,14 @@ from .errors import SvdllmError
 
 CALIBRATION_MODES = ("original", "sequential")
 
+# What `svdllm compress` does when no method/allocation/update is named. "best" is the lowest WikiText-2
+# perplexity for the size measured so far on SmolLM2-135M at R = 0.2, 0.4 and 0.6 (BENCHMARKS.md: svd-llm with the
+# global allocator is 50–59% below uniform ranks at every ratio); "paper" is SVD-LLM (W) as the paper evaluates it.
+PRESETS = {
+    "best": {"method": "svd-llm", "alloc": "global", "update": "none"},
+    "paper": {"method": "svd-llm", "alloc": "uniform", "update": "none"},
+}
+
 
 @dataclass
 class CalibrationConfig:
