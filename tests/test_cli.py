@@ -54,7 +54,7 @@ def test_generate_and_listings(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--kv-cache", "low-rank"]) == 2
     assert "low-rank KV cache needs a model compressed" in capsys.readouterr().err
     small = model_dir.parent / "small-qwen2"
-    assert main(["compress", "--model", str(model_dir), "--method", "svd", "--ratio", "0.5", "--out", str(small),
+    assert main(["compress", "--model", str(model_dir), "--preset", "paper", "--method", "svd", "--ratio", "0.5", "--out", str(small),
                  "--overwrite", "-q"]) == 0
     capsys.readouterr()
     runs = {}
