@@ -108,6 +108,8 @@ def test_output_gradient_grams_equal_autograd():
     model = tiny_model("mistral")  # GQA: k/v have fewer outputs than q
     windows = _windows(n=2, seqlen=16)
     stats = gradient_stats(model, windows, progress=False, output_grams=True)
+    diagonal_only = gradient_stats(model, windows, progress=False)  # what fwsvd and the allocators gather
+    assert diagonal_only.output_grams is None
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
         module = model.get_submodule(name)
         expected = torch.zeros(module.out_features, module.out_features, dtype=torch.float64)
@@ -121,6 +123,7 @@ def test_output_gradient_grams_equal_autograd():
             expected += g.T @ g
         torch.testing.assert_close(stats.output_grams[name], expected, rtol=1e-5, atol=1e-14)
         torch.testing.assert_close(stats.outputs[name], expected.diagonal(), rtol=1e-5, atol=1e-14)
+        torch.testing.assert_close(diagonal_only.outputs[name], expected.diagonal(), rtol=1e-5, atol=1e-14)
 
 
 def test_interrupted_calibration_resumes_bit_identical(tok, data_dir, tmp_path, monkeypatch):

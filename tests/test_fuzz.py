@@ -35,6 +35,12 @@ def saved(tmp_path_factory, tok):
     return out
 
 
+def _copy(saved, tmp_path_factory):
+    work = tmp_path_factory.mktemp("fuzz")
+    shutil.copytree(saved, work / "m")
+    return work / "m"
+
+
 def _load_or_clear_error(path):
     try:
         model = svdllm.load(path)
@@ -48,8 +54,7 @@ def _load_or_clear_error(path):
 @given(data=st.data())
 def test_fuzzed_manifest(saved, tmp_path_factory, data):
     TRIED["manifest"] += 1
-    work = tmp_path_factory.mktemp("m")
-    shutil.copytree(saved, work / "m")
+    target = _copy(saved, tmp_path_factory)
     manifest = json.loads((saved / MANIFEST_NAME).read_text())
     action = data.draw(st.sampled_from(["replace", "delete", "rank", "whole"]))
     if action == "replace":
@@ -62,8 +67,8 @@ def test_fuzzed_manifest(saved, tmp_path_factory, data):
         manifest["ranks"][name] = data.draw(json_values)
     else:
         manifest = data.draw(json_values)
-    (work / "m" / MANIFEST_NAME).write_text(json.dumps(manifest))
-    model = _load_or_clear_error(work / "m")
+    (target / MANIFEST_NAME).write_text(json.dumps(manifest))
+    model = _load_or_clear_error(target)
     if model is not None:  # whatever loaded must compute finite logits
         with torch.no_grad():
             assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
@@ -73,32 +78,30 @@ def test_fuzzed_manifest(saved, tmp_path_factory, data):
 @given(cut=st.integers(0, 10**6), flips=st.lists(st.tuples(st.integers(0, 10**7), st.integers(1, 255)), max_size=6))
 def test_fuzzed_weights_file(saved, tmp_path_factory, cut, flips):
     TRIED["weights"] += 1
-    work = tmp_path_factory.mktemp("w")
-    shutil.copytree(saved, work / "m")
-    path = work / "m" / "model.safetensors"
+    target = _copy(saved, tmp_path_factory)
+    path = target / "model.safetensors"
     raw = bytearray(path.read_bytes())
     for pos, xor in flips:  # header and tensor bytes alike
         raw[pos % len(raw)] ^= xor
     if cut % 3 == 0:
         raw = raw[: cut % len(raw)]
     path.write_bytes(bytes(raw))
-    _load_or_clear_error(work / "m")
+    _load_or_clear_error(target)
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_config(saved, tmp_path_factory, data):
     TRIED["config"] += 1
-    work = tmp_path_factory.mktemp("c")
-    shutil.copytree(saved, work / "m")
+    target = _copy(saved, tmp_path_factory)
     config = json.loads((saved / "config.json").read_text())
     key = data.draw(st.sampled_from(sorted(config)))
     if data.draw(st.booleans()):
         config[key] = data.draw(json_values)
     else:
         config.pop(key)
-    (work / "m" / "config.json").write_text(json.dumps(config))
-    _load_or_clear_error(work / "m")
+    (target / "config.json").write_text(json.dumps(config))
+    _load_or_clear_error(target)
 
 
 def test_report_fuzz_counts():
