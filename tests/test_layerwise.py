@@ -70,3 +70,21 @@ def test_layerwise_refuses_what_needs_the_whole_model(tok, data_dir, tmp_path):
     with pytest.raises(SvdllmError, match="output directory"):
         svdllm.compress(lazy, tok, _config(data_dir, tmp_path, ratio=0.4), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_layerwise_device_placement(tok, data_dir, tmp_path):
+    """Layers are read onto the model's device one at a time (the CPU here; a GPU the same way)."""
+    from svdllm.models.lazy import materialize, release, to_device
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    lazy, _ = load_model(str(tmp_path / "dense"), layerwise=True)
+    to_device(lazy, "cpu")
+    assert lazy.lm_head.weight is lazy.model.embed_tokens.weight or not lazy.config.tie_word_embeddings
+    materialize(lazy, "model.layers.1.")
+    assert all(not p.is_meta for p in lazy.model.layers[1].parameters())
+    assert all(p.is_meta for p in lazy.model.layers[0].parameters())
+    torch.testing.assert_close(lazy.model.layers[1].mlp.up_proj.weight, dense.model.layers[1].mlp.up_proj.weight)
+    release(lazy, "model.layers.1.")
+    assert all(p.is_meta for p in lazy.model.layers[1].parameters())

@@ -255,7 +255,9 @@ def _load(args):
 
     model, tok = load_model(args.model, args.dtype, layerwise=getattr(args, "layerwise", False))
     if getattr(args, "device", None):
-        model.to(args.device)
+        from .models.lazy import is_lazy, to_device
+
+        to_device(model, args.device) if is_lazy(model) else model.to(args.device)
     return model, tok
 
 

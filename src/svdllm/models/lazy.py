@@ -57,12 +57,26 @@ def _set(model: nn.Module, name: str, value: torch.Tensor | None, device="cpu") 
 
 
 def materialize(model: nn.Module, prefix: str) -> None:
-    """Read every meta parameter under `prefix` from the checkpoint, in the model's dtype."""
+    """Read every meta parameter under `prefix` from the checkpoint, in the model's dtype, onto its device."""
     ckpt: LazyCheckpoint = model._svdllm_lazy
     dtype = model._svdllm_dtype
     for name, p in list(model.named_parameters()):
         if name.startswith(prefix) and p.is_meta:
-            _set(model, name, ckpt.get(name).to(dtype))
+            _set(model, name, ckpt.get(name).to(dtype), device=model._svdllm_device)
+
+
+def to_device(model: nn.Module, device: str | torch.device) -> None:
+    """Move what is loaded to `device`; the layers read later go there too (one at a time on a GPU)."""
+    model._svdllm_device = torch.device(device)
+    for name, p in list(model.named_parameters()):
+        if not p.is_meta:
+            _set(model, name, p.data, device=device)
+    for module in model.modules():
+        for key, b in list(module._buffers.items()):
+            if b is not None and not b.is_meta:
+                module._buffers[key] = b.to(device)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.get_input_embeddings().weight
 
 
 def release(model: nn.Module, prefix: str) -> None:
@@ -108,6 +122,7 @@ def load_lazy(directory: str | os.PathLike, dtype: torch.dtype, display: str | N
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model._svdllm_lazy = LazyCheckpoint(directory)
     model._svdllm_dtype = dtype
+    model._svdllm_device = torch.device("cpu")
     tied = getattr(config, "tie_word_embeddings", False)
     for name, p in list(model.named_parameters()):
         if not name.startswith(LAYER_PREFIX) and not (tied and name == "lm_head.weight"):
