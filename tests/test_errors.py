@@ -55,6 +55,26 @@ def test_missing_data_dir(tmp_path):
         load_text("wikitext2", "test", tmp_path / "absent")
 
 
+def test_no_data_dir_and_no_network_fails_at_once(monkeypatch):
+    import socket
+    import time
+
+    from svdllm.data.instructions import load_records
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.delenv("SVDLLM_DATA_DIR", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t = time.perf_counter()
+    with pytest.raises(SvdllmError, match="hub is not reachable.*--data-dir"):
+        load_text("wikitext2", "test", None)
+    with pytest.raises(SvdllmError, match="hub is not reachable.*--data-dir"):
+        load_records("alpaca", None)
+    assert time.perf_counter() - t < 5  # no minute of retries
+
+
 def test_existing_output_needs_overwrite(tok, data_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -61,6 +61,11 @@ def load_records(data: str, data_dir: str | os.PathLike | None = None) -> list[d
         if not path.is_file():
             raise SvdllmError(f"Missing {path}: the data directory {root} has no Alpaca copy ({ALPACA_FILE}).")
         return _read_records(path)
+    from .texts import hub_reachable
+
+    if not hub_reachable():
+        raise SvdllmError("No data directory was given for Alpaca and the Hugging Face hub is not reachable: pass "
+                          "--data-dir (a folder with alpaca/alpaca_data.json) or set $SVDLLM_DATA_DIR.")
     try:
         import datasets
 

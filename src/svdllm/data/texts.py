@@ -96,7 +96,23 @@ def load_text(name: str, split: str = "test", data_dir: str | os.PathLike | None
     return _load_hub_text(c, split)
 
 
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub can be reached at all: offline, the datasets library retries for a minute."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError:
+        return False
+    return True
+
+
 def _load_hub_text(c: Corpus, split: str) -> str:
+    if not hub_reachable():
+        raise SvdllmError(f"No data directory was given for {c.name} and the Hugging Face hub is not reachable: pass "
+                          "--data-dir (a folder with the shared data layout) or set $SVDLLM_DATA_DIR.")
     try:
         import datasets
     except ImportError as e:
