@@ -170,3 +170,10 @@ def test_cli_finetune(tok, records, tmp_path, capsys):
     # bad input: a missing data file is named
     rc = main(["finetune", str(tmp_path / "c2"), "--out", str(tmp_path / "ft2"), "--data", "nope.json", "-q"])
     assert rc == 2 and "nope.json" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_is_named(tok, records, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "state.pt").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(SvdllmError, match="damaged"):
+        finetune(_compressed(tok), tok, _config(records, max_steps=1), checkpoint_dir=tmp_path / "c", progress=False)

@@ -211,8 +211,12 @@ def finetune(model: nn.Module, tokenizer, config: FinetuneConfig | None = None,
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
         if (ckpt / STATE_NAME).is_file():
-            state = torch.load(ckpt / STATE_NAME, weights_only=False)
-            if state.get("identity") != identity:
+            try:  # our own file: optimizer state and RNG need the full pickle format
+                state = torch.load(ckpt / STATE_NAME, weights_only=False)
+            except Exception as e:  # a truncated or foreign file raises whatever unpickling meets
+                raise SvdllmError(f"The checkpoint {ckpt / STATE_NAME} is damaged ({type(e).__name__}); remove "
+                                  f"{ckpt} to start afresh.") from e
+            if not isinstance(state, dict) or state.get("identity") != identity:
                 raise SvdllmError(f"The checkpoint in {ckpt} was written by a run with other settings or another "
                                   "model; remove that directory (or choose another) to start afresh.")
             log.info("Resuming fine-tuning from %s (stage %d, step %d)", ckpt, state["stage"], state["step"])
