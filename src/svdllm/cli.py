@@ -313,8 +313,8 @@ def cmd_compress(args) -> dict:
 def cmd_finetune(args) -> dict:
     from pathlib import Path
 
-    from .io.checkpoint import check_out_dir, load, read_manifest, save
-    from .update.lora import finetune, summary, write_history
+    from .io.checkpoint import check_out_dir, load, read_manifest
+    from .update.lora import finetune_and_save, summary
 
     config = _finetune_config(args, args.device)
     manifest = read_manifest(args.run_dir)
@@ -324,13 +324,10 @@ def cmd_finetune(args) -> dict:
     model, tok = load(args.run_dir, device=args.device, with_tokenizer=True)
     print(f"fine-tuning {args.run_dir}: {config.stages} LoRA (r {config.lora_r}, lr {config.lr:g}, batch "
           f"{config.batch_size}, {config.samples or 'all'} examples of {config.data}); checkpoints in {ckpt}")
-    history = finetune(model, tok, config, checkpoint_dir=ckpt, progress=not args.quiet)
     previous = manifest.get("update", "none")
-    manifest.update(update="lora" if previous == "none" else f"{previous}+lora",
-                    finetune=dict(summary(history), config=history["config"], source=str(args.run_dir)))
-    save(model, tok, out, manifest, overwrite=args.overwrite)
-    write_history(history, out)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    history = finetune_and_save(model, tok, config, manifest, "lora" if previous == "none" else f"{previous}+lora",
+                                out, overwrite=args.overwrite, progress=not args.quiet, checkpoint_dir=ckpt,
+                                source=str(args.run_dir))
     s = summary(history)
     val = ", ".join(f"{k} {v:.4f}" for k, v in s["val_loss"].items())
     print(f"done in {history['wall_s'] / 60:.1f} min ({s['steps_per_stage']} steps per stage); validation loss: "
@@ -376,7 +373,7 @@ def cmd_export(args) -> dict:
     import tempfile
     from pathlib import Path
 
-    from .io.checkpoint import check_out_dir, load
+    from .io.checkpoint import _move_into_place, check_out_dir, load
     from .io.hf_native import export_dense
 
     check_out_dir(args.out, args.overwrite)
@@ -387,9 +384,7 @@ def cmd_export(args) -> dict:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _move_into_place(tmp, out)  # an existing --overwrite target is swapped out only once this one is complete
     except OSError as e:
         raise SvdllmError(f"Writing the dense export to {out} failed ({e}); nothing was written there.") from e
     finally:

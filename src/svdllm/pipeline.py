@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +152,7 @@ def _compress_then_finetune(model, tokenizer, config, out, overwrite, progress):
     if distributed.active():
         raise SvdllmError("--update lora runs in one process: compress under torchrun, then `svdllm finetune`.")
     from .io.checkpoint import load
-    from .update.lora import default_config, finetune, summary, write_history
+    from .update.lora import default_config, finetune_and_save
 
     ft = config.finetune or default_config(next(model.parameters()).device, data_dir=config.calibration.data_dir)
     ft.validate()
@@ -162,14 +161,9 @@ def _compress_then_finetune(model, tokenizer, config, out, overwrite, progress):
     for res in results:
         # several ratios leave the model dense and each compressed one on disk; one ratio leaves it compressed here
         target = model if len(results) == 1 else load(res.out)
-        ckpt = None if res.out is None else res.out.parent / f".{res.out.name}.finetune"
-        history = finetune(target, tokenizer, ft, checkpoint_dir=ckpt, progress=progress)
-        res.manifest.update(update=config.update, finetune=dict(summary(history), config=history["config"]))
+        history = finetune_and_save(target, tokenizer, ft, res.manifest, config.update, res.out, overwrite=True,
+                                    progress=progress)
         res.timings["finetune_s"] = history["wall_s"]
-        if res.out is not None:
-            save(target, tokenizer, res.out, res.manifest, overwrite=True)
-            write_history(history, res.out)
-            shutil.rmtree(ckpt, ignore_errors=True)
     return results
 
 

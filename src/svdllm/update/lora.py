@@ -365,3 +365,22 @@ def write_history(history: dict, out_dir: str | os.PathLike) -> None:
 
     atomic_write_text(out / "finetune_history.json", json.dumps(history, indent=1))
     plot_history(history, out / "finetune_loss.png")
+
+
+def finetune_and_save(model: nn.Module, tokenizer, config: FinetuneConfig, manifest: dict, update: str,
+                      out: str | os.PathLike | None, overwrite: bool = False, progress: bool = True,
+                      checkpoint_dir: str | os.PathLike | None = None, **extra) -> dict:
+    """Fine-tune in place, record it in the manifest, and (with `out`) save the model beside its loss curve.
+    Checkpoints go to `.<out>.finetune` beside `out` and are removed once the model is saved."""
+    import shutil
+
+    from ..io.checkpoint import save
+
+    ckpt = checkpoint_dir or (None if out is None else Path(out).parent / f".{Path(out).name}.finetune")
+    history = finetune(model, tokenizer, config, checkpoint_dir=ckpt, progress=progress)
+    manifest.update(update=update, finetune=dict(summary(history), config=history["config"], **extra))
+    if out is not None:
+        save(model, tokenizer, out, manifest, overwrite=overwrite)
+        write_history(history, out)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return history
