@@ -247,9 +247,9 @@ def test_kfac_svd_with_global_allocation_and_cached_output_grams(tok, data_dir, 
     output-gradient Grams are cached, so a second run does no gradient pass and gives the same model."""
     import svdllm.pipeline as pipeline
 
-    def config():
+    def config(cache_dir=str(tmp_path / "cache")):
         return svdllm.CompressConfig(ratio=0.4, method="kfac-svd", alloc="global", alloc_options={"calibrate": 0},
-                                     cache_dir=str(tmp_path / "cache"),
+                                     cache_dir=cache_dir,
                                      calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32,
                                                                           data_dir=str(data_dir)))
 
@@ -262,6 +262,12 @@ def test_kfac_svd_with_global_allocation_and_cached_output_grams(tok, data_dir, 
     res2 = svdllm.compress(second, tok, config(), progress=False)[0]
     assert res2.ranks == res.ranks
     for (n, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), n
+    # with the cache, the Grams are read back from disk one at a time; without it they stay in memory: same model
+    monkeypatch.undo()
+    third = tiny_model("qwen2")
+    svdllm.compress(third, tok, config(cache_dir=""), progress=False)
+    for (n, a), (_, b) in zip(first.named_parameters(), third.named_parameters()):
         assert torch.equal(a, b), n
 
 

@@ -307,6 +307,8 @@ def cmd_compress(args) -> dict:
     t = results[0].timings
     print(f"calibration {t['calibration_s']:.1f} s, factorization {t['factorization_s']:.1f} s, "
           f"peak RSS {t['peak_rss_mb']:.0f} MB")
+    if "gradient_pass_s" in t:
+        print(f"gradient pass {t['gradient_pass_s']:.1f} s, peak RSS by its end {t['peak_rss_after_gradients_mb']:.0f} MB")
     return {"command": "compress", "model": args.model, "method": args.method, "results": rows}
 
 

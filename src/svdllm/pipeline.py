@@ -209,7 +209,11 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             grads = gradient_stats(model, windows[:n_grad], progress, output_grams=needs_grams)
             if cache is not None:
                 cache.save_gradients(grads)
+                if needs_grams:  # from here on, read each Gram from disk when its layer comes
+                    grads = cache.load_gradients(n_grad, needs_grams)
         timings["gradient_pass_s"] = time.perf_counter() - t0
+        # ru_maxrss only grows: read after each phase, it tells which phase set the process's peak
+        timings["peak_rss_after_gradients_mb"] = peak_rss_mb()
 
     def stats_for(full: str, name: str, stats) -> LinearStats:
         linear_stats = stats.for_linear(name) if stats is not None else LinearStats()
@@ -264,6 +268,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                                               full)
         spectra = distributed.gather_merge(spectra)
         timings["spectra_s"] = time.perf_counter() - t
+        timings["peak_rss_after_spectra_mb"] = peak_rss_mb()
         if needs_inputs and not _ratio_dependent(config):
             cache = spectra_cache  # phase 2 reads the statistics back instead of running the pass again
     else:

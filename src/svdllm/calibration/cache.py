@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -37,6 +38,32 @@ def model_fingerprint(model) -> str:
                 h.update(name.encode())
                 h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+class LazyTensors(Mapping):
+    """A safetensors file read one tensor at a time: the output-gradient Grams of a whole model (1.3 GB for
+    SmolLM2-135M, m² doubles per linear) stay on disk until the factorization reaches their layer."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(path, framework="pt") as f:
+            self._keys = list(f.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class StatsCache:
@@ -106,7 +133,7 @@ class StatsCache:
             return None
         t = load_file(path)
         pick = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
-        grams = load_file(self._gram_path(windows)) if output_grams else None
+        grams = LazyTensors(self._gram_path(windows)) if output_grams else None
         return GradientStats(pick("rows."), pick("outputs."), windows, grams)
 
     def load(self, i: int) -> LayerStats:

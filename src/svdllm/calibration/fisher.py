@@ -15,6 +15,7 @@ above are kept: no per-token storage.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ class GradientStats:
     rows: dict[str, torch.Tensor]  # name -> Σ_windows Σ_j (∂L/∂W_ij)², float64 (m,)
     outputs: dict[str, torch.Tensor]  # name -> Σ_tokens (∂L/∂y_i)², float64 (m,)
     windows: int
-    output_grams: dict[str, torch.Tensor] | None = None  # name -> Σ_tokens (∂L/∂y)(∂L/∂y)ᵀ, float64 (m, m)
+    output_grams: Mapping[str, torch.Tensor] | None = None  # name -> Σ_tokens (∂L/∂y)(∂L/∂y)ᵀ, float64 (m, m)
 
 
 def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = True,
