@@ -96,7 +96,10 @@ def test_merged_model_equals_the_adapter_model(tok, records):
     torch.testing.assert_close(after, with_adapters, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tok, records, tmp_path):
+# step 3: after stage 2's checkpoint at step 2, so step 3 is lost and redone; step 1: before any checkpoint of
+# stage 2, so the run resumes from the state written at the stage boundary (no adapter in it yet)
+@pytest.mark.parametrize("stop_at", [3, 1])
+def test_resume_after_interruption_equals_uninterrupted_run(stop_at, tok, records, tmp_path):
     cfg = _config(records, max_steps=5, save_every=2, lora_dropout=0.1)
     straight = _compressed(tok)
     h_straight = finetune(straight, tok, cfg, progress=False)
@@ -105,7 +108,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tok, records, tmp_pa
         pass
 
     def stop_in_stage_two(stage, step, loss):
-        if stage == 1 and step == 3:  # after a checkpoint at step 2: step 3 is lost and redone
+        if stage == 1 and step == stop_at:
             raise Stop
 
     interrupted = _compressed(tok)

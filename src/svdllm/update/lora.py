@@ -246,7 +246,7 @@ def finetune(model: nn.Module, tokenizer, config: FinetuneConfig | None = None,
         scheduler = get_linear_schedule_with_warmup(optimizer, min(config.warmup_steps, steps // 10 + 1), steps)
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         start = 0
-        if state and si == state["stage"]:
+        if state and si == state["stage"] and "adapter" in state:  # (a stage-boundary state has no adapter yet)
             set_peft_model_state_dict(peft_model, state["adapter"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
