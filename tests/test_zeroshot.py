@@ -96,3 +96,15 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
 def test_bench_bad_sizes(capsys):
     assert main(["bench", "--model", "x", "--batch-sizes", "a"]) == 2
     assert "integers" in capsys.readouterr().err
+
+
+def test_markdown_table_with_and_without_stderr():
+    from svdllm.evaluation.zeroshot import markdown_table
+
+    result = {"tasks": {"piqa": {"acc": 0.5, "acc_stderr": 0.01, "acc_norm": 0.6, "acc_norm_stderr": None, "n": 1},
+                        "arc_easy": {"acc": 0.25, "acc_stderr": None, "n": 1}},
+              "average_acc": 0.375, "average_acc_norm_or_acc": 0.425, "limit": 1}
+    table = markdown_table(result)
+    assert "| piqa | 1 | 0.5000 ± 0.0100 | 0.6000 |" in table
+    assert "| arc_easy | 1 | 0.2500 | – |" in table
+    assert "--limit 1" in table

@@ -122,12 +122,15 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | 
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, num_fewshot=0, limit=limit,
                                   log_samples=False, bootstrap_iters=1000, random_seed=0, numpy_random_seed=0,
                                   torch_random_seed=0, fewshot_random_seed=0)
+    def stderr(value):  # lm-eval reports "N/A" where it cannot estimate one (a task with a single example)
+        return value if isinstance(value, (int, float)) else None
+
     results = {}
     for t in tasks:
         r = out["results"][t]
-        row = {"acc": r["acc,none"], "acc_stderr": r.get("acc_stderr,none")}
+        row = {"acc": r["acc,none"], "acc_stderr": stderr(r.get("acc_stderr,none"))}
         if "acc_norm,none" in r:
-            row.update(acc_norm=r["acc_norm,none"], acc_norm_stderr=r.get("acc_norm_stderr,none"))
+            row.update(acc_norm=r["acc_norm,none"], acc_norm_stderr=stderr(r.get("acc_norm_stderr,none")))
         row["n"] = out.get("n-samples", {}).get(t, {}).get("effective")
         results[t] = row
     avg = sum(r["acc"] for r in results.values()) / len(results)
@@ -138,10 +141,13 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | 
 
 def markdown_table(result: dict) -> str:
     """One row per task (acc ± stderr, acc_norm ± stderr), then the averages the papers report."""
+    def cell(value, err):
+        return f"{value:.4f}" + (f" ± {err:.4f}" if isinstance(err, (int, float)) else "")
+
     lines = ["| task | n | acc | acc_norm |", "|---|---|---|---|"]
     for t, r in result["tasks"].items():
-        norm = f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else "–"
-        lines.append(f"| {t} | {r['n']} | {r['acc']:.4f} ± {r['acc_stderr']:.4f} | {norm} |")
+        norm = cell(r["acc_norm"], r.get("acc_norm_stderr")) if "acc_norm" in r else "–"
+        lines.append(f"| {t} | {r['n']} | {cell(r['acc'], r.get('acc_stderr'))} | {norm} |")
     lines.append(f"| average | | {result['average_acc']:.4f} | {result['average_acc_norm_or_acc']:.4f} (acc where no acc_norm) |")
     if result.get("limit"):
         lines.append(f"\n[--limit {result['limit']}: the first {result['limit']} examples of each task, not the full sets]")
