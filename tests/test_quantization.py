@@ -35,6 +35,13 @@ def test_quantized_factors_round_trip(scheme, bits, tol, tok, tmp_path, capsys):
     assert manifest["quantization"]["scheme"] == scheme and manifest["ranks"]
     # quantizing twice is refused
     assert main(["quantize", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "q2"), "-q"]) == 2
+    # plain transformers cannot rebuild torchao's flattened weights: no remote-code hook is offered for them
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "auto_map" not in config and not (tmp_path / "q" / "modeling_svdllm.py").exists()
+    assert "svdllm.load(PATH, with_tokenizer=True)" in (tmp_path / "q" / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "q"), "--dense", "--out", str(tmp_path / "d")]) == 2
+    assert "is quantized" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_dense_model_quantized_alone(tok, tmp_path, capsys):

@@ -378,7 +378,12 @@ def cmd_export(args) -> dict:
     from .io.checkpoint import _move_into_place, check_out_dir, load
     from .io.hf_native import export_dense
 
+    from .io.checkpoint import read_manifest
+
     check_out_dir(args.out, args.overwrite)
+    if read_manifest(args.run_dir).get("quantization"):
+        raise SvdllmError(f"{args.run_dir} is quantized; export the unquantized compressed model "
+                          "(the directory `svdllm quantize` read), then quantize the dense export if you need to.")
     model, tok = load(args.run_dir, with_tokenizer=True)
     export_dense(model)
     out = Path(args.out)

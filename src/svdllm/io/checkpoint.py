@@ -76,9 +76,14 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, ov
 
 
 def _write_beside_weights(tmp: Path, model: nn.Module, tokenizer, manifest: dict) -> None:
-    # config.json with the rank map and auto_map, and the modeling file: loadable by plain transformers
-    native_config(model, manifest.get("ranks", {})).save_pretrained(tmp)
-    (tmp / MODELING_FILE).write_text(modeling_source(model))
+    # config.json with the rank map and auto_map, and the modeling file: loadable by plain transformers. Not for
+    # quantized weights: they are torchao's flattened entries, which only svdllm.load rebuilds
+    config = native_config(model, manifest.get("ranks", {}))
+    if manifest.get("quantization"):
+        del config.auto_map
+    else:
+        (tmp / MODELING_FILE).write_text(modeling_source(model))
+    config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     manifest = dict(manifest, format="svdllm", format_version=FORMAT_VERSION)

@@ -93,6 +93,12 @@ def model_card(manifest: dict, results: dict | None = None) -> str:
     for name, r in sorted(((results or {}).get("ppl") or {}).items()):
         windows = "" if r.get("windows") == r.get("total_windows") else f", first {r.get('windows')} windows"
         lines.append(f"| perplexity, {name} ({r.get('seqlen')}-token windows{windows}) | {r.get('ppl'):.2f} |")
+    if manifest.get("quantization"):
+        q = manifest["quantization"]
+        lines += ["", f"The factors are quantized ({q.get('scheme', '?')}, torchao); only svdllm rebuilds them.", "",
+                  "## Use", "", "```python", "import svdllm",
+                  "model, tokenizer = svdllm.load(PATH, with_tokenizer=True)", "```", ""]
+        return "\n".join(lines)
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
               "tokenizer = AutoTokenizer.from_pretrained(PATH)", "# or, without remote code: import svdllm; "
