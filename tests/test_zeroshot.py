@@ -108,3 +108,32 @@ def test_markdown_table_with_and_without_stderr():
     assert "| piqa | 1 | 0.5000 ± 0.0100 | 0.6000 |" in table
     assert "| arc_easy | 1 | 0.2500 | – |" in table
     assert "--limit 1" in table
+    assert main(["bench", "--model", "x", "--new-tokens", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_decode_steps_continue_the_greedy_generation(family):
+    """The timed decode loop is the generation itself: its tokens are those of model.generate (sliding-window
+    Gemma cache included)."""
+    from svdllm.evaluation import bench
+
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    tokens = []
+    real_forward = model.forward
+
+    def spy(*a, **k):
+        out = real_forward(*a, **k)
+        tokens.append(out.logits[:, -1].argmax(-1))
+        return out
+
+    model.forward = spy
+    with torch.no_grad():
+        bench._decode_seconds(model, ids, 4, torch.device("cpu"))
+    model.forward = real_forward
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                          do_sample=False, pad_token_id=0)[:, 9:]
+    assert torch.equal(torch.stack(tokens, 1), want)
+    rows = bench.measure(model, (1,), (8,), new_tokens=3, repeats=2)
+    assert rows[0]["decode_tok_s"] > 0 and rows[0]["prefill_tok_s"] > 0

@@ -510,9 +510,13 @@ def cmd_bench(args) -> dict:
         lens = [int(x) for x in args.prompt_lens]
         kv_lens = [] if args.kv_lengths == ["none"] else [int(x) for x in args.kv_lengths]
     except ValueError:
-        raise SvdllmError("--batch-sizes and --prompt-lens take integers separated by commas, e.g. 1,4.")
-    if min(sizes + lens + [args.new_tokens, args.repeats]) < 1:
-        raise SvdllmError("Batch sizes, prompt lengths, --new-tokens and --repeats must be at least 1.")
+        raise SvdllmError("--batch-sizes, --prompt-lens and --kv-lengths take integers separated by commas, "
+                          "e.g. 1,4 (--kv-lengths none to skip the KV-cache measurement).")
+    if min(sizes + lens + kv_lens + [args.repeats]) < 1:
+        raise SvdllmError("Batch sizes, prompt lengths, --kv-lengths and --repeats must be at least 1.")
+    if args.new_tokens < 2:
+        raise SvdllmError(f"--new-tokens must be at least 2 (the first new token comes from the prefill; decode "
+                          f"speed is timed over the rest), got {args.new_tokens}.")
     if args.single:
         model, _ = _load(args)
         rows = bench.measure(model, sizes, lens, args.new_tokens, args.repeats)

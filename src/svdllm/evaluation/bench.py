@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SvdllmError
+
 
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
@@ -58,11 +60,27 @@ def disk_bytes(path: str | Path | None) -> int | None:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
+def _decode_seconds(model, ids: torch.Tensor, steps: int, device) -> float:
+    """Wall time of `steps` greedy single-token forwards with the KV cache, after an untimed prefill."""
+    out = model(input_ids=ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return time.perf_counter() - t
+
+
 @torch.no_grad()
 def measure(model, batch_sizes=(1, 4), prompt_lens=(128, 512), new_tokens: int = 32, repeats: int = 3,
             vocab: int | None = None, seed: int = 0) -> list[dict]:
-    """Prefill tokens/s (one forward over the prompt, no cache) and decode tokens/s (greedy generation of
-    `new_tokens` with the KV cache, its prefill subtracted) for every batch size and prompt length."""
+    """Prefill tokens/s (one forward over the prompt, no cache) and decode tokens/s (the new_tokens − 1
+    single-token steps that follow the prefill of a greedy generation, timed on their own) for every batch size
+    and prompt length; each the median of `repeats` runs."""
+    if new_tokens < 2:
+        raise SvdllmError(f"--new-tokens must be at least 2 (the first token comes from the prefill), got {new_tokens}.")
     device = next(model.parameters()).device
     vocab = vocab or model.config.vocab_size
     model.eval()
@@ -71,17 +89,13 @@ def measure(model, batch_sizes=(1, 4), prompt_lens=(128, 512), new_tokens: int =
     for b in batch_sizes:
         for n in prompt_lens:
             ids = torch.randint(0, vocab, (b, n), generator=g).to(device)
-            mask = torch.ones_like(ids)
             model(input_ids=ids, use_cache=False)  # warm-up
             _reset_peak(device)
             prefill = _timed(lambda: model(input_ids=ids, use_cache=False), device, repeats)
-            prefill_cached = _timed(lambda: model(input_ids=ids, use_cache=True), device, 1)
-            gen = _timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                                min_new_tokens=new_tokens, do_sample=False,
-                                                pad_token_id=0), device, 1)
+            decode = statistics.median(_decode_seconds(model, ids, new_tokens - 1, device) for _ in range(repeats))
             rows.append({"batch": b, "prompt_len": n, "new_tokens": new_tokens,
                          "prefill_tok_s": b * n / prefill,
-                         "decode_tok_s": b * new_tokens / max(gen - prefill_cached, 1e-9),
+                         "decode_tok_s": b * (new_tokens - 1) / decode,
                          "peak_mem_mb": _peak_mb(device)})
     return rows
 
