@@ -68,3 +68,25 @@ def test_gemma_softcapping_is_applied(tok, data_dir):
     with torch.no_grad():
         ref = [model(x[None], labels=x[None]).loss.item() for x in w]
     assert res["ppl"] == pytest.approx(math.exp(sum(ref) / 2), rel=1e-5)
+
+
+def test_generation_without_chat_template_keeps_the_bos_token():
+    from tokenizers import processors
+
+    from svdllm.evaluation.generation import generate_timed
+    from tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    model = tiny_model("llama")
+    seen = {}
+    real = model.generate
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**kw)
+
+    model.generate = spy
+    out = generate_timed(model, tok, "hello", max_new_tokens=3, chat=True)  # no template: the plain prompt
+    assert seen["input_ids"][0, 0] == 256 and seen["pad_token_id"] == 258
+    assert out["new_tokens"] == 3

@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     _add_output_args(e)
 
-    g = sub.add_parser("generate", help="greedy generation from a prompt")
+    g = sub.add_parser("generate", help="generation from a prompt (greedy, or --sample)")
     _add_model_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=60)

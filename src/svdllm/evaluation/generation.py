@@ -16,12 +16,15 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat
     kv_cache="low-rank" caches the rank-r intermediates of low-rank k/v projections (svdllm.kv_cache)."""
     from ..kv_cache import cache_nbytes, low_rank_kv_cache
 
-    if chat and getattr(tokenizer, "chat_template", None):
+    templated = chat and bool(getattr(tokenizer, "chat_template", None))
+    if templated:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(model.parameters()).device)
+    # the template writes its own special tokens; a plain prompt gets the tokenizer's (BOS for Llama, Gemma)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     torch.manual_seed(seed)
     with (low_rank_kv_cache(model) if kv_cache == "low-rank" else contextlib.nullcontext()) as cache:
@@ -29,7 +32,7 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat
             kwargs["past_key_values"] = cache
         t = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **kwargs)
+                             pad_token_id=pad, **kwargs)
         seconds = time.perf_counter() - t
     new = out.sequences[0, inputs["input_ids"].shape[1]:]
     return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "new_tokens": int(new.numel()),
