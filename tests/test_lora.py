@@ -53,6 +53,7 @@ def test_sequential_stages_freeze_the_other_factor_and_lower_the_loss(tok, recor
     model = _compressed(tok)
     u0, v0 = _factors(model, "u"), _factors(model, "v")
     params = sum(p.numel() for p in model.parameters())
+    ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     seen = {}
 
     def spy(stage, step, loss):  # the factors at the end of stage 1 (after its last step, before the merge)
@@ -67,6 +68,8 @@ def test_sequential_stages_freeze_the_other_factor_and_lower_the_loss(tok, recor
     assert any(not torch.equal(p, v0[n]) for n, p in _factors(model, "v").items())
     # ranks and size unchanged, no adapter left behind
     assert sum(p.numel() for p in model.parameters()) == params
+    assert {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == ranks
+    assert {n: tuple(p.shape) for n, p in _factors(model, "u").items()} == {n: tuple(p.shape) for n, p in u0.items()}
     assert not any("lora" in n for n, _ in model.named_parameters())
     val = [v["loss"] for v in history["val"]]
     assert len(val) == 3 and val[2] < val[1] < val[0]
