@@ -39,3 +39,24 @@ def test_smollm2_compress_eval_reload(smollm2, shared_data, tmp_path):
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_smollm2_zero_shot_equals_lm_eval_own_hf_run(smollm2, shared_data, tmp_path):
+    """Our zero-shot path (lm-eval's HFLM around the loaded model object, tasks read from the local files) gives the
+    numbers of lm-eval's own `hf` model loading the same checkpoint from its directory."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from svdllm.evaluation.zeroshot import local_task_file, task_config, zero_shot
+    from svdllm.models.loading import cache_root
+
+    model, tok = smollm2
+    ours = zero_shot(model, tok, ["arc_easy"], shared_data, limit=16, cache=tmp_path)["tasks"]["arc_easy"]
+    manager = TaskManager()
+    config = task_config("arc_easy", local_task_file("arc_easy", shared_data, tmp_path), manager)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={cache_root() / 'models' / 'smollm2-135m'},"
+                                     "dtype=float32,device=cpu", tasks=[config], task_manager=manager, num_fewshot=0, limit=16,
+                                     random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                     fewshot_random_seed=0)["results"]["arc_easy"]
+    assert ours["n"] == 16, ours
+    assert (ours["acc"], ours["acc_norm"]) == (theirs["acc,none"], theirs["acc_norm,none"]), (ours, theirs)
