@@ -87,7 +87,7 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["prefill_speedup"] > 0
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
     assert out["result"]["params"] < out["dense"]["params"] and out["result"]["disk_bytes"] > 0
-    assert 0 < out["result"]["params_ratio"] < 1
+    assert 0 < out["result"]["params_ratio"] < 1 and 0 < out["result"]["disk_ratio"] < 1
     (kv,) = out["result"]["kv_cache"]
     assert kv["tokens"] == 64 and 0 < kv["low_rank_bytes"] < kv["dynamic_bytes"]
     assert out["dense"]["kv_cache"][0]["dynamic_bytes"] == kv["dynamic_bytes"]

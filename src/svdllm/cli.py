@@ -547,7 +547,11 @@ def cmd_bench(args) -> dict:
     if dense:
         result["rows"] = bench.with_ratios(result["rows"], dense["rows"])
         result["params_ratio"] = result["params"] / dense["params"]
-    print(f"{args.model}: {result['params']:,} parameters" + (f" ({result['params_ratio']:.3f} of dense)" if dense else ""))
+        if result.get("disk_bytes") and dense.get("disk_bytes"):
+            result["disk_ratio"] = result["disk_bytes"] / dense["disk_bytes"]
+    print(f"{args.model}: {result['params']:,} parameters" + (f" ({result['params_ratio']:.3f} of dense)" if dense else "")
+          + (f", {result['disk_bytes'] / 2**20:.1f} MiB on disk" if result.get("disk_bytes") else "")
+          + (f" ({result['disk_ratio']:.3f} of dense)" if "disk_ratio" in result else ""))
     print("| batch | prompt | prefill tok/s | decode tok/s | peak MB |" + (" prefill × | decode × | memory × |" if dense else ""))
     print("|---|---|---|---|---|" + ("---|---|---|" if dense else ""))
     for r in result["rows"]:

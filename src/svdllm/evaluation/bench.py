@@ -129,6 +129,10 @@ def kv_cache_bytes(model, lengths=(2048,), batch: int = 1, seed: int = 0) -> lis
 
 
 def model_facts(model, path=None) -> dict:
+    from ..models.loading import BUILTIN_MODELS, cache_root
+
+    if isinstance(path, str) and path in BUILTIN_MODELS:  # its safetensors conversion in the model cache
+        path = cache_root() / "models" / path
     return {"params": sum(p.numel() for p in model.parameters()),
             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "disk_bytes": disk_bytes(path)}
