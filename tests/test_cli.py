@@ -30,7 +30,8 @@ def test_compress_several_ratios_then_eval(model_dir, data_dir, tmp_path, capsys
     assert [r["ratio"] for r in res["results"]] == [0.2, 0.5]
     assert res["results"][1]["model_after"] < res["results"][0]["model_after"] < res["results"][0]["model_before"]
     for r in ("0.2", "0.5"):
-        assert (out / f"ratio-{r}" / "svdllm_manifest.json").exists()
+        manifest = json.loads((out / f"ratio-{r}" / "svdllm_manifest.json").read_text())
+        assert (manifest["method"], manifest["alloc"]) == ("kfac-svd", "global")  # --preset best
 
     code = main(["eval", "--model", str(out / "ratio-0.5"), "--ppl", "wikitext2,ptb,c4", "--seqlen", "128",
                  "--max-windows", "2", "--data-dir", str(data_dir), "--json", "-q"])
@@ -66,3 +67,30 @@ def test_generate_and_listings(model_dir, capsys):
     assert 0 < runs["low-rank"]["kv_cache_bytes"] < runs["dynamic"]["kv_cache_bytes"]
     assert main(["methods"]) == 0 and "svd-llm" in capsys.readouterr().out
     assert main(["allocators"]) == 0 and "uniform" in capsys.readouterr().out
+
+
+def test_best_preset_adjusts_to_what_the_run_can_do():
+    from svdllm.config import PRESETS, resolve_best
+
+    best = {k: PRESETS["best"][k] for k in ("method", "alloc")}
+    assert best == {"method": "kfac-svd", "alloc": "global"}
+    assert resolve_best(best, set(), 10, 100, False) == (best, None)
+    out, why = resolve_best(best, set(), 60, 100, False)  # Grams above a third of the memory
+    assert out == {"method": "svd-llm", "alloc": "global"} and "Grams" in why
+    assert resolve_best(best, {"method"}, 60, 100, False) == (best, None)  # named by the user: kept
+    assert resolve_best(best, set(), 10**15, None, False) == (best, None)  # memory unknown: not second-guessed
+    out, why = resolve_best(best, set(), 10, 100, True)
+    assert out == {"method": "svd-llm", "alloc": "lorap"} and "layerwise" in why
+    out, _ = resolve_best(best, {"alloc"}, 10, 100, True)
+    assert out == {"method": "svd-llm", "alloc": "global"}  # the user's allocator stays (and fails clearly later)
+
+
+def test_best_preset_falls_back_when_the_grams_do_not_fit(model_dir, data_dir, tmp_path, capsys, monkeypatch, caplog):
+    import svdllm.cli as cli
+
+    monkeypatch.setattr(cli, "_available_memory", lambda: 1024)
+    assert main(["compress", "--model", str(model_dir), "--ratio", "0.5", "--nsamples", "2", "--seqlen", "32",
+                 "--data-dir", str(data_dir), "--no-cache", "--out", str(tmp_path / "r"), "-q"]) == 0
+    manifest = json.loads((tmp_path / "r" / "svdllm_manifest.json").read_text())
+    assert (manifest["method"], manifest["alloc"]) == ("svd-llm", "global")
+    assert "--preset best: kfac-svd's output-gradient Grams need" in caplog.text

@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="calibrate, factorize and save a compressed model")
     _add_model_args(c)
     c.add_argument("--preset", default="best", choices=["best", "paper"],
-                   help="best (default): the lowest perplexity for the size measured so far (svd-llm with the global "
-                        "allocator); paper: SVD-LLM (W) as published (svd-llm, uniform ranks). --method, --alloc and "
-                        "--update override the preset's choice")
+                   help="best (default): the lowest perplexity for the size measured so far (kfac-svd with the "
+                        "global allocator; svd-llm + global where kfac-svd's output Grams would not fit in a third of "
+                        "the available memory, svd-llm + lorap with --layerwise); paper: SVD-LLM (W) as published "
+                        "(svd-llm, uniform ranks). --method, --alloc and --update override the preset's choice")
     c.add_argument("--method", default=None, choices=sorted(METHODS))
     c.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="a method option, e.g. --method kfac-svd --method-arg shrink_outputs=0.2 (repeatable; "
@@ -261,12 +262,39 @@ def _load(args):
     return model, tok
 
 
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _adjust_best(args, named: set[str], gram_bytes: int) -> bool:
+    """Apply config.resolve_best to the parsed arguments; True if the preset's choice changed."""
+    from .config import resolve_best
+
+    chosen = {"method": args.method, "alloc": args.alloc}
+    out, reason = resolve_best(chosen, named, gram_bytes, _available_memory(), args.layerwise)
+    if reason is None:
+        return False
+    args.method, args.alloc = out["method"], out["alloc"]
+    logging.getLogger("svdllm").warning("--preset best: %s, so this run uses --method %s --alloc %s.", reason,
+                                        args.method, args.alloc)
+    return True
+
+
 def cmd_compress(args) -> dict:
     from .config import PRESETS, CalibrationConfig, CompressConfig
 
+    named = {key for key in PRESETS[args.preset] if getattr(args, key) is not None}
+    if args.method_arg:  # options are for the preset's method: keep it whatever happens below
+        named.add("method")
     for key, value in PRESETS[args.preset].items():  # the preset fills what was not named
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.preset == "best" and args.layerwise:  # known before loading: no gradient pass
+        _adjust_best(args, named, gram_bytes=0)
     from .io.checkpoint import check_out_dir
     from .pipeline import compress, summarize
 
@@ -296,6 +324,11 @@ def cmd_compress(args) -> dict:
     if device and not args.device:
         args.device = device
     model, tok = _load(args)
+    if args.preset == "best" and config.method == "kfac-svd" and "method" not in named:
+        from .pipeline import output_gram_bytes
+
+        if _adjust_best(args, named, output_gram_bytes(model)):
+            config.method, config.alloc, config.method_options = args.method, args.alloc, dict(args.method_arg)
     results = compress(model, tok, config, out=args.out, overwrite=args.overwrite,
                        progress=not args.quiet and distributed.is_main())
     rows = summarize(results)

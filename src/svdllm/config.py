@@ -9,12 +9,37 @@ from .errors import SvdllmError
 CALIBRATION_MODES = ("original", "sequential")
 
 # What `svdllm compress` does when no method/allocation/update is named. "best" is the lowest WikiText-2
-# perplexity for the size measured so far on SmolLM2-135M at R = 0.2, 0.4 and 0.6 (BENCHMARKS.md: svd-llm with the
-# global allocator is 50–59% below uniform ranks at every ratio); "paper" is SVD-LLM (W) as the paper evaluates it.
+# perplexity for the size measured so far on SmolLM2-135M (BENCHMARKS.md: kfac-svd with the global allocator);
+# "paper" is SVD-LLM (W) as the paper evaluates it.
 PRESETS = {
-    "best": {"method": "svd-llm", "alloc": "global", "update": "none"},
+    "best": {"method": "kfac-svd", "alloc": "global", "update": "none"},
     "paper": {"method": "svd-llm", "alloc": "uniform", "update": "none"},
 }
+# "best" where its first choice cannot run: the next best measured configuration that can
+BEST_WITHOUT_OUTPUT_GRAMS = {"method": "svd-llm", "alloc": "global"}  # the next best in BENCHMARKS.md
+BEST_LAYERWISE = {"method": "svd-llm", "alloc": "lorap"}  # no gradient pass: the best allocator without one
+GRAM_MEMORY_FRACTION = 1 / 3  # the rest of memory is for the model and its backward pass
+
+
+def resolve_best(chosen: dict, named: set[str], gram_bytes: int, available_bytes: int | None,
+                 layerwise: bool) -> tuple[dict, str | None]:
+    """The "best" preset adjusted to what this run can do, and why it was adjusted (None: not adjusted).
+
+    kfac-svd keeps one m × m float64 output-gradient Gram per linear in memory during the gradient pass (1.3 GB for
+    SmolLM2-135M, tens of GB for 7B models); a layer-wise run has no gradient pass at all. Only what came from the
+    preset is replaced: a method or allocator the user named is kept (and fails clearly if it cannot run)."""
+    out = dict(chosen)
+    if layerwise:
+        swap = {k: v for k, v in BEST_LAYERWISE.items() if k not in named}
+        if swap:
+            out.update(swap)
+            return out, "--layerwise has no gradient pass"
+    if out["method"] == "kfac-svd" and "method" not in named and available_bytes is not None \
+            and gram_bytes > GRAM_MEMORY_FRACTION * available_bytes:
+        out.update({k: v for k, v in BEST_WITHOUT_OUTPUT_GRAMS.items() if k not in named})
+        return out, (f"kfac-svd's output-gradient Grams need {gram_bytes / 2**30:.1f} GiB, more than a third of the "
+                     f"{available_bytes / 2**30:.1f} GiB of available memory")
+    return out, None
 
 
 @dataclass

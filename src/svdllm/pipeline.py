@@ -56,6 +56,11 @@ def matrices_of(model: nn.Module) -> list[MatrixInfo]:
     return out
 
 
+def output_gram_bytes(model) -> int:
+    """Memory of kfac-svd's output-gradient Grams: one m × m float64 matrix per compressed linear."""
+    return sum(8 * m.out_features ** 2 for m in matrices_of(model))
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     import resource
