@@ -42,6 +42,7 @@ def test_smollm2_compress_eval_reload(smollm2, shared_data, tmp_path):
 
 
 def test_smollm2_zero_shot_equals_lm_eval_own_hf_run(smollm2, shared_data, tmp_path):
+    # (the module's model fixture was compressed in place by the test above: load the dense model afresh)
     """Our zero-shot path (lm-eval's HFLM around the loaded model object, tasks read from the local files) gives the
     numbers of lm-eval's own `hf` model loading the same checkpoint from its directory."""
     lm_eval = pytest.importorskip("lm_eval")
@@ -50,7 +51,7 @@ def test_smollm2_zero_shot_equals_lm_eval_own_hf_run(smollm2, shared_data, tmp_p
     from svdllm.evaluation.zeroshot import local_task_file, task_config, zero_shot
     from svdllm.models.loading import cache_root
 
-    model, tok = smollm2
+    model, tok = svdllm.load_model("smollm2-135m")
     ours = zero_shot(model, tok, ["arc_easy"], shared_data, limit=16, cache=tmp_path)["tasks"]["arc_easy"]
     manager = TaskManager()
     config = task_config("arc_easy", local_task_file("arc_easy", shared_data, tmp_path), manager)

@@ -96,6 +96,8 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
 def test_bench_bad_sizes(capsys):
     assert main(["bench", "--model", "x", "--batch-sizes", "a"]) == 2
     assert "integers" in capsys.readouterr().err
+    assert main(["bench", "--model", "x", "--new-tokens", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
 
 
 def test_markdown_table_with_and_without_stderr():
@@ -108,8 +110,6 @@ def test_markdown_table_with_and_without_stderr():
     assert "| piqa | 1 | 0.5000 ± 0.0100 | 0.6000 |" in table
     assert "| arc_easy | 1 | 0.2500 | – |" in table
     assert "--limit 1" in table
-    assert main(["bench", "--model", "x", "--new-tokens", "1"]) == 2
-    assert "at least 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3"])
