@@ -328,7 +328,7 @@ def cmd_compress(args) -> dict:
         from .pipeline import output_gram_bytes
 
         if _adjust_best(args, named, output_gram_bytes(model)):
-            config.method, config.alloc, config.method_options = args.method, args.alloc, dict(args.method_arg)
+            config.method, config.alloc = args.method, args.alloc
     results = compress(model, tok, config, out=args.out, overwrite=args.overwrite,
                        progress=not args.quiet and distributed.is_main())
     rows = summarize(results)
@@ -408,10 +408,8 @@ def cmd_export(args) -> dict:
     import tempfile
     from pathlib import Path
 
-    from .io.checkpoint import _move_into_place, check_out_dir, load
+    from .io.checkpoint import _move_into_place, check_out_dir, load, read_manifest
     from .io.hf_native import export_dense
-
-    from .io.checkpoint import read_manifest
 
     check_out_dir(args.out, args.overwrite)
     if read_manifest(args.run_dir).get("quantization"):
