@@ -79,13 +79,15 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
     svdllm.compress(model, tok, config, out=tmp_path / "small", progress=False)
     assert main(["bench", "--model", str(tmp_path / "small"), "--baseline", str(tmp_path / "dense"),
                  "--batch-sizes", "1,2", "--prompt-lens", "8", "--new-tokens", "4", "--repeats", "1",
-                 "--kv-lengths", "64", "--json"]) == 0
+                 "--rounds", "2", "--kv-lengths", "64", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = out["result"]["rows"]
     assert [(r["batch"], r["prompt_len"]) for r in rows] == [(1, 8), (2, 8)]
     for r in rows:
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["prefill_speedup"] > 0
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
+        assert len(r["prefill_speedup_rounds"]) == len(r["decode_speedup_rounds"]) == 2
+    assert out["result"]["rounds"] == out["dense"]["rounds"] == 2
     assert out["result"]["params"] < out["dense"]["params"] and out["result"]["disk_bytes"] > 0
     assert 0 < out["result"]["params_ratio"] < 1 and 0 < out["result"]["disk_ratio"] < 1
     (kv,) = out["result"]["kv_cache"]
@@ -93,11 +95,32 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
     assert out["dense"]["kv_cache"][0]["dynamic_bytes"] == kv["dynamic_bytes"]
 
 
+def test_bench_ratios_are_medians_of_per_round_ratios():
+    from svdllm.evaluation.bench import merge_rounds, with_ratios
+
+    def run(prefill, decode, mem):
+        return {"params": 10, "rows": [{"batch": 1, "prompt_len": 8, "prefill_tok_s": prefill, "decode_tok_s": decode,
+                                        "peak_mem_mb": mem}], "kv_cache": []}
+
+    # the machine slows down 2x in round 2 and 4x in round 3, for both models alike
+    dense = [run(100, 10, 50), run(50, 5, 50), run(25, 2.5, 60)]
+    small = [run(150, 12, 40), run(75, 6, 41), run(37.5, 3, 45)]
+    (row,) = with_ratios(small, dense)
+    assert row["prefill_speedup"] == pytest.approx(1.5) and row["decode_speedup"] == pytest.approx(1.2)
+    assert row["prefill_speedup_rounds"] == pytest.approx([1.5, 1.5, 1.5])
+    assert row["peak_mem_ratio"] == pytest.approx(0.8)  # median of 0.8, 0.82, 0.75
+    assert row["prefill_tok_s"] == 75 and row["peak_mem_mb"] == 41
+    merged = merge_rounds(dense)
+    assert merged["rounds"] == 3 and merged["rows"][0]["decode_tok_s"] == 5
+
+
 def test_bench_bad_sizes(capsys):
     assert main(["bench", "--model", "x", "--batch-sizes", "a"]) == 2
     assert "integers" in capsys.readouterr().err
     assert main(["bench", "--model", "x", "--new-tokens", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+    assert main(["bench", "--model", "x", "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
 
 
 def test_markdown_table_with_and_without_stderr():

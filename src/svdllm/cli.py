@@ -229,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", type=_csv, default=["1", "4"])
     b.add_argument("--prompt-lens", type=_csv, default=["128", "512"])
     b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per measurement within a round (median)")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="dense and compressed are measured alternately this many times, each in a fresh process; "
+                        "speedups are the median of the per-round ratios")
     b.add_argument("--kv-lengths", type=_csv, default=["2048"],
                    help="prefill lengths at which the KV cache's bytes are measured (dynamic, and low-rank where "
                         "k/v are low-rank); none to skip")
@@ -543,8 +546,8 @@ def cmd_bench(args) -> dict:
     except ValueError:
         raise SvdllmError("--batch-sizes, --prompt-lens and --kv-lengths take integers separated by commas, "
                           "e.g. 1,4 (--kv-lengths none to skip the KV-cache measurement).")
-    if min(sizes + lens + kv_lens + [args.repeats]) < 1:
-        raise SvdllmError("Batch sizes, prompt lengths, --kv-lengths and --repeats must be at least 1.")
+    if min(sizes + lens + kv_lens + [args.repeats, args.rounds]) < 1:
+        raise SvdllmError("Batch sizes, prompt lengths, --kv-lengths, --repeats and --rounds must be at least 1.")
     if args.new_tokens < 2:
         raise SvdllmError(f"--new-tokens must be at least 2 (the first new token comes from the prefill; decode "
                           f"speed is timed over the rest), got {args.new_tokens}.")
@@ -554,12 +557,12 @@ def cmd_bench(args) -> dict:
         kv = bench.kv_cache_bytes(model, kv_lens) if kv_lens else []
         return {"model": args.model, **bench.model_facts(model, args.model), "rows": rows, "kv_cache": kv}
 
-    def child(spec: str) -> dict:
+    def child(spec: str, kv: bool) -> dict:
         # each model in a fresh process, so one model's freed memory never counts against the other's peak
         cmd = [sys.executable, "-m", "svdllm.cli", "bench", "--single", "--json", "-q", "--model", spec, "--dtype",
                args.dtype, "--batch-sizes", ",".join(args.batch_sizes), "--prompt-lens", ",".join(args.prompt_lens),
                "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-               "--kv-lengths", ",".join(args.kv_lengths)]
+               "--kv-lengths", ",".join(args.kv_lengths) if kv else "none"]
         if args.device:
             cmd += ["--device", args.device]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -573,10 +576,17 @@ def cmd_bench(args) -> dict:
 
         manifest = os.path.join(args.model, MANIFEST_NAME)
         baseline = (json.load(open(manifest)).get("base_model") or "none") if os.path.isfile(manifest) else "none"
-    dense = child(baseline) if baseline and baseline != "none" else None
-    result = child(args.model)
+    # Dense and compressed alternate, round after round, so a slow spell of a shared machine hits both; every
+    # speedup is the median over rounds of the ratio within a round.
+    dense_runs, runs = [], []
+    for i in range(args.rounds):
+        if baseline and baseline != "none":
+            dense_runs.append(child(baseline, kv=i == 0))
+        runs.append(child(args.model, kv=i == 0))
+    dense = bench.merge_rounds(dense_runs) if dense_runs else None
+    result = bench.merge_rounds(runs)
     if dense:
-        result["rows"] = bench.with_ratios(result["rows"], dense["rows"])
+        result["rows"] = bench.with_ratios(runs, dense_runs)
         result["params_ratio"] = result["params"] / dense["params"]
         if result.get("disk_bytes") and dense.get("disk_bytes"):
             result["disk_ratio"] = result["disk_bytes"] / dense["disk_bytes"]

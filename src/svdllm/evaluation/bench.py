@@ -1,5 +1,7 @@
-"""Efficiency: prefill and decode throughput, peak memory, parameters and bytes on disk, always beside the dense
-model measured in the same process (shared machines are noisy; only the ratio travels between them).
+"""Efficiency: prefill and decode throughput, peak memory, parameters and bytes on disk, always as a ratio against the
+dense model measured in the same run. A shared machine drifts by tens of percent over minutes, so the CLI measures
+the two models alternately, round after round, each in a fresh process, and reports the median over rounds of the
+ratio within a round: only the ratio travels between machines.
 
 Peak memory is the resident-set high-water mark on the CPU (reset between measurements through
 /proc/self/clear_refs, Linux) and torch.cuda.max_memory_allocated on a GPU.
@@ -138,19 +140,41 @@ def model_facts(model, path=None) -> dict:
             "disk_bytes": disk_bytes(path)}
 
 
-def with_ratios(rows: list[dict], dense_rows: list[dict]) -> list[dict]:
-    """Each row of a compressed model with its speed and memory as ratios against the dense row of the same shape."""
-    ref = {(r["batch"], r["prompt_len"]): r for r in dense_rows}
+_TIMED = ("prefill_tok_s", "decode_tok_s", "peak_mem_mb")
+
+
+def _median_row(rows: list[dict]) -> dict:
+    row = dict(rows[0])
+    for k in _TIMED:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        row[k] = statistics.median(vals) if vals else None
+    return row
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One model's measurements from several rounds: facts and KV cache from the first, every timed value the
+    median over rounds."""
+    merged = {**runs[0], "rounds": len(runs)}
+    merged["rows"] = [_median_row([run["rows"][i] for run in runs]) for i in range(len(runs[0]["rows"]))]
+    return merged
+
+
+def with_ratios(runs: list[dict], dense_runs: list[dict]) -> list[dict]:
+    """The compressed model's rows, each with its speed and memory against dense as the median over rounds of the
+    ratio within a round (round i of one model was measured right after round i of the other)."""
     out = []
-    for r in rows:
-        d = ref.get((r["batch"], r["prompt_len"]))
-        extra = {}
-        if d:
-            extra = {"prefill_speedup": r["prefill_tok_s"] / d["prefill_tok_s"],
-                     "decode_speedup": r["decode_tok_s"] / d["decode_tok_s"]}
-            if r["peak_mem_mb"] and d["peak_mem_mb"]:
-                extra["peak_mem_ratio"] = r["peak_mem_mb"] / d["peak_mem_mb"]
-        out.append({**r, **extra})
+    for i, first in enumerate(runs[0]["rows"]):
+        rows = [run["rows"][i] for run in runs]
+        ref = [run["rows"][i] for run in dense_runs]
+        ratios = {"prefill_speedup": [r["prefill_tok_s"] / d["prefill_tok_s"] for r, d in zip(rows, ref)],
+                  "decode_speedup": [r["decode_tok_s"] / d["decode_tok_s"] for r, d in zip(rows, ref)],
+                  "peak_mem_ratio": [r["peak_mem_mb"] / d["peak_mem_mb"] for r, d in zip(rows, ref)
+                                     if r["peak_mem_mb"] and d["peak_mem_mb"]]}
+        row = _median_row(rows)
+        row.update({k: statistics.median(v) for k, v in ratios.items() if v})
+        row["prefill_speedup_rounds"] = ratios["prefill_speedup"]
+        row["decode_speedup_rounds"] = ratios["decode_speedup"]
+        out.append(row)
     return out
 
 
