@@ -68,3 +68,35 @@ def test_int4_group_falls_back_where_the_rank_is_not_a_multiple(tok):
     assert any(r % 32 for r in ranks) and info["groups"]  # some u-factors needed a smaller group
     with torch.no_grad():
         assert torch.isfinite(model(_ids(tok)).logits).all()
+
+
+def test_int4_packing_is_exact_and_halves_the_bytes():
+    from svdllm.quantization import pack_int4, unpack_int4
+
+    q = torch.randint(-8, 8, (7, 5), dtype=torch.int8)  # odd count: the last byte is half used
+    q[0, :2] = torch.tensor([-8, 7])
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == 18
+    assert torch.equal(unpack_int4(packed, [7, 5]), q)
+    with pytest.raises(svdllm.SvdllmError, match="not int4"):
+        pack_int4(torch.tensor([9], dtype=torch.int8))
+
+
+def test_int4_file_is_about_half_the_int8_file(tok, tmp_path, capsys):
+    model = tiny_model("llama")
+    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
+    sizes = {}
+    for scheme in ("int8", "int4"):
+        assert main(["quantize", "--model", str(tmp_path / "m"), "--scheme", scheme, "--out", str(tmp_path / scheme),
+                     "--json", "-q"]) == 0
+        sizes[scheme] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from safetensors import safe_open
+
+    def qdata(scheme):
+        with safe_open(str(tmp_path / scheme / "model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.endswith("_weight_qdata")}
+
+    q8, q4 = qdata("int8"), qdata("int4")
+    assert q4.keys() == q8.keys() and all(v.dtype == torch.uint8 for v in q4.values())
+    assert all(q4[k].numel() == (q8[k].numel() + 1) // 2 for k in q8)  # two 4-bit values per byte
+    assert sizes["int4"]["bytes_on_disk"] < sizes["int8"]["bytes_on_disk"]

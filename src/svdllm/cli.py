@@ -401,7 +401,7 @@ def cmd_quantize(args) -> dict:
     save(model, tok, args.out, manifest, overwrite=args.overwrite)
     disk = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     print(f"{args.scheme}: {info['matrices']} matrices, {info['bits_per_weight']:.2f} bits per weight "
-          f"({info['stored_bits_per_weight']:.2f} as stored), {disk / 2**20:.1f} MiB of weights on disk; "
+          f"({info['memory_bits_per_weight']:.2f} in memory), {disk / 2**20:.1f} MiB of weights on disk; "
           f"saved to {args.out}")
     return {"command": "quantize", "model": args.model, "out": args.out, "bytes_on_disk": disk,
             **{k: v for k, v in info.items() if k != "groups"}}
