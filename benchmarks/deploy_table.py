@@ -34,8 +34,8 @@ def main() -> None:
     run = Path(args.run)
     ratios = ["0.2", "0.4", "0.6"]
 
-    print("| R | params × | batch × prompt | prefill tok/s dense → compressed | prefill × | FLOP ratio⁻¹ | "
-          "decode tok/s dense → compressed | decode × | FLOP ratio⁻¹ | peak memory × |")
+    print("| R | params × | batch × prompt | prefill tok/s dense → compressed | prefill × | FLOP bound | "
+          "decode tok/s dense → compressed | decode × | FLOP bound | peak memory × |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     kv_rows = []
     for r in ratios:
@@ -62,29 +62,35 @@ def main() -> None:
                   f"{k['low_rank_ratio']:.3f} |")
 
     bench = load(run / "bench-0.4.json") or load(run / "bench-0.2.json")
-    dense_disk = bench["dense"]["disk_bytes"] if bench else None
+    if not bench:
+        return
+    dense_disk = bench["dense"]["disk_bytes"]
+    cfg = json.loads((Path(bench["model"]) / "config.json").read_text())
+    embedding = cfg["vocab_size"] * cfg["hidden_size"]
+    norms = (2 * cfg["num_hidden_layers"] + 1) * cfg["hidden_size"]
     proto = Path(args.protocol)
     fp32 = {"dense": load(proto / "eval-dense.json"), **{f"svd-llm-{r}": load(proto / f"eval-r{r}.json") for r in ratios}}
-    print("\n| model | weights | bits per quantized weight (in memory) | MiB on disk | × dense fp32 | WikiText-2 ppl |")
-    print("|---|---|---|---|---|---|")
+    print("\n| model | decoder linears | bits per weight (in memory) | linears MiB | MiB on disk | × dense | "
+          "WikiText-2 ppl |")
+    print("|---|---|---|---|---|---|---|")
     for name in ["dense", "svd-llm-0.2", "svd-llm-0.4"]:
+        b = bench["dense"] if name == "dense" else (load(run / f"bench-{name.split('-')[-1]}.json") or {}).get("result")
         ev = fp32.get(name)
-        disk = dense_disk if name == "dense" else (load(run / f"bench-{name.split('-')[-1]}.json") or {}).get(
-            "result", {}).get("disk_bytes")
-        if ev and disk:
-            print(f"| {name} | float32 | 32 | {disk / 2**20:.1f} | {disk / dense_disk:.3f} | "
-                  f"{ev['ppl']['wikitext2']['ppl']:.2f} |")
+        if ev and b:
+            linears = (b["params"] - embedding - norms) * 4
+            print(f"| {name} | float32 | 32 | {linears / 2**20:.1f} | {b['disk_bytes'] / 2**20:.1f} | "
+                  f"{b['disk_bytes'] / dense_disk:.3f} | {ev['ppl']['wikitext2']['ppl']:.2f} |")
         for scheme in ["int8", "int4"]:
-            tag = f"{name}-{scheme}"
             q = load(run / (f"quantize-dense-{scheme}.json" if name == "dense"
                             else f"quantize-{name.split('-')[-1]}-{scheme}.json"))
-            ev = load(run / f"eval-{tag}.json")
+            ev = load(run / f"eval-{name}-{scheme}.json")
             if not q:
                 continue
             ppl = f"{ev['ppl']['wikitext2']['ppl']:.2f}" if ev else "not run"
-            rel = f"{q['bytes_on_disk'] / dense_disk:.3f}" if dense_disk else "?"
-            print(f"| {tag} | {scheme} | {q['bits_per_weight']:.2f} ({q['memory_bits_per_weight']:.2f}) | "
-                  f"{q['bytes_on_disk'] / 2**20:.1f} | {rel} | {ppl} |")
+            linears = q["quantized_weights"] * q["bits_per_weight"] / 8
+            print(f"| {name} + {scheme} | {scheme} | {q['bits_per_weight']:.2f} ({q['memory_bits_per_weight']:.2f}) | "
+                  f"{linears / 2**20:.1f} | {q['bytes_on_disk'] / 2**20:.1f} | {q['bytes_on_disk'] / dense_disk:.3f} | "
+                  f"{ppl} |")
 
 
 if __name__ == "__main__":
