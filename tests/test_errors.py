@@ -1,6 +1,8 @@
 """Bad input gets a clear SvdllmError naming the problem and the fix, before any work is wasted."""
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -175,3 +177,18 @@ def test_full_disk_during_save_leaves_nothing_behind(tok, data_dir, tmp_path, mo
     with pytest.raises(SvdllmError, match="No space left"):
         svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir), out=tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory
+
+
+def test_written_files_follow_the_umask(tok, data_dir, tmp_path):
+    # atomic writes go through mkdtemp/mkstemp, which make private (0700/0600) paths; a saved model must not be
+    old = os.umask(0o022)
+    try:
+        svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir), out=tmp_path / "m", progress=False)
+        from svdllm.io.results import merge_results
+
+        merge_results(tmp_path / "m", "svdllm_eval.json", {"ppl": {"x": 1.0}})
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "m", *(tmp_path / "m").iterdir()]}
+    assert modes.pop("m") == 0o755 and modes["model.safetensors"] == modes["svdllm_eval.json"] == 0o644
+    assert set(modes.values()) == {0o644}

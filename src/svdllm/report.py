@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from .errors import SvdllmError
+from .io.atomic import atomic_path, atomic_write_text
 from .io.checkpoint import MANIFEST_NAME as MANIFEST
 
 
@@ -131,14 +131,13 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare
     print(table)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic = out / "compare.md"
-    from .io.results import atomic_write_text
+    table_path = out / "compare.md"
 
-    atomic_write_text(atomic, table + "\n")
+    atomic_write_text(table_path, table + "\n")
     pngs = _compare_plots(rows, out)
     for p in pngs:
         print(f"plot written to {p}")
-    return {"command": "compare", "rows": rows, "table": str(atomic), "png": [str(p) for p in pngs]}
+    return {"command": "compare", "rows": rows, "table": str(table_path), "png": [str(p) for p in pngs]}
 
 
 def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
@@ -189,13 +188,9 @@ def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -9,14 +9,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io.results import atomic_write_text
+from ..io.atomic import atomic_path, atomic_write_text
 from ..models.families import family_of
 from .fisher import GradientStats
 from . import distributed
@@ -92,16 +91,10 @@ class StatsCache:
         meta = self.dir / "key.json"
         if not meta.exists():
             atomic_write_text(meta, json.dumps(self.key, indent=1, sort_keys=True))
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.close(fd)
-        try:
-            tensors = {f"gram.{k}": v.contiguous() for k, v in stats.grams.items()}
-            tensors.update({f"abs_sum.{k}": v.contiguous() for k, v in stats.abs_sums.items()})
+        tensors = {f"gram.{k}": v.contiguous() for k, v in stats.grams.items()}
+        tensors.update({f"abs_sum.{k}": v.contiguous() for k, v in stats.abs_sums.items()})
+        with atomic_path(self._layer_path(i)) as tmp:
             save_file(tensors, tmp, metadata={"tokens": str(stats.tokens)})
-            os.replace(tmp, self._layer_path(i))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def _gradient_path(self, windows: int) -> Path:
         return self.dir / f"gradients_{windows}.safetensors"
@@ -110,14 +103,8 @@ class StatsCache:
         return self.dir / f"gradient_grams_{windows}.safetensors"
 
     def _save_atomic(self, tensors: dict, path: Path) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def save_gradients(self, grads: GradientStats) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

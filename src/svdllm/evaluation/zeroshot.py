@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import SvdllmError
+from ..io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,9 @@ def local_task_file(task: str, data_dir: str | os.PathLike, cache: str | os.Path
     if out.exists() and out.stat().st_mtime >= max((src / f).stat().st_mtime for f in files):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in convert(src):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     return out
 
 

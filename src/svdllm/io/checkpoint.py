@@ -20,6 +20,7 @@ from ..errors import SvdllmError
 from ..factorization.lowrank import LowRankLinear
 from ..models.families import family_of, set_submodule
 from ..quantization import flatten_state, is_quantized, unflatten_state
+from .atomic import readable_as_usual
 from .hf_native import MODELING_FILE, model_card, modeling_source, native_config, strip_native
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def _write_beside_weights(tmp: Path, model: nn.Module, tokenizer, manifest: dict
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
+    readable_as_usual(tmp)  # mkdtemp made it private
     if out.exists():  # --overwrite: swap the old directory out only once the new one is complete
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, trash / "old")

@@ -6,22 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_write_text
 
 EVAL_NAME = "svdllm_eval.json"
 BENCH_NAME = "svdllm_bench.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_results(model_dir: str | os.PathLike, name: str) -> dict:

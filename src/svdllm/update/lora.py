@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from ..data.instructions import IGNORE, collate, load_items
 from ..errors import SvdllmError
 from ..factorization.lowrank import LowRankLinear
+from ..io.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 STATE_NAME = "state.pt"
@@ -161,14 +161,8 @@ def _val_loss(model, val: list[dict], config: FinetuneConfig, pad_id: int, devic
 
 
 def _atomic_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _identity(config: FinetuneConfig, names: list[str], model: nn.Module) -> dict:
@@ -342,11 +336,11 @@ def plot_history(history: dict, path: str | os.PathLike) -> Path:
     ax.set_title("Sequential LoRA fine-tuning of the low-rank factors")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -361,7 +355,6 @@ def summary(history: dict) -> dict:
 
 def write_history(history: dict, out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
-    from ..io.results import atomic_write_text
 
     atomic_write_text(out / "finetune_history.json", json.dumps(history, indent=1))
     plot_history(history, out / "finetune_loss.png")
