@@ -2,7 +2,7 @@
 # Issue "Deployment": SmolLM2-135M at R = 0.2, 0.4, 0.6 (svd-llm, uniform): prefill/decode tokens/s and peak memory
 # against dense (each model in its own process), KV-cache bytes at 2048 tokens (dynamic vs low-rank), and the
 # perplexity and size of svd-llm + int8 / int4 weights against the dense model quantized alone.
-# Usage: bash benchmarks/deploy_smollm2.sh [OUT_DIR]     (about 2 hours on 2 CPU cores; finished steps are skipped)
+# Usage: bash benchmarks/deploy_smollm2.sh [OUT_DIR]     (about 3 hours on 2 CPU cores: 45 min of bench, 15-30 min per evaluation; finished steps are skipped)
 set -euo pipefail
 OUT=${1:-runs/deploy}
 SVDLLM=${SVDLLM:-svdllm}
@@ -21,6 +21,6 @@ for scheme in int8 int4; do
         --out "$OUT/svd-llm-$r-$scheme" --json -q | tail -1 > "$OUT/quantize-$r-$scheme.json"
   done
 done
-for m in dense-int8 dense-int4 svd-llm-0.2-int8 svd-llm-0.2-int4 svd-llm-0.4-int8 svd-llm-0.4-int4; do
+for m in dense-int8 dense-int4 svd-llm-0.4-int8 svd-llm-0.4-int4 svd-llm-0.2-int8 svd-llm-0.2-int4; do
   [ -s "$OUT/eval-$m.json" ] || $SVDLLM eval --model "$OUT/$m" --ppl wikitext2 --json -q | tail -1 > "$OUT/eval-$m.json"
 done

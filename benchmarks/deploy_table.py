@@ -17,6 +17,12 @@ def load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
 
 
+def model_config(run: Path, bench: dict) -> dict:
+    """The compressed model's config.json (its directory), or the copy kept beside results moved elsewhere."""
+    path = Path(bench["model"]) / "config.json"
+    return json.loads((path if path.is_file() else run / "config.json").read_text())
+
+
 def flops_per_token(params: int, cfg: dict, context: float) -> float:
     d, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     attn_dim = cfg["num_attention_heads"] * cfg.get("head_dim", d // cfg["num_attention_heads"])
@@ -42,7 +48,7 @@ def main() -> None:
         b = load(run / f"bench-{r}.json")
         if not b:
             continue
-        cfg = json.loads((Path(b["model"]) / "config.json").read_text())
+        cfg = model_config(run, b)
         dense, res = b["dense"], b["result"]
         for row, drow in zip(res["rows"], dense["rows"]):
             n, t = row["prompt_len"], row["new_tokens"]
@@ -65,7 +71,7 @@ def main() -> None:
     if not bench:
         return
     dense_disk = bench["dense"]["disk_bytes"]
-    cfg = json.loads((Path(bench["model"]) / "config.json").read_text())
+    cfg = model_config(run, bench)
     embedding = cfg["vocab_size"] * cfg["hidden_size"]
     norms = (2 * cfg["num_hidden_layers"] + 1) * cfg["hidden_size"]
     proto = Path(args.protocol)
