@@ -38,7 +38,9 @@ def test_quantized_factors_round_trip(scheme, bits, tol, tok, tmp_path, capsys):
     # plain transformers cannot rebuild torchao's flattened weights: no remote-code hook is offered for them
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert "auto_map" not in config and not (tmp_path / "q" / "modeling_svdllm.py").exists()
-    assert "svdllm.load(PATH, with_tokenizer=True)" in (tmp_path / "q" / "README.md").read_text()
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "svdllm.load(PATH, with_tokenizer=True)" in card and f"| quantization | {scheme} weights" in card
+    assert "Low-rank factorization" in card and "- quantized" in card
     capsys.readouterr()
     assert main(["export", str(tmp_path / "q"), "--dense", "--out", str(tmp_path / "d")]) == 2
     assert "is quantized" in capsys.readouterr().err and not (tmp_path / "d").exists()
@@ -56,6 +58,9 @@ def test_dense_model_quantized_alone(tok, tmp_path, capsys):
     with torch.no_grad():
         ref, got = dense(_ids(tok)).logits, q(_ids(tok)).logits
     assert float((got - ref).norm() / ref.norm()) < 0.02
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "quantized by svdllm" in card and "no low-rank factorization" in card and "- low-rank" not in card
+    assert "| quantization | int8 weights" in card and "| method |" not in card
 
 
 def test_int4_group_falls_back_where_the_rank_is_not_a_multiple(tok):

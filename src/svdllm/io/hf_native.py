@@ -75,27 +75,37 @@ def strip_native(config) -> None:
 def model_card(manifest: dict, results: dict | None = None) -> str:
     """A README.md in the Hugging Face model-card layout, from the manifest and any measured results."""
     p = manifest.get("params", {})
-    lines = ["---", "library_name: transformers", "tags:", "- svdllm", "- low-rank", "- compressed", "---", "",
-             f"# {manifest.get('base_model') or manifest.get('model_type', 'model')}, compressed by svdllm", "",
-             f"Low-rank factorization of every compressed linear layer (W ≈ W_u·W_v) by svdllm "
-             f"{manifest.get('svdllm_version', '')}.", "",
-             "| | |", "|---|---|",
-             f"| method | `{manifest.get('method')}` {manifest.get('method_options') or ''} |",
-             f"| allocation | `{manifest.get('alloc')}` {manifest.get('alloc_options') or ''} |",
-             f"| update | `{manifest.get('update')}` |",
-             f"| compression ratio R (of the compressed linears' parameters) | {manifest.get('ratio')} "
-             f"(achieved {p.get('achieved_ratio', float('nan')):.4f}) |",
-             f"| parameters | {p.get('model_before', 0):,} → {p.get('model_after', 0):,} |"]
+    q = manifest.get("quantization") or {}
+    low_rank = manifest.get("method") not in (None, "dense")
+    name = manifest.get("base_model") or manifest.get("model_type", "model")
+    lines = ["---", "library_name: transformers", "tags:", "- svdllm", *(["- low-rank"] if low_rank else []),
+             *(["- quantized"] if q else []), "- compressed", "---", ""]
+    if low_rank:
+        lines += [f"# {name}, compressed by svdllm", "",
+                  f"Low-rank factorization of every compressed linear layer (W ≈ W_u·W_v) by svdllm "
+                  f"{manifest.get('svdllm_version', '')}.", "", "| | |", "|---|---|",
+                  f"| method | `{manifest.get('method')}` {manifest.get('method_options') or ''} |",
+                  f"| allocation | `{manifest.get('alloc')}` {manifest.get('alloc_options') or ''} |",
+                  f"| update | `{manifest.get('update')}` |",
+                  f"| compression ratio R (of the compressed linears' parameters) | {manifest.get('ratio')} "
+                  f"(achieved {p.get('achieved_ratio', float('nan')):.4f}) |"]
+    else:
+        lines += [f"# {name}, quantized by svdllm", "",
+                  f"The dense model with its decoder linears quantized by svdllm {manifest.get('svdllm_version', '')}; "
+                  "no low-rank factorization.", "", "| | |", "|---|---|"]
+    lines.append(f"| parameters | {p.get('model_before', 0):,} → {p.get('model_after', 0):,} |")
+    if q:
+        lines.append(f"| quantization | {q.get('scheme')} weights of the decoder linears (torchao, round-to-nearest"
+                     + (f", groups of {q['group_size']}" if q.get("group_size") else ", per output channel") + ") |")
     cal = manifest.get("calibration") or {}
     if cal.get("used"):
         lines.append(f"| calibration | {cal.get('nsamples')} × {cal.get('seqlen')} tokens of {cal.get('dataset')}, "
                      f"seed {cal.get('seed')} |")
-    for name, r in sorted(((results or {}).get("ppl") or {}).items()):
+    for dataset, r in sorted(((results or {}).get("ppl") or {}).items()):
         windows = "" if r.get("windows") == r.get("total_windows") else f", first {r.get('windows')} windows"
-        lines.append(f"| perplexity, {name} ({r.get('seqlen')}-token windows{windows}) | {r.get('ppl'):.2f} |")
-    if manifest.get("quantization"):
-        q = manifest["quantization"]
-        lines += ["", f"The factors are quantized ({q.get('scheme', '?')}, torchao); only svdllm rebuilds them.", "",
+        lines.append(f"| perplexity, {dataset} ({r.get('seqlen')}-token windows{windows}) | {r.get('ppl'):.2f} |")
+    if q:
+        lines += ["", "torchao's quantized weights are stored flattened; only svdllm rebuilds them.", "",
                   "## Use", "", "```python", "import svdllm",
                   "model, tokenizer = svdllm.load(PATH, with_tokenizer=True)", "```", ""]
         return "\n".join(lines)
