@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .errors import SvdllmError
-from .io.atomic import atomic_path, atomic_write_text
+from .io.atomic import atomic_write_text, save_figure
 from .io.checkpoint import MANIFEST_NAME as MANIFEST
 
 
@@ -186,11 +186,4 @@ def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -40,6 +40,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
             os.unlink(tmp)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """A matplotlib figure written atomically as PNG, then closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

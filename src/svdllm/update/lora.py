@@ -26,7 +26,7 @@ from torch import nn
 from ..data.instructions import IGNORE, collate, load_items
 from ..errors import SvdllmError
 from ..factorization.lowrank import LowRankLinear
-from ..io.atomic import atomic_path, atomic_write_text
+from ..io.atomic import atomic_path, atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
 STATE_NAME = "state.pt"
@@ -336,12 +336,7 @@ def plot_history(history: dict, path: str | os.PathLike) -> Path:
     ax.set_title("Sequential LoRA fine-tuning of the low-rank factors")
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def summary(history: dict) -> dict:
