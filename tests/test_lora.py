@@ -49,6 +49,32 @@ def test_prompt_is_masked_and_response_is_learned(tok):
     assert "### Input:" not in alpaca_prompt(rec)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_loss_from_scored_rows_equals_loss_from_all_logits(family, tok, records):
+    from peft import LoraConfig, get_peft_model
+
+    from svdllm.data.instructions import collate
+    from svdllm.update.lora import _loss_sum
+
+    model = _compressed(tok, family)
+    if family == "gemma3":
+        model.config.final_logit_softcapping = 3.0  # the elementwise step after the head must still apply
+    recs = json.loads(records.read_text())[:3]
+    batch = collate([tokenize_record(tok, r, max_len=512) for r in recs], tok.eos_token_id)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["model.layers.0.self_attn.q_proj.u"]))
+    head = peft_model.get_output_embeddings()
+    loss, n = _loss_sum(peft_model, batch, torch.device("cpu"))
+    assert peft_model.get_output_embeddings() is head  # the head is put back
+    logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                             reduction="sum")
+    assert n == int((labels != IGNORE).sum()) > 0
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-4)
+    loss.backward()  # gradients reach the adapter through the selected rows
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in peft_model.parameters() if p.requires_grad)
+
+
 def test_sequential_stages_freeze_the_other_factor_and_lower_the_loss(tok, records):
     model = _compressed(tok)
     u0, v0 = _factors(model, "u"), _factors(model, "v")

@@ -74,7 +74,7 @@ class FinetuneConfig:
 
 STAGES = {"sequential": [("u",), ("v",)], "joint": [("u", "v")]}
 
-# Measured on 2 CPU cores (BENCHMARKS.md): about half an hour for SmolLM2-135M at R = 0.4.
+# cpu: sized for SmolLM2-135M to finish in about half an hour on 2 cores (measured in BENCHMARKS.md).
 PRESETS = {
     "paper": {},
     "cpu": dict(samples=1024, val_samples=64, epochs=1.0, lr=3e-4, warmup_steps=4, batch_size=16, micro_batch=4,
@@ -137,13 +137,31 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext(), False  # float32 on the CPU
 
 
+class _HeadAtRows(nn.Module):
+    """The LM head applied only where a next-token label exists. The prompt's and the padding's logits are never
+    scored, and with a large vocabulary they are much of the work (SmolLM2: the head is 28M of 135M parameters)."""
+
+    def __init__(self, head: nn.Module, rows: torch.Tensor):
+        super().__init__()
+        self.head, self.rows = head, rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden[self.rows])
+
+
 def _loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                                       reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    targets = batch["labels"][:, 1:]
+    rows = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    rows[:, :-1] = targets != IGNORE  # position t predicts token t + 1
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(_HeadAtRows(head, rows))
+    try:  # what follows the head in the model (Gemma's soft-capping) is elementwise: rows or not, the same values
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        model.set_output_embeddings(head)
+    loss = nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
+    return loss, int(rows.sum())
 
 
 @torch.no_grad()
@@ -153,6 +171,7 @@ def _val_loss(model, val: list[dict], config: FinetuneConfig, pad_id: int, devic
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    val = sorted(val, key=lambda ex: len(ex["input_ids"]))  # less padding; the mean is the same
     for i in range(0, len(val), config.micro_batch):
         loss, n = _loss_sum(model, collate(val[i:i + config.micro_batch], pad_id), device)
         total, count = total + float(loss), count + n
@@ -252,7 +271,8 @@ def finetune(model: nn.Module, tokenizer, config: FinetuneConfig | None = None,
         label = "W_" + "+W_".join(factors)
         bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"LoRA on {label}", disable=not progress)
         for step in bar:
-            idx = epochs.batch(step, config.batch_size)
+            # micro-batches of similar length pad less; the step's gradient (one sum over its tokens) is the same
+            idx = sorted(epochs.batch(step, config.batch_size), key=lambda i: len(train[i]["input_ids"]))
             chunks = [[train[i] for i in idx[j:j + config.micro_batch]] for j in range(0, len(idx), config.micro_batch)]
             batches = [collate(c, pad_id) for c in chunks]
             n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
