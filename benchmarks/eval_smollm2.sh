@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue "Evaluation suite": SmolLM2-135M dense against svd-llm (uniform ranks, the protocol's calibration) at
+# R = 0.2 and 0.4: the seven zero-shot tasks of the SVD-LLM paper on their full sets, scored by lm-eval, and
+# WikiText-2 / PTB / C4 perplexity. One JSON per (model, task), so an interrupted run loses at most one task and
+# the same command resumes it. Render with: python benchmarks/eval_table.py OUT_DIR
+# Usage: bash benchmarks/eval_smollm2.sh [OUT_DIR] [COMPRESSED_DIR]   (many hours on 2 CPU cores: HellaSwag alone
+# is about 40,000 scored continuations per model; it runs last)
+set -euo pipefail
+OUT=${1:-runs/eval}
+RUN=${2:-runs/protocol/smollm2-svdllm}     # written by benchmarks/protocol_smollm2.sh
+SVDLLM=${SVDLLM:-svdllm}
+BATCH=${BATCH:-8}                          # requests per lm-eval forward
+# LIMIT=N: a quick check of the script (N examples per task, 2 windows per perplexity set); its OUT_DIR then
+# holds partial numbers, so give the real run another one
+WINDOWS=${LIMIT:+--max-windows 2}
+LIMIT=${LIMIT:+--limit $LIMIT}
+export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+mkdir -p "$OUT"
+[ -d "$RUN/ratio-0.4" ] || $SVDLLM compress --model smollm2-135m --preset paper --ratio 0.2,0.4 --nsamples 64 \
+  --seqlen 2048 --seed 0 --out "$RUN" --overwrite -q
+run() {  # run DEST ARGS...: `svdllm eval ARGS --json` into DEST, atomically, unless DEST exists
+  local dest=$1; shift
+  [ -s "$dest" ] && return 0
+  $SVDLLM eval "$@" --json -q | tail -1 > "$dest.tmp"
+  mv "$dest.tmp" "$dest"
+}
+declare -A MODEL=([dense]=smollm2-135m [r0.2]="$RUN/ratio-0.2" [r0.4]="$RUN/ratio-0.4")
+for name in dense r0.4 r0.2; do
+  run "$OUT/ppl-$name.json" --model "${MODEL[$name]}" --ppl wikitext2,ptb,c4 $WINDOWS
+done
+for task in openbookqa arc_challenge winogrande piqa arc_easy mathqa hellaswag; do
+  for name in dense r0.4 r0.2; do
+    run "$OUT/zs-$name-$task.json" --model "${MODEL[$name]}" --ppl none --tasks "$task" --batch-size "$BATCH" $LIMIT
+  done
+done

@@ -1,0 +1,66 @@
+"""Markdown tables of a benchmarks/eval_smollm2.sh run: zero-shot accuracy per task (acc, and acc_norm where
+lm-eval reports it, ± stderr) with the papers' average, and WikiText-2 / PTB / C4 perplexity, per model.
+A task not yet run shows "–" and is left out of the average, which then says how many tasks it covers.
+
+Usage: python benchmarks/eval_table.py OUT_DIR
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+MODELS = {"dense": "dense", "r0.2": "svd-llm R = 0.2", "r0.4": "svd-llm R = 0.4"}
+TASKS = ["openbookqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "piqa", "mathqa"]
+
+
+def _pct(value, err) -> str:
+    return f"{100 * value:.1f}" + (f" ± {100 * err:.1f}" if err is not None else "")
+
+
+def main(out: Path) -> None:
+    zs = {}
+    for name in MODELS:
+        for task in TASKS:
+            path = out / f"zs-{name}-{task}.json"
+            if path.exists():
+                zs[name, task] = json.loads(path.read_text())["zero_shot"]["tasks"][task]
+    print("| task (examples) | " + " | ".join(MODELS.values()) + " |")
+    print("|---|" + "---|" * len(MODELS))
+    for task in TASKS:
+        n = next((zs[m, task].get("n") for m in MODELS if (m, task) in zs), None)
+        cells = []
+        for m in MODELS:
+            r = zs.get((m, task))
+            if r is None:
+                cells.append("–")
+                continue
+            cell = "acc " + _pct(r["acc"], r.get("acc_stderr"))
+            if "acc_norm" in r:
+                cell += "; norm " + _pct(r["acc_norm"], r.get("acc_norm_stderr"))
+            cells.append(cell)
+        print(f"| {task} ({n if n is not None else '?'}) | " + " | ".join(cells) + " |")
+    cells = []
+    for m in MODELS:
+        accs = [zs[m, t]["acc"] for t in TASKS if (m, t) in zs]
+        cells.append(f"{100 * sum(accs) / len(accs):.1f}" + ("" if len(accs) == len(TASKS) else f" ({len(accs)} tasks)")
+                     if accs else "–")
+    print("| **average acc** | " + " | ".join(cells) + " |")
+    print()
+    print("| model | WikiText-2 | PTB | C4 |")
+    print("|---|---|---|---|")
+    for m, label in MODELS.items():
+        path = out / f"ppl-{m}.json"
+        if not path.exists():
+            continue
+        ppl = json.loads(path.read_text())["ppl"]
+        cells = []
+        for s in ("wikitext2", "ptb", "c4"):
+            r = ppl.get(s)
+            full = r is not None and r["windows"] == r["total_windows"]
+            cells.append("–" if r is None else f"{r['ppl']:.2f}" + ("" if full else f" ({r['windows']}/{r['total_windows']})"))
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/eval"))
