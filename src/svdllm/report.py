@@ -75,7 +75,7 @@ def _plot(runs: list[dict], out: Path) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _first(d: dict, name: str):
@@ -163,7 +163,7 @@ def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        written.append(_save(fig, out / "ppl_vs_ratio.png"))
+        written.append(save_figure(fig, out / "ppl_vs_ratio.png"))
     benched = [r for r in rows if r.get("bench") and "prefill_speedup" in r["bench"][0]]
     if benched:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -181,9 +181,5 @@ def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        written.append(_save(fig, out / "throughput_vs_batch.png"))
+        written.append(save_figure(fig, out / "throughput_vs_batch.png"))
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    return save_figure(fig, path, dpi=110)
