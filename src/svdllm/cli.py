@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank-multiple", type=int, default=1,
                    help="round every rank to a multiple of this (8, 16, 32 suit fast kernels); the budget still holds")
     c.add_argument("--update", default=None, choices=sorted(UPDATES),
-                   help="after truncation: closed-form (least-squares W_u), lora (sequential LoRA fine-tuning, "
-                        "options --ft-*), or closed-form+lora")
+                   help="after truncation: closed-form (least-squares W_u on the compressed model's inputs, as "
+                        "SVD-LLM), closed-form-drift (attention fitted to the dense model's outputs), lora (sequential "
+                        "LoRA fine-tuning, options --ft-*), or closed-form+lora")
     c.add_argument("--calib-dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
     c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")

@@ -30,7 +30,7 @@ from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, s
 from .models.lazy import is_lazy, release, resident, resident_bytes
 from .models.families import LINEAR_NAMES, family_of, set_submodule
 from .models.loading import cache_root
-from .update import UPDATES, base_update, closed_form_w_u
+from .update import DRIFT_GROUPS, UPDATES, base_update, closed_form_w_u
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _stats_cache(model, config: CompressConfig, windows: torch.Tensor, root: Pat
 
 def _ratio_dependent(config: CompressConfig) -> bool:
     """Whether the calibration pass itself depends on how the earlier layers were compressed."""
-    return config.calibration.mode == "sequential" or config.update == "closed-form"
+    return config.calibration.mode == "sequential" or config.update in DRIFT_GROUPS
 
 
 def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, out: str | Path | None = None,
@@ -179,7 +179,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     allocator = get_allocator(config.alloc, **config.alloc_options)
     spectral = "spectrum" in allocator.needs  # ranks come from the decompositions, so those come first
     params_before = count_params(model)
-    closed_form = config.update == "closed-form"
+    closed_form = config.update in DRIFT_GROUPS
     needs_inputs = "inputs" in method.needs or closed_form or "inputs" in allocator.needs
     needs_grams = "output_grams" in method.needs
     needs_grads = "fisher" in method.needs or "gradients" in allocator.needs or needs_grams
@@ -324,21 +324,22 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             if closed_form:
                 w = lin.weight.detach().to(torch.float64)
                 before = _output_error(w, w_u, w_v, linear_stats)
-                w_u = closed_form_w_u(w, w_v, linear_stats.cross, linear_stats.gram_compressed)
+                w_u = closed_form_w_u(w, w_v, linear_stats.gram_compressed, linear_stats.cross)
                 # relative reduction of the squared output error on the calibration data
                 out["gain"] = 1.0 - _output_error(w, w_u, w_v, linear_stats) / max(before, 1e-300)
             out["factors"][r] = (w_u.to(lin.weight.dtype).contiguous(), w_v.to(lin.weight.dtype).contiguous())
             out["losses"][r] = dec.truncation_loss(rank)
         return out
 
-    def process_layer(i: int, layer: nn.Module, stats) -> bool:
+    def process_layer(i: int, layer: nn.Module, stats, names=LINEAR_NAMES) -> bool:
+        """Factorize `names` of layer i (with the closed-form update, one input group at a time)."""
         t = time.perf_counter()
         # under torchrun each rank factorizes every world_size-th matrix; the results are gathered on all ranks
         done = distributed.gather_merge({
             f"model.layers.{i}.{name}": factorize_one(f"model.layers.{i}.{name}", name, layer.get_submodule(name),
                                                       stats)
-            for k, name in enumerate(LINEAR_NAMES) if distributed.mine(i * len(LINEAR_NAMES) + k)})
-        for full in (f"model.layers.{i}.{name}" for name in LINEAR_NAMES):
+            for k, name in enumerate(LINEAR_NAMES) if name in names and distributed.mine(i * len(LINEAR_NAMES) + k)})
+        for full in (f"model.layers.{i}.{name}" for name in names):
             one = done[full]
             if one["jitter"]:
                 jitters[full] = one["jitter"]
@@ -349,13 +350,15 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                 losses[r][full] = one["losses"][r]
         timings["factorization_s"] += time.perf_counter() - t
         prefix = f"model.layers.{i}."
+        if sequential:
+            applied.update(swap_in(model, {f"{prefix}{n}": factors[ratios[0]][f"{prefix}{n}"] for n in names
+                                           if f"{prefix}{n}" in factors[ratios[0]]}))
+        if names[-1] != LINEAR_NAMES[-1]:  # the closed-form update: more groups of this layer to come
+            return sequential
         if lazy:  # written now, so the compressed model is never whole in memory
             for r in ratios:
                 writers[r].add(f"model-layer-{i:05d}.safetensors", _layer_tensors(layer, prefix, factors[r]))
             timings["peak_resident_weight_mb"] = max(timings["peak_resident_weight_mb"], resident_bytes(model) / 2**20)
-        if sequential:
-            applied.update(swap_in(model, {k: v for k, v in factors[ratios[0]].items() if k.startswith(prefix)}))
-        if lazy:
             for r in ratios:
                 for k in [k for k in factors[r] if k.startswith(prefix)]:
                     del factors[r][k]
@@ -370,10 +373,11 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             with resident(model, i):
                 process_layer(i, layer, cache.load(i) if use_cache else None)
     else:
-        resume = cache.load_if_present if cache is not None and cal.mode == "original" and not closed_form else None
+        resume = cache.load_if_present if cache is not None and cal.mode == "original" else None
         release_layer = (lambda i, layer: release(model, f"model.layers.{i}.")) if lazy else None  # noqa: E731
         for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,
-                                         paired=closed_form, cached=resume, on_exit=release_layer):
+                                         paired=closed_form, drift_groups=DRIFT_GROUPS.get(config.update, ()),
+                                         cached=resume, on_exit=release_layer):
             if cache is not None and cal.mode == "original" and not cache.has(i):
                 cache.save(i, stats)
         timings["calibration_s"] += time.perf_counter() - t - timings["factorization_s"]
@@ -518,14 +522,15 @@ def _layer_tensors(layer: nn.Module, prefix: str, factors: dict) -> dict[str, to
     """Decoder layer's tensors as the saved model names them: each factorized linear as its u/v factors."""
     out = {}
     for name, t in layer.state_dict().items():
-        module = name.rsplit(".", 1)[0]
-        pair = factors.get(prefix + module)
+        # the linear may still be dense or already swapped for ratio[0]'s LowRankLinear (closed-form update)
+        linear = next((n for n in LINEAR_NAMES if name.startswith(n + ".")), None)
+        pair = factors.get(prefix + linear) if linear else None
         if pair is None:
             out[prefix + name] = t
-        elif name.endswith(".weight"):
-            out[f"{prefix}{module}.u.weight"], out[f"{prefix}{module}.v.weight"] = pair
-        else:  # a linear's bias goes with W_u
-            out[f"{prefix}{module}.u.bias"] = t
+            continue
+        out[f"{prefix}{linear}.u.weight"], out[f"{prefix}{linear}.v.weight"] = pair
+        if name.endswith("bias"):  # a linear's bias goes with W_u
+            out[f"{prefix}{linear}.u.bias"] = t
     for k, v in out.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise SvdllmError(f"{k} contains NaN or inf after factorization; nothing was written.")
@@ -536,6 +541,9 @@ def _output_error(w, w_u, w_v, stats) -> float:
     """‖W·X − W_u·W_v·X′‖_F² from the moments, without the activations:
     tr(W XᵀX Wᵀ) − 2 tr(W XᵀX′ (W_u W_v)ᵀ) + tr(W_u W_v X′ᵀX′ (W_u W_v)ᵀ)."""
     wp = w_u @ w_v
+    if stats.cross is None:  # the target is W·X′
+        d = w - wp
+        return float(((d @ stats.gram_compressed) * d).sum())
     return float(((w @ stats.gram) * w).sum() - 2 * ((w @ stats.cross) * wp).sum()
                  + ((wp @ stats.gram_compressed) * wp).sum())
 
