@@ -3,7 +3,19 @@ import os
 import sys
 
 
-def run(rank: int, world: int, port: int, tests_dir: str, data_dir: str, out: str, cache: str) -> None:
+def config(kind: str, data_dir: str, cache: str):
+    """The configurations test_distributed.py compares in 1 and 2 processes."""
+    import svdllm
+
+    cal = svdllm.CalibrationConfig(nsamples=5, seqlen=32, data_dir=data_dir, grad_samples=3)
+    if kind == "kfac-global":  # gradient pass, output-side Grams, global allocation over two ratios
+        return svdllm.CompressConfig(ratio=[0.3, 0.6], method="kfac-svd", alloc="global",
+                                     alloc_options={"calibrate": 0}, cache_dir=cache, calibration=cal)
+    # the paired streams of the closed-form update, with cross moments for the attention
+    return svdllm.CompressConfig(ratio=[0.3, 0.6], update="closed-form-drift", cache_dir=cache, calibration=cal)
+
+
+def run(rank: int, world: int, port: int, tests_dir: str, data_dir: str, out: str, cache: str, kind: str) -> None:
     sys.path.insert(0, tests_dir)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch
@@ -15,9 +27,6 @@ def run(rank: int, world: int, port: int, tests_dir: str, data_dir: str, out: st
         import svdllm
         from tiny import byte_tokenizer, tiny_model
 
-        config = svdllm.CompressConfig(
-            ratio=[0.3, 0.6], method="kfac-svd", alloc="global", alloc_options={"calibrate": 0}, cache_dir=cache,
-            calibration=svdllm.CalibrationConfig(nsamples=5, seqlen=32, data_dir=data_dir, grad_samples=3))
-        svdllm.compress(tiny_model("qwen2"), byte_tokenizer(), config, out=out, progress=False)
+        svdllm.compress(tiny_model("qwen2"), byte_tokenizer(), config(kind, data_dir, cache), out=out, progress=False)
     finally:
         dist.destroy_process_group()

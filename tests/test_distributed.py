@@ -2,6 +2,7 @@
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -15,16 +16,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tok, data_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["kfac-global", "closed-form-drift"])
+def test_two_processes_equal_one(kind, tok, data_dir, tmp_path):
     import dist_worker
 
     tests_dir = str(Path(__file__).parent)
     mp.start_processes(dist_worker.run, args=(2, _free_port(), tests_dir, str(data_dir), str(tmp_path / "two"),
-                                              str(tmp_path / "cache2")), nprocs=2, start_method="spawn")
-    config = svdllm.CompressConfig(
-        ratio=[0.3, 0.6], method="kfac-svd", alloc="global", alloc_options={"calibrate": 0},
-        cache_dir=str(tmp_path / "cache1"),
-        calibration=svdllm.CalibrationConfig(nsamples=5, seqlen=32, data_dir=str(data_dir), grad_samples=3))
+                                              str(tmp_path / "cache2"), kind), nprocs=2, start_method="spawn")
+    config = dist_worker.config(kind, str(data_dir), str(tmp_path / "cache1"))
     svdllm.compress(tiny_model("qwen2"), tok, config, out=tmp_path / "one", progress=False)
     for r in ("0.3", "0.6"):
         a, b = svdllm.load(tmp_path / "one" / f"ratio-{r}"), svdllm.load(tmp_path / "two" / f"ratio-{r}")
