@@ -165,3 +165,41 @@ def test_interrupted_calibration_resumes_bit_identical(tok, data_dir, tmp_path, 
     assert len(grams_computed) == len(resumed.model.layers) - 1  # layer 0 came from the interrupted run
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_interrupted_closed_form_pass_resumes_bit_identical(family, tok, data_dir, tmp_path, monkeypatch):
+    """The closed-form pass killed after layer 0 was finished resumes after it (layer 0's factors read back, no
+    moments recomputed for it) and gives the uninterrupted run's model; the resume state is removed at the end."""
+    import svdllm
+    from svdllm.calibration import PartialFactors, layerwise
+
+    def config(cache):
+        return svdllm.CompressConfig(ratio=0.4, update="closed-form-drift", cache_dir=str(cache),
+                                     calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32,
+                                                                          data_dir=str(data_dir)))
+
+    reference = tiny_model(family)
+    svdllm.compress(reference, tok, config(tmp_path / "c1"), progress=False)
+
+    real_save = PartialFactors.save
+
+    def dying_save(self, i, factors, info):
+        real_save(self, i, factors, info)
+        raise KeyboardInterrupt  # killed right after layer 0's factors reached the disk
+
+    monkeypatch.setattr(PartialFactors, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        svdllm.compress(tiny_model(family), tok, config(tmp_path / "c2"), progress=False)
+    monkeypatch.setattr(PartialFactors, "save", real_save)
+    assert len(list((tmp_path / "c2").glob("stats/*/partial_*/layer_*.safetensors"))) == 1
+
+    moments = []
+    real_moments = layerwise._paired_moments
+    monkeypatch.setattr(layerwise, "_paired_moments", lambda *a: moments.append(a[-1]) or real_moments(*a))
+    resumed = tiny_model(family)
+    svdllm.compress(resumed, tok, config(tmp_path / "c2"), progress=False)
+    assert set(moments) == {"model.layers.1"}  # layer 0 came from the interrupted run
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not list((tmp_path / "c2").glob("stats/*/partial_*"))

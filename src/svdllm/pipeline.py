@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .allocation import MatrixInfo, Spectrum, get_allocator, param_counts
 from .calibration import distributed
-from .calibration import LinearStats, StatsCache, calibrate_layers, gradient_stats, model_fingerprint
+from .calibration import (LinearStats, PartialFactors, StatsCache, calibrate_layers, gradient_stats,
+                          model_fingerprint)
 from .config import CompressConfig
 from .data import calibration_windows, check_token_ids, load_text, tokenize_text
 from .errors import SvdllmError
@@ -300,6 +301,10 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
 
     # the closed-form update needs the compressed model's activations, which no cache can hold
     use_cache = needs_inputs and not closed_form and cache is not None and cache.has_all(num_layers)
+    partial = PartialFactors(cache, {"method": config.method, "method_options": config.method_options,
+                                     "update": config.update, "mode": cal.mode, "ranks": rank_maps[ratios[0]],
+                                     "dtype": str(next(model.parameters()).dtype), "version": __version__},
+                             ) if closed_form and cache is not None else None
 
     factors = {r: {} for r in ratios}
     losses = {r: {} for r in ratios}
@@ -355,6 +360,16 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                                            if f"{prefix}{n}" in factors[ratios[0]]}))
         if names[-1] != LINEAR_NAMES[-1]:  # the closed-form update: more groups of this layer to come
             return sequential
+        if partial is not None:  # the layer is finished: an interrupted pass resumes after it
+            done_here = {k: v for k, v in factors[ratios[0]].items() if k.startswith(prefix)}
+            partial.save(i, done_here, {"loss": {k: losses[ratios[0]][k] for k in done_here},
+                                        "gain": {k: update_gain[k] for k in done_here if k in update_gain},
+                                        "jitter": {k: jitters[k] for k in done_here if k in jitters}})
+        write_layer(i, layer)
+        return sequential
+
+    def write_layer(i: int, layer: nn.Module) -> None:
+        prefix = f"model.layers.{i}."
         if lazy:  # written now, so the compressed model is never whole in memory
             for r in ratios:
                 writers[r].add(f"model-layer-{i:05d}.safetensors", _layer_tensors(layer, prefix, factors[r]))
@@ -362,7 +377,21 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             for r in ratios:
                 for k in [k for k in factors[r] if k.startswith(prefix)]:
                     del factors[r][k]
-        return sequential
+
+    def restore_layer(i: int, layer: nn.Module) -> bool:
+        """Layer i's factors from an interrupted closed-form pass, swapped in as if just computed."""
+        got = partial.load(i)
+        if got is None:
+            return False
+        pairs, info = got
+        for full, pair in pairs.items():
+            factors[ratios[0]][full] = pair
+            losses[ratios[0]][full] = info["loss"][full]
+        update_gain.update(info["gain"])
+        jitters.update(info["jitter"])
+        applied.update(swap_in(model, pairs))
+        write_layer(i, layer)
+        return True
 
     t = time.perf_counter()
     if not needs_inputs or use_cache:  # no calibration pass: factorize from the cache (or from the weights alone)
@@ -374,10 +403,13 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                 process_layer(i, layer, cache.load(i) if use_cache else None)
     else:
         resume = cache.load_if_present if cache is not None and cal.mode == "original" else None
+        if partial is not None and partial.load(0) is not None:
+            log.info("Resuming the closed-form pass from the layers an earlier run finished (%s).", partial.dir)
         release_layer = (lambda i, layer: release(model, f"model.layers.{i}.")) if lazy else None  # noqa: E731
         for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,
                                          paired=closed_form, drift_groups=DRIFT_GROUPS.get(config.update, ()),
-                                         cached=resume, on_exit=release_layer):
+                                         cached=resume, on_exit=release_layer,
+                                         restore=restore_layer if partial is not None else None):
             if cache is not None and cal.mode == "original" and not cache.has(i):
                 cache.save(i, stats)
         timings["calibration_s"] += time.perf_counter() - t - timings["factorization_s"]
@@ -439,6 +471,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         results.append(result)
         log.info("ratio %.2f: %d → %d parameters (%.1f%% of the compressed linears removed)", r, params_before,
                  counts["model_after"], 100 * counts["achieved_ratio"])
+    if partial is not None:  # the models are saved: nothing left to resume
+        partial.clear()
     distributed.barrier()  # no rank returns before rank 0 has written the models
     return results
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -132,3 +133,41 @@ class StatsCache:
         tensors = load_file(path)
         pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         return LayerStats(pick("gram."), pick("abs_sum."), tokens)
+
+
+class PartialFactors:
+    """The factors of the layers a sequential pass (the closed-form update's) has finished, one atomic file per
+    layer beside the statistics they came from: the same command, interrupted, resumes after the last finished
+    layer instead of starting over. Keyed by everything the factors depend on besides the statistics."""
+
+    def __init__(self, cache: StatsCache, key: dict):
+        self.key = key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = cache.dir / f"partial_{digest}"
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"layer_{i:04d}.safetensors"
+
+    def save(self, i: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict) -> None:
+        if not distributed.is_main():  # every rank holds the same gathered factors
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{k}.{part}": t.contiguous() for k, pair in factors.items() for part, t in zip("uv", pair)}
+        with atomic_path(self._path(i)) as tmp:
+            save_file(tensors, tmp, metadata={"info": json.dumps(info), "key": json.dumps(self.key, sort_keys=True)})
+
+    def load(self, i: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict] | None:
+        """Layer i's factors and info if a finished layer was left, else None (on every rank alike)."""
+        if not distributed.all_agree(self._path(i).exists()):
+            return None
+        from safetensors import safe_open
+
+        with safe_open(self._path(i), framework="pt") as f:
+            info = json.loads(f.metadata()["info"])
+        t = load_file(self._path(i))
+        names = {k.rsplit(".", 1)[0] for k in t}
+        return {n: (t[f"{n}.u"], t[f"{n}.v"]) for n in names}, info
+
+    def clear(self) -> None:
+        if distributed.is_main():
+            shutil.rmtree(self.dir, ignore_errors=True)

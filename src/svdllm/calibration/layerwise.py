@@ -256,6 +256,7 @@ def calibrate_layers(
     drift_groups: tuple[str, ...] = (),
     cached: Callable[[int], LayerStats | None] | None = None,
     on_exit: Callable[[int, nn.Module], None] | None = None,
+    restore: Callable[[int, nn.Module], bool] | None = None,
 ) -> Iterator[tuple[int, LayerStats]]:
     """Yield (layer index, statistics) for every decoder layer, one layer at a time.
 
@@ -272,8 +273,9 @@ def calibrate_layers(
     SmolLM2's perplexity at R = 0.4 went from 239 to 3,938.)
 
     `cached(i)` may return layer i's statistics from an earlier, interrupted run: the layer then only runs
-    forward (no Gram accumulation, most of a layer's cost) to feed the next one. Dense-model statistics only:
-    with `paired` the cross moments are still computed.
+    forward (no Gram accumulation, most of a layer's cost) to feed the next one. Dense-model statistics only;
+    with `paired`, `restore(i, layer)` may swap in layer i's factors from an interrupted run and return True: both
+    streams then only run forward through the layer.
 
     A layer-wise (lazy) model has each layer materialized from its checkpoint just before it runs; `on_exit(i,
     layer)` runs once the layer's outputs are passed on (the pipeline writes and releases it there).
@@ -296,15 +298,17 @@ def calibrate_layers(
         else:
             outputs = run_layer(layer, hidden, kwargs, device)[0]
         if paired:
-            # the dense stream's inputs come from the layer as it was before any of its groups changed
-            dense = copy.deepcopy(layer) if drift_groups else None
-            stats.cross, stats.grams_compressed = {}, {}
-            for group, names in INPUT_GROUPS.items():
-                stats.cross[group], stats.grams_compressed[group] = _paired_moments(
-                    dense if group in drift_groups else None, layer, hidden, compressed, kwargs, device, group, where)
-                if on_layer is not None:
-                    on_layer(i, layer, stats, names)
-            del dense
+            if restore is None or not restore(i, layer):
+                # the dense stream's inputs come from the layer as it was before any of its groups changed
+                dense = copy.deepcopy(layer) if drift_groups else None
+                stats.cross, stats.grams_compressed = {}, {}
+                for group, names in INPUT_GROUPS.items():
+                    stats.cross[group], stats.grams_compressed[group] = _paired_moments(
+                        dense if group in drift_groups else None, layer, hidden, compressed, kwargs, device, group,
+                        where)
+                    if on_layer is not None:
+                        on_layer(i, layer, stats, names)
+                del dense
             compressed = run_layer(layer, compressed, kwargs, device)[0]
             for out in compressed:
                 _check_finite(out, f"the output of compressed {where}")
