@@ -403,7 +403,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                 process_layer(i, layer, cache.load(i) if use_cache else None)
     else:
         resume = cache.load_if_present if cache is not None and cal.mode == "original" else None
-        if partial is not None and partial.load(0) is not None:
+        if partial is not None and partial.has(0):
             log.info("Resuming the closed-form pass from the layers an earlier run finished (%s).", partial.dir)
         release_layer = (lambda i, layer: release(model, f"model.layers.{i}.")) if lazy else None  # noqa: E731
         for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,

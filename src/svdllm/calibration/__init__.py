@@ -4,5 +4,5 @@ from .cache import PartialFactors, StatsCache, model_fingerprint
 from .fisher import GradientStats, fisher_rows, gradient_stats
 from .layerwise import LayerStats, LinearStats, calibrate_layers, capture_layer_inputs, run_layer
 
-__all__ = ["GradientStats", "fisher_rows", "gradient_stats", "PartialFactors", "StatsCache", "model_fingerprint", "LayerStats",
-           "LinearStats", "calibrate_layers", "capture_layer_inputs", "run_layer"]
+__all__ = ["GradientStats", "fisher_rows", "gradient_stats", "PartialFactors", "StatsCache", "model_fingerprint",
+           "LayerStats", "LinearStats", "calibrate_layers", "capture_layer_inputs", "run_layer"]

@@ -156,9 +156,13 @@ class PartialFactors:
         with atomic_path(self._path(i)) as tmp:
             save_file(tensors, tmp, metadata={"info": json.dumps(info), "key": json.dumps(self.key, sort_keys=True)})
 
+    def has(self, i: int) -> bool:
+        """Whether layer i was finished, on every rank alike."""
+        return distributed.all_agree(self._path(i).exists())
+
     def load(self, i: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict] | None:
-        """Layer i's factors and info if a finished layer was left, else None (on every rank alike)."""
-        if not distributed.all_agree(self._path(i).exists()):
+        """Layer i's factors and info if a finished layer was left, else None."""
+        if not self.has(i):
             return None
         from safetensors import safe_open
 
