@@ -160,3 +160,27 @@ def test_decode_steps_continue_the_greedy_generation(family):
     assert torch.equal(torch.stack(tokens, 1), want)
     rows = bench.measure(model, (1,), (8,), new_tokens=3, repeats=2)
     assert rows[0]["decode_tok_s"] > 0 and rows[0]["prefill_tok_s"] > 0
+
+
+def test_interrupted_zero_shot_resumes_from_the_scored_requests(tok, data_dir, tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    scored = []
+    real = HFLM._loglikelihood_tokens
+
+    def counting(self, requests, *args, **kwargs):
+        scored.append(len(requests))
+        return real(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", counting)
+    model = tiny_model("llama")
+    zero_shot(model, tok, ["piqa"], data_dir, limit=3, cache=tmp_path)  # stands for a run stopped after 3 questions
+    assert scored == [6]  # 2 choices each
+    resumed = zero_shot(model, tok, ["piqa"], data_dir, limit=6, cache=tmp_path)
+    assert scored[1:] == [6]  # only the 3 new questions were scored
+    fresh = zero_shot(model, tok, ["piqa"], data_dir, limit=6, cache=tmp_path, resume=False)
+    assert scored[2:] == [12]
+    assert resumed["tasks"] == fresh["tasks"]
+    other = tiny_model("llama", seed=1)  # other weights never read the first model's answers
+    zero_shot(other, tok, ["piqa"], data_dir, limit=3, cache=tmp_path)
+    assert scored[3:] == [6]

@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot tasks scored by lm-eval on the local data, comma-separated, or 'paper' for the seven "
                         "of the SVD-LLM paper: openbookqa,arc_easy,arc_challenge,winogrande,hellaswag,piqa,mathqa")
     e.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples per task (quick check)")
+    e.add_argument("--no-resume", action="store_true",
+                   help="zero-shot: score every request afresh instead of reusing those an earlier (interrupted) run "
+                        "on the same weights kept in the cache directory")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick check)")
     e.add_argument("--batch-size", type=int, default=1)
@@ -461,7 +464,7 @@ def cmd_eval(args) -> dict:
     if tasks:
         from .evaluation.zeroshot import markdown_table, zero_shot
 
-        zs = zero_shot(model, tok, tasks, args.data_dir, args.limit, args.batch_size)
+        zs = zero_shot(model, tok, tasks, args.data_dir, args.limit, args.batch_size, resume=not args.no_resume)
         print(markdown_table(zs))
         out["zero_shot"] = zs
     if _is_svdllm_dir(args.model):  # kept beside the model for `svdllm compare`

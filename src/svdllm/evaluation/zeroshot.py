@@ -4,14 +4,21 @@ lm-eval's own task definitions (prompt, choices, target, metrics) are used uncha
 swapped for a JSON-lines file in the Hugging Face schema the task expects, converted once from the files in the
 data directory (../shared/data: the original releases, whose layout differs from the hub's). The model is the
 loaded object itself, wrapped by lm-eval's HFLM, so a compressed model is scored exactly like a dense one.
+
+A full run of the seven tasks is hours on a CPU (HellaSwag alone is 40,000 scored continuations), so every scored
+request is kept as it completes in a response database keyed by a fingerprint of the model's weights: an
+interrupted run picks up where it stopped, and a run on a different model never reads another model's answers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import torch
 
 from ..errors import SvdllmError
 from ..io.atomic import atomic_path
@@ -98,9 +105,24 @@ def task_config(task: str, path: Path, manager) -> dict:
     return cfg
 
 
+def model_fingerprint(model, tokenizer) -> str:
+    """A digest of every weight's bytes (and the tokenizer): equal only for models that score alike."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}".encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
 def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | None = None,
-              limit: int | None = None, batch_size: int = 1, cache: str | os.PathLike | None = None) -> dict:
-    """Zero-shot acc / acc_norm (with stderr) per task as lm-eval scores them, and their averages."""
+              limit: int | None = None, batch_size: int = 1, cache: str | os.PathLike | None = None,
+              resume: bool = True) -> dict:
+    """Zero-shot acc / acc_norm (with stderr) per task as lm-eval scores them, and their averages.
+
+    resume: keep each scored request in `cache`/responses/<model fingerprint> and reuse what is there (lm-eval's
+    own response cache, written request by request), so an interrupted run loses almost nothing."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -117,7 +139,13 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | 
     manager = TaskManager()
     configs = [task_config(t, local_task_file(t, data_dir, cache), manager) for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    responses = None
+    if resume:
+        responses = Path(cache) / "responses" / model_fingerprint(model, tokenizer)
+        responses.parent.mkdir(parents=True, exist_ok=True)
+        log.info("Scored requests are kept in %s_rank0.db; a rerun on the same model resumes from them.", responses)
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, num_fewshot=0, limit=limit,
+                                  use_cache=None if responses is None else str(responses),
                                   log_samples=False, bootstrap_iters=1000, random_seed=0, numpy_random_seed=0,
                                   torch_random_seed=0, fewshot_random_seed=0)
     def stderr(value):  # lm-eval reports "N/A" where it cannot estimate one (a task with a single example)
