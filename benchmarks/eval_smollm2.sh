@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue "Evaluation suite": SmolLM2-135M dense against svd-llm (uniform ranks, the protocol's calibration) at
 # R = 0.2 and 0.4: the seven zero-shot tasks of the SVD-LLM paper on their full sets, scored by lm-eval, and
-# WikiText-2 / PTB / C4 perplexity. One JSON per (model, task), so an interrupted run loses at most one task and
-# the same command resumes it. Render with: python benchmarks/eval_table.py OUT_DIR
+# WikiText-2 / PTB / C4 perplexity. One JSON per (model, task or perplexity set); inside a task every scored request
+# is kept as it completes (svdllm eval's response cache), so the same command resumes
+# an interrupted run. Render with: python benchmarks/eval_table.py OUT_DIR
 # Usage: bash benchmarks/eval_smollm2.sh [OUT_DIR] [COMPRESSED_DIR]   (many hours on 2 CPU cores: HellaSwag alone
 # is about 40,000 scored continuations per model; it runs last)
 set -euo pipefail
@@ -25,8 +26,10 @@ run() {  # run DEST ARGS...: `svdllm eval ARGS --json` into DEST, atomically, un
   mv "$dest.tmp" "$dest"
 }
 declare -A MODEL=([dense]=smollm2-135m [r0.2]="$RUN/ratio-0.2" [r0.4]="$RUN/ratio-0.4")
-for name in dense r0.4 r0.2; do
-  run "$OUT/ppl-$name.json" --model "${MODEL[$name]}" --ppl wikitext2,ptb,c4 $WINDOWS
+for set in wikitext2 ptb c4; do
+  for name in dense r0.4 r0.2; do
+    run "$OUT/ppl-$name-$set.json" --model "${MODEL[$name]}" --ppl "$set" $WINDOWS
+  done
 done
 for task in openbookqa arc_challenge winogrande piqa arc_easy mathqa hellaswag; do
   for name in dense r0.4 r0.2; do

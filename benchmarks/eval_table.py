@@ -50,10 +50,12 @@ def main(out: Path) -> None:
     print("| model | WikiText-2 | PTB | C4 |")
     print("|---|---|---|---|")
     for m, label in MODELS.items():
-        path = out / f"ppl-{m}.json"
-        if not path.exists():
+        ppl = {}
+        for path in [out / f"ppl-{m}.json"] + [out / f"ppl-{m}-{s}.json" for s in ("wikitext2", "ptb", "c4")]:
+            if path.exists():
+                ppl.update(json.loads(path.read_text())["ppl"])
+        if not ppl:
             continue
-        ppl = json.loads(path.read_text())["ppl"]
         cells = []
         for s in ("wikitext2", "ptb", "c4"):
             r = ppl.get(s)
