@@ -166,8 +166,10 @@ def _linear_inputs(model, windows) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in got.items()}
 
 
-@pytest.mark.parametrize("update", ["closed-form", "closed-form-drift"])
-def test_closed_form_w_u_is_optimal_on_the_inputs_each_linear_really_receives(update, tok, data_dir, tmp_path):
+@pytest.mark.parametrize("family,update", [("llama", "closed-form"), ("llama", "closed-form-drift"),
+                                           ("gemma3", "closed-form"), ("qwen2", "closed-form")])
+def test_closed_form_w_u_is_optimal_on_the_inputs_each_linear_really_receives(family, update, tok, data_dir,
+                                                                              tmp_path):
     """Independent check: run the finished compressed model (and a dense copy) on the calibration windows, record
     each linear's real inputs X′ (and dense inputs X) and solve the least squares by lstsq. Before this test
     o_proj and the MLP were fitted to inputs computed with their own layer still dense, which made SmolLM2's
@@ -178,7 +180,7 @@ def test_closed_form_w_u_is_optimal_on_the_inputs_each_linear_really_receives(up
     from svdllm.update import DRIFT_GROUPS
     from svdllm.models.families import GROUP_OF
 
-    model = tiny_model("llama")
+    model = tiny_model(family)
     dense = copy.deepcopy(model)
     cfg = _config(data_dir, tmp_path, ratio=0.5, update=update)
     svdllm.compress(model, tok, cfg, progress=False)
@@ -192,6 +194,36 @@ def test_closed_form_w_u_is_optimal_on_the_inputs_each_linear_really_receives(up
         ref = torch.linalg.lstsq((lin.v.weight.double() @ xc.T).T, (w @ target.T).T).solution.T
         err = (lin.u.weight.double() - ref).norm() / ref.norm()
         assert err < 1e-4, (key, float(err))
+
+
+def test_closed_form_pass_skips_the_dense_stream_when_cached_and_replays_the_attention(tok, data_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Per window and layer, the attention is computed once for the dense stream (only while its statistics are not
+    cached), once up to o_proj and once with o_proj compressed; the MLP's inputs and the layer's output reuse that
+    last one (without the replay the compressed stream would call it 5 times per window). The warm run, without a dense stream, gives the same model bit for bit; the lstsq test above checks
+    that the replayed attention is what each MLP linear really receives."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    calls = []
+    real = LlamaAttention.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaAttention, "forward", counting)
+    cfg = _config(data_dir, tmp_path, ratio=0.5, update="closed-form")
+    cold, warm = tiny_model("llama"), tiny_model("llama")
+    svdllm.compress(cold, tok, cfg, progress=False)
+    n_cold = len(calls)
+    svdllm.compress(warm, tok, cfg, progress=False)
+    n_warm = len(calls) - n_cold
+    layers, windows = cold.config.num_hidden_layers, cfg.calibration.nsamples
+    # per layer: 1 call while the layer inputs are captured, 1 for the finite-logits probe, per window 3 calls of
+    # the compressed stream (the one that stops at q_proj computes nothing), + 1 per window for the dense stream
+    assert (n_cold, n_warm) == (layers * (4 * windows + 2), layers * (3 * windows + 2))
+    a, b = cold.state_dict(), warm.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fwsvd_with_sequential_closed_form_update(tok, data_dir, tmp_path):

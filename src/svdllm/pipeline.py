@@ -409,7 +409,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,
                                          paired=closed_form, drift_groups=DRIFT_GROUPS.get(config.update, ()),
                                          cached=resume, on_exit=release_layer,
-                                         restore=restore_layer if partial is not None else None):
+                                         restore=restore_layer if partial is not None else None,
+                                         dense_cached=resume is not None and cache.has_all(num_layers)):
             if cache is not None and cal.mode == "original" and not cache.has(i):
                 cache.save(i, stats)
         timings["calibration_s"] += time.perf_counter() - t - timings["factorization_s"]

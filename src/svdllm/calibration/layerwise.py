@@ -238,6 +238,31 @@ def _paired_moments(dense: nn.Module | None, layer: nn.Module, hidden, compresse
     return cpu.get("cross"), cpu["gram_c"]
 
 
+@contextlib.contextmanager
+def _recording(module: nn.Module, outputs: list):
+    """Keep `module`'s output of every forward (its first element only, when a tuple: attention weights, which an
+    eager attention returns beside its output, are window × heads × tokens² and the layer discards them)."""
+    def hook(mod, args, out):
+        outputs.append((out[0],) + (None,) * (len(out) - 1) if isinstance(out, tuple) else out)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _replaying(module: nn.Module, outputs: list):
+    """`module` returns the recorded outputs, one per forward and in order, instead of computing them."""
+    it = iter(outputs)
+    module.forward = lambda *args, **kwargs: next(it)
+    try:
+        yield
+    finally:
+        del module.forward
+
+
 def _sum_over_ranks(stats: LayerStats) -> LayerStats:
     if not distributed.active():
         return stats
@@ -257,6 +282,7 @@ def calibrate_layers(
     cached: Callable[[int], LayerStats | None] | None = None,
     on_exit: Callable[[int, nn.Module], None] | None = None,
     restore: Callable[[int, nn.Module], bool] | None = None,
+    dense_cached: bool = False,
 ) -> Iterator[tuple[int, LayerStats]]:
     """Yield (layer index, statistics) for every decoder layer, one layer at a time.
 
@@ -277,6 +303,11 @@ def calibrate_layers(
     with `paired`, `restore(i, layer)` may swap in layer i's factors from an interrupted run and return True: both
     streams then only run forward through the layer.
 
+    With `paired`, no `drift_groups` and `dense_cached` (every layer's statistics are in `cached`), the dense
+    stream is not run at all: nothing but its statistics is needed from it. Within a layer, the attention
+    sub-block's output stops changing once q/k/v and o are compressed; it is computed once more and then replayed
+    for the MLP's groups and the layer's output (recomputing the attention over long windows is most of the pass).
+
     A layer-wise (lazy) model has each layer materialized from its checkpoint just before it runs; `on_exit(i,
     layer)` runs once the layer's outputs are passed on (the pipeline writes and releases it there).
     """
@@ -287,35 +318,54 @@ def calibrate_layers(
         raise SvdllmError(f"More processes ({distributed.world_size()}) than calibration windows; raise --nsamples.")
     hidden, layer_kwargs = capture_layer_inputs(model, windows, batch_size)
     compressed = list(hidden) if paired else None
+    dense_stream = not (paired and not drift_groups and dense_cached and cached is not None)
+    attention = INPUT_GROUPS["attn_out"][0].rsplit(".", 1)[0]
     for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
         if is_lazy(model):
             materialize(model, f"model.layers.{i}.")
         kwargs, where = layer_kwargs[i], f"model.layers.{i}"
         stats = cached(i) if cached is not None else None
-        if stats is None:
+        if not dense_stream:
+            if stats is None:
+                raise SvdllmError(f"The statistics of {where} vanished from the cache during the pass; run again.")
+            outputs = compressed  # a stand-in: no dense moments are taken
+        elif stats is None:
             outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where)
             stats = _sum_over_ranks(stats)
         else:
             outputs = run_layer(layer, hidden, kwargs, device)[0]
         if paired:
+            attn_out: list = []
             if restore is None or not restore(i, layer):
                 # the dense stream's inputs come from the layer as it was before any of its groups changed
                 dense = copy.deepcopy(layer) if drift_groups else None
                 stats.cross, stats.grams_compressed = {}, {}
                 for group, names in INPUT_GROUPS.items():
-                    stats.cross[group], stats.grams_compressed[group] = _paired_moments(
-                        dense if group in drift_groups else None, layer, hidden, compressed, kwargs, device, group,
-                        where)
+                    with contextlib.ExitStack() as stage:
+                        if group == "mlp_in":  # q/k/v and o are final from here on
+                            stage.enter_context(_recording(layer.get_submodule(attention), attn_out))
+                        elif group == "mlp_out" and len(attn_out) == len(compressed):
+                            stage.enter_context(_replaying(layer.get_submodule(attention), attn_out))
+                        stats.cross[group], stats.grams_compressed[group] = _paired_moments(
+                            dense if group in drift_groups else None, layer, hidden, compressed, kwargs, device,
+                            group, where)
                     if on_layer is not None:
                         on_layer(i, layer, stats, names)
                 del dense
-            compressed = run_layer(layer, compressed, kwargs, device)[0]
+            with contextlib.ExitStack() as stage:
+                if len(attn_out) == len(compressed):
+                    stage.enter_context(_replaying(layer.get_submodule(attention), attn_out))
+                compressed = run_layer(layer, compressed, kwargs, device)[0]
+            del attn_out
             for out in compressed:
                 _check_finite(out, f"the output of compressed {where}")
+            if not dense_stream:
+                outputs = compressed
         elif on_layer is not None and on_layer(i, layer, stats):
             outputs = run_layer(layer, hidden, kwargs, device)[0]
-        for out in outputs:
-            _check_finite(out, f"the output of {where}")
+        if dense_stream:
+            for out in outputs:
+                _check_finite(out, f"the output of {where}")
         hidden = outputs
         if on_exit is not None:
             on_exit(i, layer)
