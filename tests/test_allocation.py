@@ -194,6 +194,31 @@ def test_spectral_allocation_with_the_closed_form_update(tok, data_dir, tmp_path
     assert res.params["achieved_ratio"] == pytest.approx(0.4, abs=TOLERANCE)
 
 
+def test_allocation_is_kept_beside_the_statistics_and_reused_across_updates(tok, data_dir, tmp_path, monkeypatch):
+    """The spectra and global's measured loss scales are computed once; the same configuration with another update
+    reads the ranks back (identical) instead of recomputing them, and a changed option computes them anew."""
+    import svdllm.pipeline as pipeline
+
+    calls = []
+    real = pipeline._spectrum
+    monkeypatch.setattr(pipeline, "_spectrum", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def config(update="none", **opts):
+        return svdllm.CompressConfig(ratio=0.4, method="kfac-svd", alloc="global", update=update,
+                                     alloc_options={"calibrate": 1, **opts}, cache_dir=str(tmp_path / "c"),
+                                     calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32,
+                                                                          data_dir=str(data_dir), grad_samples=2))
+
+    first = svdllm.compress(tiny_model("llama"), tok, config(), progress=False)[0]
+    n = len(calls)
+    assert n == 14 and "spectra_s" in first.timings  # 2 layers × 7 matrices
+    again = svdllm.compress(tiny_model("llama"), tok, config("closed-form"), progress=False)[0]
+    assert len(calls) == n and "spectra_s" not in again.timings
+    assert again.ranks == first.ranks and again.manifest["allocation"] == first.manifest["allocation"]
+    svdllm.compress(tiny_model("llama"), tok, config(calibrate=2), progress=False)
+    assert len(calls) == 2 * n
+
+
 def test_compare_reads_eval_and_bench_results(tok, data_dir, tmp_path, capsys):
     from svdllm.cli import main
 

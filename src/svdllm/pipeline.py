@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .allocation import MatrixInfo, Spectrum, get_allocator, param_counts
 from .calibration import distributed
-from .calibration import (LinearStats, PartialFactors, StatsCache, calibrate_layers, gradient_stats,
+from .calibration import (AllocationRecord, LinearStats, PartialFactors, StatsCache, calibrate_layers, gradient_stats,
                           model_fingerprint)
 from .config import CompressConfig
 from .data import calibration_windows, check_token_ids, load_text, tokenize_text
@@ -258,46 +258,62 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                     if not spectra_cache.has(i):
                         spectra_cache.save(i, stats)
             timings["calibration_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        spectra = {}
-        layers = family_of(model).decoder_layers(model)
-        for i, layer in enumerate(tqdm(layers, desc="spectra", unit="layer", disable=not progress)):
-            stats = spectra_cache.load(i) if needs_inputs else None
-            with resident(model, i):
-                for k, name in enumerate(LINEAR_NAMES):
-                    if not distributed.mine(i * len(LINEAR_NAMES) + k):  # round-robin across ranks under torchrun
-                        continue
-                    full = f"model.layers.{i}.{name}"
-                    lin = layer.get_submodule(name)
-                    linear_stats = stats_for(full, name, stats)
-                    spectra[full] = _spectrum(lin.weight, decompose(full, lin, linear_stats), linear_stats, grads,
-                                              full)
-        spectra = distributed.gather_merge(spectra)
-        timings["spectra_s"] = time.perf_counter() - t
-        timings["peak_rss_after_spectra_mb"] = peak_rss_mb()
+        # the allocation depends on the statistics and on what is decided here, not on the update: kept beside the
+        # statistics, it serves the same configuration with another update, and an interrupted run
+        alloc_file = AllocationRecord(spectra_cache, {
+            "method": config.method, "method_options": config.method_options, "alloc": config.alloc,
+            "alloc_options": config.alloc_options, "ratios": ratios, "rank_multiple": config.rank_multiple,
+            "grad_samples": cal.grad_samples, "dtype": str(next(model.parameters()).dtype), "version": __version__,
+        }) if needs_inputs and config.cache_dir != "" else None
+        known = alloc_file.load() if alloc_file is not None else None
+        spectra = None
+        if known is None:
+            t = time.perf_counter()
+            spectra = {}
+            layers = family_of(model).decoder_layers(model)
+            for i, layer in enumerate(tqdm(layers, desc="spectra", unit="layer", disable=not progress)):
+                stats = spectra_cache.load(i) if needs_inputs else None
+                with resident(model, i):
+                    for k, name in enumerate(LINEAR_NAMES):
+                        if not distributed.mine(i * len(LINEAR_NAMES) + k):  # round-robin across ranks (torchrun)
+                            continue
+                        full = f"model.layers.{i}.{name}"
+                        lin = layer.get_submodule(name)
+                        linear_stats = stats_for(full, name, stats)
+                        spectra[full] = _spectrum(lin.weight, decompose(full, lin, linear_stats), linear_stats, grads,
+                                                  full)
+            spectra = distributed.gather_merge(spectra)
+            timings["spectra_s"] = time.perf_counter() - t
+            timings["peak_rss_after_spectra_mb"] = peak_rss_mb()
         if needs_inputs and not _ratio_dependent(config):
             cache = spectra_cache  # phase 2 reads the statistics back instead of running the pass again
     else:
-        spectra = None
-    spectra_by_ratio = {r: spectra for r in ratios}
-    alloc_info: dict = {}
-    n_check = int(getattr(allocator, "calibrate", 0) or 0)
-    if spectra is not None and n_check and any(sp.loss is not None for sp in spectra.values()):
+        spectra, alloc_file, known = None, None, None
+    if known is not None:
+        rank_maps, alloc_info = known
+        log.info("Ranks from an earlier run's allocation (%s): the spectra are not recomputed.", alloc_file.path)
+    else:
+        spectra_by_ratio = {r: spectra for r in ratios}
+        alloc_info = {}
+        n_check = int(getattr(allocator, "calibrate", 0) or 0)
+        if spectra is not None and n_check and any(sp.loss is not None for sp in spectra.values()):
+            t = time.perf_counter()
+            stats_of = (lambda i: spectra_cache.load(i)) if needs_inputs else (lambda i: None)
+            all_scales = _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose,
+                                               windows[:n_check], ratios)
+            for r in ratios:
+                scale = all_scales[r]
+                log.info("ratio %.2f: measured/predicted loss per matrix type: %s", r,
+                         ", ".join(f"{k} {v:.3g}" for k, v in scale.items()))
+                alloc_info.setdefault("loss_scales", {})[str(r)] = scale
+                spectra_by_ratio[r] = {name: dataclasses.replace(sp, loss=sp.loss * scale[shapes[name].kind])
+                                       for name, sp in spectra.items()}
+            timings["loss_scale_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        stats_of = (lambda i: spectra_cache.load(i)) if needs_inputs else (lambda i: None)
-        all_scales = _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose,
-                                           windows[:n_check], ratios)
-        for r in ratios:
-            scale = all_scales[r]
-            log.info("ratio %.2f: measured/predicted loss per matrix type: %s", r,
-                     ", ".join(f"{k} {v:.3g}" for k, v in scale.items()))
-            alloc_info.setdefault("loss_scales", {})[str(r)] = scale
-            spectra_by_ratio[r] = {name: dataclasses.replace(sp, loss=sp.loss * scale[shapes[name].kind])
-                                   for name, sp in spectra.items()}
-        timings["loss_scale_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    rank_maps = {r: allocator.allocate(matrices, r, spectra_by_ratio[r], config.rank_multiple) for r in ratios}
-    timings["allocation_s"] = time.perf_counter() - t
+        rank_maps = {r: allocator.allocate(matrices, r, spectra_by_ratio[r], config.rank_multiple) for r in ratios}
+        timings["allocation_s"] = time.perf_counter() - t
+        if alloc_file is not None:
+            alloc_file.save(rank_maps, alloc_info)
 
     # the closed-form update needs the compressed model's activations, which no cache can hold
     use_cache = needs_inputs and not closed_form and cache is not None and cache.has_all(num_layers)

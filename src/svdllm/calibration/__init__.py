@@ -1,8 +1,8 @@
 """Calibration: run the model one decoder layer at a time on calibration windows and gather input statistics;
 a separate backward pass gathers the gradient statistics that FWSVD and the loss-aware allocators need."""
-from .cache import PartialFactors, StatsCache, model_fingerprint
+from .cache import AllocationRecord, PartialFactors, StatsCache, model_fingerprint
 from .fisher import GradientStats, fisher_rows, gradient_stats
 from .layerwise import LayerStats, LinearStats, calibrate_layers, capture_layer_inputs, run_layer
 
-__all__ = ["GradientStats", "fisher_rows", "gradient_stats", "PartialFactors", "StatsCache", "model_fingerprint",
-           "LayerStats", "LinearStats", "calibrate_layers", "capture_layer_inputs", "run_layer"]
+__all__ = ["AllocationRecord", "GradientStats", "fisher_rows", "gradient_stats", "PartialFactors", "StatsCache",
+           "model_fingerprint", "LayerStats", "LinearStats", "calibrate_layers", "capture_layer_inputs", "run_layer"]

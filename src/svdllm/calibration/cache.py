@@ -175,3 +175,30 @@ class PartialFactors:
     def clear(self) -> None:
         if distributed.is_main():
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class AllocationRecord:
+    """The ranks (and what the allocator reported) that a spectral allocation chose from these statistics: the
+    spectra, and for `global` the measured loss scales, cost minutes; a rerun of the same configuration, or the
+    same one with another parameter update, reads them back. Keyed by everything the ranks depend on besides the
+    statistics, whose directory holds the record."""
+
+    def __init__(self, cache: StatsCache, key: dict):
+        self.key = key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.path = cache.dir / f"allocation_{digest}.json"
+
+    def load(self) -> tuple[dict, dict] | None:
+        """(ratio -> rank map, allocator info), or None if not recorded (on any rank)."""
+        if not distributed.all_agree(self.path.exists()):
+            return None
+        record = json.loads(self.path.read_text())
+        ranks = {r: record["ranks"][str(r)] for r in self.key["ratios"]}
+        return ranks, record["info"]
+
+    def save(self, rank_maps: dict, info: dict) -> None:
+        if not distributed.is_main():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps({"key": self.key, "ranks": {str(r): m for r, m in rank_maps.items()},
+                                                 "info": info}, default=str))
