@@ -58,11 +58,19 @@ def main() -> None:
     tag = f"-w{args.max_windows}" if args.max_windows else ""
     for method, alloc, update in configs:
         name = f"{method}-{alloc}-{update}"
-        dest = out / f"compress-{name}.json"
-        have = all((out / name / f"ratio-{float(r):g}").is_dir() for r in args.compress_ratios.split(","))
-        if not (dest.exists() and have):
+        # the closed-form update runs one calibration pass per ratio: one process per ratio, so an interrupted grid
+        # keeps the ratios already done (and the pass itself resumes after its last finished layer)
+        sequential = update.startswith("closed-form")
+        jobs = ([(f"-r{float(r):g}", [r]) for r in args.compress_ratios.split(",")] if sequential
+                else [("", args.compress_ratios.split(","))])
+        for suffix, rs in jobs:
+            dest = out / f"compress-{name}{suffix}.json"
+            if dest.exists() and all((out / name / f"ratio-{float(r):g}").is_dir() for r in rs):
+                continue
+            # a single ratio is saved at --out itself, several under --out/ratio-R
+            target = out / name / f"ratio-{float(rs[0]):g}" if len(rs) == 1 else out / name
             cmd = svdllm + ["compress", "--model", args.model, "--method", method, "--alloc", alloc, "--update", update,
-                            "--ratio", args.compress_ratios, "--out", str(out / name), "--overwrite", "--json",
+                            "--ratio", ",".join(rs), "--out", str(target), "--overwrite", "--json",
                             "-q"] + args.extra.split()
             run_json(cmd, dest, log)
     for r in ratios:

@@ -31,19 +31,23 @@ def main(run: Path) -> None:
                 continue
             partial = "" if ev["windows"] == ev["total_windows"] else f" ({ev['windows']}/{ev['total_windows']} windows)"
             cells.append(f"{ev['ppl']:.2f}{partial}")
-        comp = run / f"compress-{name}.json"
-        wall = ""
-        if comp.exists():
-            c = json.loads(comp.read_text())
-            t = c["results"][0]
-            wall = (f"{c['wall_s']:.0f} s (calibration {t.get('calibration_s', 0):.0f}, gradients "
-                    f"{t.get('gradient_pass_s', 0):.0f}, spectra {t.get('spectra_s', 0):.0f}, factorization "
-                    f"{t.get('factorization_s', 0):.0f})")
+        walls = []  # one compression for all ratios, or (closed-form updates) one per ratio
+        for comp in [run / f"compress-{name}.json"] + [run / f"compress-{name}-r{r}.json" for r in ratios]:
+            if comp.exists():
+                c = json.loads(comp.read_text())
+                t = c["results"][0]
+                per = f"R={t['ratio']:g}: " if comp.stem.endswith(f"-r{t['ratio']:g}") else ""
+                walls.append(f"{per}{c['wall_s']:.0f} s (calibration {t.get('calibration_s', 0):.0f}, gradients "
+                             f"{t.get('gradient_pass_s', 0):.0f}, spectra {t.get('spectra_s', 0):.0f}, factorization "
+                             f"{t.get('factorization_s', 0):.0f})")
+        wall = "; ".join(walls)
         print(f"| {method} | {alloc} | {update} | " + " | ".join(cells) + f" | {wall} |")
 
 
 def _split(name: str) -> tuple[str, str, str]:
-    update = "closed-form" if name.endswith("-closed-form") else "none"
+    from svdllm.update import UPDATES
+
+    update = max((u for u in UPDATES if name.endswith(f"-{u}")), key=len, default="none")
     rest = name[: -len(update) - 1]
     method, _, alloc = rest.rpartition("-")
     return method, alloc, update
