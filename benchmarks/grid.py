@@ -5,8 +5,9 @@ one calibration pass (the closed-form update alone needs a pass of its own per r
 
 Usage:
   python benchmarks/grid.py OUT --configs svd-llm:global,svd-llm:v2 --ratios 0.4,0.6,0.2 [--max-windows N]
-A configuration is METHOD[:ALLOC[:UPDATE]] (default alloc uniform, update none). Evaluations run ratio-major in
-the order given, so the ratios that matter most finish first. Render with benchmarks/grid_table.py OUT.
+A configuration is METHOD[:ALLOC[:UPDATE]] (default alloc uniform, update none). Runs go ratio-major in the order
+given, so the ratios that matter most finish first; each model is evaluated as soon as it is compressed. Render
+with benchmarks/grid_table.py OUT.
 """
 from __future__ import annotations
 
@@ -56,31 +57,31 @@ def main() -> None:
         method, alloc, update = parts[0], (parts[1:2] or ["uniform"])[0], (parts[2:3] or ["none"])[0]
         configs.append((method, alloc, update))
     tag = f"-w{args.max_windows}" if args.max_windows else ""
-    for method, alloc, update in configs:
+    def model_dir(method: str, alloc: str, update: str, r: str) -> Path:
+        """The configuration's model at ratio r, compressed first if it is not there yet."""
         name = f"{method}-{alloc}-{update}"
         # the closed-form update runs one calibration pass per ratio: one process per ratio, so an interrupted grid
         # keeps the ratios already done (and the pass itself resumes after its last finished layer)
         sequential = update.startswith("closed-form")
-        jobs = ([(f"-r{float(r):g}", [r]) for r in args.compress_ratios.split(",")] if sequential
-                else [("", args.compress_ratios.split(","))])
-        for suffix, rs in jobs:
-            dest = out / f"compress-{name}{suffix}.json"
-            if dest.exists() and all((out / name / f"ratio-{float(r):g}").is_dir() for r in rs):
-                continue
+        rs, suffix = ([r], f"-r{float(r):g}") if sequential else (args.compress_ratios.split(","), "")
+        dest = out / f"compress-{name}{suffix}.json"
+        if not (dest.exists() and all((out / name / f"ratio-{float(x):g}").is_dir() for x in rs)):
             # a single ratio is saved at --out itself, several under --out/ratio-R
-            target = out / name / f"ratio-{float(rs[0]):g}" if len(rs) == 1 else out / name
+            target = out / name / f"ratio-{float(r):g}" if len(rs) == 1 else out / name
             cmd = svdllm + ["compress", "--model", args.model, "--method", method, "--alloc", alloc, "--update", update,
                             "--ratio", ",".join(rs), "--out", str(target), "--overwrite", "--json",
                             "-q"] + args.extra.split()
             run_json(cmd, dest, log)
-    for r in ratios:
+        return out / name / f"ratio-{float(r):g}"
+
+    for r in ratios:  # ratio-major, each model evaluated as soon as it exists
         for method, alloc, update in configs:
             name = f"{method}-{alloc}-{update}"
             dest = out / f"eval-{name}-r{r}{tag}.json"
             if dest.exists():
                 continue
-            cmd = svdllm + ["eval", "--model", str(out / name / f"ratio-{float(r):g}"), "--ppl", "wikitext2", "--json",
-                            "-q"] + (["--max-windows", str(args.max_windows)] if args.max_windows else [])
+            cmd = svdllm + ["eval", "--model", str(model_dir(method, alloc, update, r)), "--ppl", "wikitext2",
+                            "--json", "-q"] + (["--max-windows", str(args.max_windows)] if args.max_windows else [])
             res = run_json(cmd, dest, log)
             print(f"{name} R={r}: {res['ppl']['wikitext2']['ppl']:.2f}", flush=True)
 
