@@ -90,3 +90,41 @@ def test_generation_without_chat_template_keeps_the_bos_token():
     out = generate_timed(model, tok, "hello", max_new_tokens=3, chat=True)  # no template: the plain prompt
     assert seen["input_ids"][0, 0] == 256 and seen["pad_token_id"] == 258
     assert out["new_tokens"] == 3
+
+
+class Killed(Exception):
+    """Stands for the process being killed mid-run."""
+
+
+def test_interrupted_perplexity_resumes_to_the_same_number(tok, data_dir, tmp_path, monkeypatch):
+    import importlib
+
+    ppl_mod = importlib.import_module("svdllm.evaluation.perplexity")  # (the package exports a function of that name)
+
+    model = tiny_model("llama")
+    whole = perplexity(model, tok, "wikitext2", data_dir, seqlen=64, max_windows=6, progress=False)
+    real, calls = ppl_mod._nll_sum, []
+
+    def killed_after_two(m, batch):
+        if len(calls) == 2:
+            raise Killed
+        calls.append(1)
+        return real(m, batch)
+
+    monkeypatch.setattr(ppl_mod, "_nll_sum", killed_after_two)
+    with pytest.raises(Killed):
+        perplexity(model, tok, "wikitext2", data_dir, seqlen=64, max_windows=6, progress=False, resume_dir=tmp_path)
+    monkeypatch.setattr(ppl_mod, "_nll_sum", lambda m, b: calls.append(1) or real(m, b))
+    again = perplexity(model, tok, "wikitext2", data_dir, seqlen=64, max_windows=6, progress=False,
+                       resume_dir=tmp_path)
+    assert len(calls) == 6 and again["resumed_batches"] == 2  # 2 before the kill, 4 after
+    assert again["ppl"] == whole["ppl"] and again["tokens_scored"] == whole["tokens_scored"]
+    assert not list(tmp_path.iterdir())  # the log is gone once the result exists
+    with pytest.raises(Killed):  # other weights never read this model's log
+        monkeypatch.setattr(ppl_mod, "_nll_sum", killed_after_two)
+        calls.clear()
+        perplexity(model, tok, "wikitext2", data_dir, seqlen=64, max_windows=6, progress=False, resume_dir=tmp_path)
+    monkeypatch.setattr(ppl_mod, "_nll_sum", real)
+    other = perplexity(tiny_model("llama", seed=1), tok, "wikitext2", data_dir, seqlen=64, max_windows=6,
+                       progress=False, resume_dir=tmp_path)
+    assert "resumed_batches" not in other

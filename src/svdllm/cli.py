@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the SVD-LLM paper: openbookqa,arc_easy,arc_challenge,winogrande,hellaswag,piqa,mathqa")
     e.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples per task (quick check)")
     e.add_argument("--no-resume", action="store_true",
-                   help="zero-shot: score every request afresh instead of reusing those an earlier (interrupted) run "
-                        "on the same weights kept in the cache directory")
+                   help="score everything afresh instead of reusing what an earlier, interrupted run on the same "
+                        "weights kept in the cache directory (perplexity batches, zero-shot requests)")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick check)")
     e.add_argument("--batch-size", type=int, default=1)
@@ -441,14 +441,13 @@ def cmd_export(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from .evaluation import perplexity
-
     from .evaluation.zeroshot import PAPER_TASKS
+    from .models.loading import cache_root
 
     tasks = PAPER_TASKS if args.tasks == ["paper"] else args.tasks
     ppl_sets = [] if args.ppl in (["none"], []) else args.ppl
     if tasks:  # fail on a missing task file before loading the model
         from .evaluation.zeroshot import local_task_file
-        from .models.loading import cache_root
 
         for t in tasks:
             local_task_file(t, args.data_dir or os.environ.get("SVDLLM_DATA_DIR") or _no_data(), cache_root() / "zeroshot")
@@ -457,7 +456,7 @@ def cmd_eval(args) -> dict:
     out = {"command": "eval", "model": args.model, "ppl": results}
     for name in ppl_sets:
         r = perplexity(model, tok, name, args.data_dir, args.seqlen, args.max_windows, args.batch_size,
-                       progress=not args.quiet)
+                       progress=not args.quiet, resume_dir=None if args.no_resume else cache_root() / "ppl")
         results[name] = r
         partial = "" if r["windows"] == r["total_windows"] else f"  [--max-windows {r['windows']} of {r['total_windows']}]"
         print(f"{name}: perplexity {r['ppl']:.3f} over {r['windows']} windows of {r['seqlen']} tokens{partial}")

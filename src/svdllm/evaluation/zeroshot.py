@@ -11,17 +11,15 @@ interrupted run picks up where it stopped, and a run on a different model never 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-
 from ..errors import SvdllmError
 from ..io.atomic import atomic_path
+from .resume import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +103,6 @@ def task_config(task: str, path: Path, manager) -> dict:
     return cfg
 
 
-def model_fingerprint(model, tokenizer) -> str:
-    """A digest of every weight's bytes (and the tokenizer): equal only for models that score alike."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}".encode())
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
-
-
 def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | None = None,
               limit: int | None = None, batch_size: int = 1, cache: str | os.PathLike | None = None,
               resume: bool = True) -> dict:
@@ -141,7 +128,7 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     responses = None
     if resume:
-        responses = Path(cache) / "responses" / model_fingerprint(model, tokenizer)
+        responses = Path(cache) / "responses" / weights_fingerprint(model, tokenizer)
         responses.parent.mkdir(parents=True, exist_ok=True)
         log.info("Scored requests are kept in %s_rank0.db; a rerun on the same model resumes from them.", responses)
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, num_fewshot=0, limit=limit,
