@@ -256,11 +256,15 @@ def _recording(module: nn.Module, outputs: list):
 def _replaying(module: nn.Module, outputs: list):
     """`module` returns the recorded outputs, one per forward and in order, instead of computing them."""
     it = iter(outputs)
+    own = module.__dict__.get("forward")  # accelerate's device hooks live there: put back, not deleted
     module.forward = lambda *args, **kwargs: next(it)
     try:
         yield
     finally:
-        del module.forward
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def _sum_over_ranks(stats: LayerStats) -> LayerStats:
