@@ -40,6 +40,11 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def _digest(key: dict, length: int) -> str:
+    """A cache entry's name from everything its content depends on."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 class LazyTensors(Mapping):
     """A safetensors file read one tensor at a time: the output-gradient Grams of a whole model (1.3 GB for
     SmolLM2-135M, m² doubles per linear) stay on disk until the factorization reaches their layer."""
@@ -69,8 +74,7 @@ class LazyTensors(Mapping):
 class StatsCache:
     def __init__(self, root: str | os.PathLike, key: dict):
         self.key = dict(key, stats_version=STATS_VERSION)
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
-        self.dir = Path(root) / "stats" / digest
+        self.dir = Path(root) / "stats" / _digest(self.key, 20)
 
     def _layer_path(self, i: int) -> Path:
         return self.dir / f"layer_{i:04d}.safetensors"
@@ -142,8 +146,7 @@ class PartialFactors:
 
     def __init__(self, cache: StatsCache, key: dict):
         self.key = key
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.dir = cache.dir / f"partial_{digest}"
+        self.dir = cache.dir / f"partial_{_digest(key, 16)}"
 
     def _path(self, i: int) -> Path:
         return self.dir / f"layer_{i:04d}.safetensors"
@@ -185,8 +188,7 @@ class AllocationRecord:
 
     def __init__(self, cache: StatsCache, key: dict):
         self.key = key
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.path = cache.dir / f"allocation_{digest}.json"
+        self.path = cache.dir / f"allocation_{_digest(key, 16)}.json"
 
     def load(self) -> tuple[dict, dict] | None:
         """(ratio -> rank map, allocator info), or None if not recorded (on any rank)."""

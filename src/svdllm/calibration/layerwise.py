@@ -329,10 +329,9 @@ def calibrate_layers(
             materialize(model, f"model.layers.{i}.")
         kwargs, where = layer_kwargs[i], f"model.layers.{i}"
         stats = cached(i) if cached is not None else None
-        if not dense_stream:
+        if not dense_stream:  # (the layer's outputs are the compressed stream's, set below)
             if stats is None:
                 raise SvdllmError(f"The statistics of {where} vanished from the cache during the pass; run again.")
-            outputs = compressed  # a stand-in: no dense moments are taken
         elif stats is None:
             outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where)
             stats = _sum_over_ranks(stats)

@@ -13,7 +13,9 @@ from ..io.atomic import atomic_write_text
 
 
 def weights_fingerprint(model, tokenizer) -> str:
-    """A digest of every weight's bytes (and the tokenizer): equal only for models that score alike."""
+    """A digest of every weight's bytes (and the tokenizer): equal only for models that score alike. (The
+    statistics cache's `model_fingerprint` reads two layers only: enough to tell base models apart, not a
+    compressed model from another compressed differently.)"""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}".encode())
     for name, t in model.state_dict().items():
