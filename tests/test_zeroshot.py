@@ -78,11 +78,11 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
                                    calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
     svdllm.compress(model, tok, config, out=tmp_path / "small", progress=False)
     assert main(["bench", "--model", str(tmp_path / "small"), "--baseline", str(tmp_path / "dense"),
-                 "--batch-sizes", "1,2", "--prompt-lens", "8", "--new-tokens", "4", "--repeats", "1",
+                 "--batch-sizes", "1,2", "--prompt-lens", "8,16", "--new-tokens", "4", "--repeats", "1",
                  "--rounds", "2", "--kv-lengths", "64", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = out["result"]["rows"]
-    assert [(r["batch"], r["prompt_len"]) for r in rows] == [(1, 8), (2, 8)]
+    assert [(r["batch"], r["prompt_len"]) for r in rows] == [(1, 8), (1, 16), (2, 8), (2, 16)]
     for r in rows:
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["prefill_speedup"] > 0
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
@@ -93,6 +93,12 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
     (kv,) = out["result"]["kv_cache"]
     assert kv["tokens"] == 64 and 0 < kv["low_rank_bytes"] < kv["dynamic_bytes"]
     assert out["dense"]["kv_cache"][0]["dynamic_bytes"] == kv["dynamic_bytes"]
+    # the result is kept in the model directory, and `compare` plots it against the dense run (paper's Figure 3)
+    assert main(["compare", str(tmp_path / "small"), "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    cmp = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [len(r["bench"]) for r in cmp["rows"]] == [4] and cmp["rows"][0]["bench_dense_model"] == str(tmp_path / "dense")
+    for name in ("throughput_vs_batch.png", "throughput_vs_seqlen.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 1000
 
 
 def test_bench_ratios_are_medians_of_per_round_ratios():

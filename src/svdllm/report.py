@@ -110,6 +110,8 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare
                 row["zero_shot"] = {"average_acc": z["average_acc"], "key": zkey}
             if be.get("result", {}).get("rows"):
                 row["bench"] = be["result"]["rows"]
+                if be.get("dense", {}).get("rows"):
+                    row["bench_dense"], row["bench_dense_model"] = be["dense"]["rows"], be["dense"]["model"]
             rows.append(row)
     rows.sort(key=lambda r: (r["method"], r["alloc"], r["update"], r["ratio"]))
     datasets = [ds for ds in ("wikitext2", "ptb", "c4") if any(ds in r["ppl"] for r in rows)]
@@ -164,22 +166,44 @@ def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(save_figure(fig, out / "ppl_vs_ratio.png"))
-    benched = [r for r in rows if r.get("bench") and "prefill_speedup" in r["bench"][0]]
-    if benched:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for r in benched:
-            label = f"{r['method']} / {r['alloc']} / R={r['ratio']:g}"
-            for ax, key in zip(axes, ("prefill_speedup", "decode_speedup")):
-                lens = sorted({b["prompt_len"] for b in r["bench"]})
-                pts = [(b["batch"], b[key]) for b in r["bench"] if b["prompt_len"] == lens[-1]]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        for ax, title in zip(axes, ("prefill", "decode")):
-            ax.set_title(f"{title} throughput vs dense")
-            ax.set_xlabel("batch size")
-            ax.set_ylabel("× dense tokens/s")
-            ax.axhline(1.0, color="gray", lw=0.8)
-            ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        written.append(save_figure(fig, out / "throughput_vs_batch.png"))
+    benched = [r for r in rows if r.get("bench")]
+    for axis, other, name in (("batch", "prompt_len", "batch"), ("prompt_len", "batch", "seqlen")):
+        if benched and len({b[axis] for r in benched for b in r["bench"]}) > 1:
+            written.append(save_figure(_throughput_figure(plt, benched, axis, other), out / f"throughput_vs_{name}.png"))
     return written
+
+
+def _throughput_figure(plt, benched: list[dict], axis: str, other: str):
+    """Tokens/s and peak memory against `axis` (batch size or prompt length) at the largest value of `other`, as
+    in the SVD-LLM paper's Figure 3: absolute numbers, so the dense model measured in the same run is drawn too."""
+    keys = (("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s"), ("peak_mem_mb", "peak memory (MB)"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+
+    def curve(bench_rows):
+        fixed = max(b[other] for b in bench_rows)
+        return sorted(((b[axis], b) for b in bench_rows if b[other] == fixed), key=lambda t: t[0])
+
+    xs = sorted({b[axis] for r in benched for b in r["bench"]})
+    dense_drawn = set()
+    for r in benched:
+        series = [(f"{r['method']} / {r['alloc']} / R={r['ratio']:g}", curve(r["bench"]), {})]
+        dense = r.get("bench_dense")
+        if dense and r["bench_dense_model"] not in dense_drawn:
+            dense_drawn.add(r["bench_dense_model"])
+            series.append((f"dense ({r['bench_dense_model']})", curve(dense), {"color": "black", "ls": "--"}))
+        for label, pts, style in series:
+            for ax, (key, _) in zip(axes, keys):
+                xy = [(x, b[key]) for x, b in pts if b.get(key) is not None]
+                if xy:
+                    ax.plot(*zip(*xy), marker="o", label=label, **style)
+    for ax, (_, ylabel) in zip(axes, keys):
+        ax.set_xlabel("batch size" if axis == "batch" else "prompt length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.grid(alpha=0.3)
+    fixed_name = "prompt length" if other == "prompt_len" else "batch size"
+    fig.suptitle(f"at the largest {fixed_name} measured")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
