@@ -267,6 +267,44 @@ def test_global_with_measured_type_scales(tok, data_dir, tmp_path):
     assert res.params["achieved_ratio"] == pytest.approx(0.5, abs=TOLERANCE)
 
 
+def test_global_refine_keeps_the_allocation_with_the_lowest_measured_loss(tok, data_dir, tmp_path):
+    """Each refinement round measures the previous allocation's loss increase with every matrix truncated; the
+    saved model is the round with the lowest, and its loss on those windows, recomputed here from the saved model
+    against the dense one, is the one recorded."""
+    from svdllm.data import calibration_windows, load_text, tokenize_text
+
+    cal = svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir))
+    config = svdllm.CompressConfig(ratio=[0.3, 0.5], method="kfac-svd", alloc="global", cache_dir="",
+                                   alloc_options={"calibrate": 2, "refine": 2}, calibration=cal)
+    results = svdllm.compress(tiny_model("llama"), tok, config, out=tmp_path / "out", progress=False)
+    windows = calibration_windows(tokenize_text(tok, load_text("wikitext2", "validation", str(data_dir))), 3, 32, 0)[:2]
+
+    def mean_nll(model):
+        with torch.no_grad():
+            return sum(float(model(input_ids=w[None], labels=w[None]).loss) for w in windows) / 2
+
+    base = mean_nll(tiny_model("llama"))
+    for res in results:
+        info = res.manifest["allocation"]
+        rounds = info["rounds"][str(res.ratio)]
+        assert [r["measured_at"] for r in rounds] == ["uniform ranks", "round 0's allocation", "round 1's allocation"]
+        losses = [r["allocation_loss"] for r in rounds[:2]]
+        assert "allocation_loss" not in rounds[2] and all(math.isfinite(x) for x in losses)
+        chosen = info["chosen_round"][str(res.ratio)]
+        assert losses[chosen] == min(losses)
+        assert info["loss_scales"][str(res.ratio)] == rounds[chosen]["scales"]
+        assert info["base_loss"] == pytest.approx(base, rel=1e-6)
+        assert mean_nll(svdllm.load(res.out)) - base == pytest.approx(losses[chosen], rel=1e-4, abs=1e-6)
+        assert res.params["achieved_ratio"] == pytest.approx(res.ratio, abs=TOLERANCE)
+
+
+def test_global_refine_must_be_a_whole_number(tok, data_dir):
+    config = svdllm.CompressConfig(ratio=0.5, alloc="global", alloc_options={"refine": 1.5}, cache_dir="",
+                                   calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
+    with pytest.raises(SvdllmError, match="refine"):
+        svdllm.compress(tiny_model("llama"), tok, config, progress=False)
+
+
 def test_kfac_svd_with_global_allocation_and_cached_output_grams(tok, data_dir, tmp_path, monkeypatch):
     """kfac-svd's spectra are the KFAC loss itself; the global allocator spends one budget across them; the
     output-gradient Grams are cached, so a second run does no gradient pass and gives the same model."""

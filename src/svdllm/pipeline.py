@@ -293,25 +293,19 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         rank_maps, alloc_info = known
         log.info("Ranks from an earlier run's allocation (%s): the spectra are not recomputed.", alloc_file.path)
     else:
-        spectra_by_ratio = {r: spectra for r in ratios}
         alloc_info = {}
         n_check = int(getattr(allocator, "calibrate", 0) or 0)
         if spectra is not None and n_check and any(sp.loss is not None for sp in spectra.values()):
             t = time.perf_counter()
             stats_of = (lambda i: spectra_cache.load(i)) if needs_inputs else (lambda i: None)
-            all_scales = _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose,
-                                               windows[:n_check], ratios)
-            for r in ratios:
-                scale = all_scales[r]
-                log.info("ratio %.2f: measured/predicted loss per matrix type: %s", r,
-                         ", ".join(f"{k} {v:.3g}" for k, v in scale.items()))
-                alloc_info.setdefault("loss_scales", {})[str(r)] = scale
-                spectra_by_ratio[r] = {name: dataclasses.replace(sp, loss=sp.loss * scale[shapes[name].kind])
-                                       for name, sp in spectra.items()}
+            rank_maps, alloc_info = _refined_allocation(
+                model, matrices, spectra, stats_of, stats_for, decompose, windows[:n_check], ratios, allocator,
+                config.rank_multiple, int(getattr(allocator, "refine", 0) or 0))
             timings["loss_scale_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        rank_maps = {r: allocator.allocate(matrices, r, spectra_by_ratio[r], config.rank_multiple) for r in ratios}
-        timings["allocation_s"] = time.perf_counter() - t
+        else:
+            t = time.perf_counter()
+            rank_maps = {r: allocator.allocate(matrices, r, spectra, config.rank_multiple) for r in ratios}
+            timings["allocation_s"] = time.perf_counter() - t
         if alloc_file is not None:
             alloc_file.save(rank_maps, alloc_info)
 
@@ -521,52 +515,113 @@ def _mean_nll(model, windows: torch.Tensor) -> float:
                for w in windows) / len(windows)
 
 
-def _measured_type_scales(model, matrices, spectra, stats_of, stats_for, decompose, windows, ratios) -> dict:
-    """Per ratio and matrix type, the model's measured loss increase when every matrix of that type is truncated
-    at the uniform rank for the ratio, divided by the KFAC prediction for the same truncation.
-
-    The quadratic (KFAC) model is a tangent: exact for small errors, but at high compression the nonlinearities
-    after some projections (softmax after q/k, the SiLU gate) make it under- or over-state the damage, and by
-    matrix type. One secant measurement per type, at the size of error the allocation is about to make, rescales
-    the predictions: one more decomposition of each matrix, and 7 forward passes over a few windows per ratio."""
-    from .allocation import ALLOCATORS
-
-    uniform = {r: ALLOCATORS["uniform"]().allocate(matrices, r) for r in ratios}
-    base = _mean_nll(model, windows)
-    factors: dict[tuple, dict] = {}  # (ratio, kind) -> name -> (W_u, W_v) at the uniform rank
-    predicted: dict[tuple, float] = {}
+def _truncated_factors(model, matrices, stats_of, stats_for, decompose, ranks: dict) -> dict:
+    """(ratio, kind) -> name -> (W_u, W_v): every matrix truncated at ranks[ratio][name] (None: left dense)."""
+    factors: dict[tuple, dict] = {}
     by_layer: dict[int, list[MatrixInfo]] = {}
     for m in matrices:
         by_layer.setdefault(m.layer, []).append(m)
     for i, group in by_layer.items():
         stats = stats_of(i)
         for m in group:
+            if all(ranks[r][m.name] is None for r in ranks):
+                continue
             lin = model.get_submodule(m.name)
             dec = decompose(m.name, lin, stats_for(m.name, m.name.split(".", 3)[3], stats))
-            for r in ratios:
-                rank = uniform[r][m.name]
-                if rank is None:
-                    continue
-                factors.setdefault((r, m.kind), {})[m.name] = dec.factors(rank, dtype=lin.weight.dtype)
-                predicted[r, m.kind] = predicted.get((r, m.kind), 0.0) + float(spectra[m.name].loss[rank:].sum())
+            for r in ranks:
+                if ranks[r][m.name] is not None:
+                    factors.setdefault((r, m.kind), {})[m.name] = dec.factors(ranks[r][m.name], dtype=lin.weight.dtype)
+    return factors
+
+
+def _measured_losses(model, matrices, spectra, factors, ranks, windows, base: float, joint: bool) -> dict:
+    """Per ratio: each matrix type's measured loss increase when that type alone is truncated at `ranks` and the
+    KFAC prediction for it (sum of the discarded components' losses), and with `joint` the increase when every
+    matrix is truncated at once."""
     out = {}
-    for r in ratios:
-        scales = {}
+    for r in ranks:
+        types = {}
         for kind in sorted({m.kind for m in matrices}):
-            if (r, kind) not in factors or predicted[r, kind] <= 0:
-                scales[kind] = 1.0
+            predicted = sum(float(spectra[m.name].loss[ranks[r][m.name]:].sum()) for m in matrices
+                            if m.kind == kind and ranks[r][m.name] is not None)
+            if (r, kind) not in factors or predicted <= 0:
                 continue
-            originals = swap_in(model, factors.pop((r, kind)))
+            originals = swap_in(model, factors[r, kind])
             try:
-                measured = _mean_nll(model, windows) - base
+                types[kind] = {"measured": _mean_nll(model, windows) - base, "predicted": predicted}
             finally:
                 swap_back(model, originals)
-            # a measured change at or below zero (noise on few windows): keep the prediction as it is
-            scales[kind] = measured / predicted[r, kind] if measured > 0 else 1.0
-        # only the relative scale between types matters to the allocation; normalise to a geometric mean of 1
-        g = math.exp(sum(math.log(v) for v in scales.values()) / len(scales))
-        out[r] = {k: v / g for k, v in scales.items()}
+        out[r] = {"types": types}
+        if joint:
+            originals = swap_in(model, {n: f for (ratio, _), d in factors.items() if ratio == r for n, f in d.items()})
+            try:
+                out[r]["joint"] = _mean_nll(model, windows) - base
+            finally:
+                swap_back(model, originals)
     return out
+
+
+def _type_scales(types: dict, kinds) -> dict[str, float]:
+    """measured / predicted per type, normalised to a geometric mean of 1 (only the relative scale between types
+    matters to the allocation); a type whose measured change is at or below zero (noise on few windows), or that
+    was not truncated, keeps its prediction as it is."""
+    scales = {k: (types[k]["measured"] / types[k]["predicted"] if k in types and types[k]["measured"] > 0 else 1.0)
+              for k in kinds}
+    g = math.exp(sum(math.log(v) for v in scales.values()) / len(scales))
+    return {k: v / g for k, v in scales.items()}
+
+
+def _refined_allocation(model, matrices, spectra, stats_of, stats_for, decompose, windows, ratios, allocator,
+                        multiple: int, refine: int) -> tuple[dict, dict]:
+    """Global allocation with the KFAC predictions rescaled per matrix type by measured truncations.
+
+    The quadratic (KFAC) model is a tangent: exact for small errors, but at high compression the nonlinearities
+    after some projections (softmax after q/k, the SiLU gate) make it under- or over-state the damage, and by
+    matrix type. A secant per type corrects it: the model's measured loss increase when every matrix of the type is
+    truncated, over the prediction for the same truncation. Round 0 measures it at the uniform ranks. The
+    allocation then moves far from uniform (q_proj cut to a tenth, v_proj kept almost whole), where the secant may
+    differ: each of `refine` further rounds measures it again at the previous allocation's own ranks, together with
+    that allocation's loss increase with every matrix truncated at once, and the allocation with the lowest
+    measured increase is kept. Cost per round: one decomposition of every matrix and (types + 1) forward passes
+    over `windows` per ratio."""
+    from .allocation import ALLOCATORS
+
+    kinds = sorted({m.kind for m in matrices})
+    base = _mean_nll(model, windows)
+    at = {r: ALLOCATORS["uniform"]().allocate(matrices, r) for r in ratios}
+    rounds: dict[str, list] = {str(r): [] for r in ratios}
+    best: dict[float, tuple] = {}
+    for k in range(refine + 1):
+        factors = _truncated_factors(model, matrices, stats_of, stats_for, decompose, at)
+        measured = _measured_losses(model, matrices, spectra, factors, at, windows, base, joint=k > 0)
+        del factors
+        for r in ratios:
+            if k > 0:  # `at` is the allocation round k - 1's scales made: keep the best by its measured loss
+                rounds[str(r)][-1]["allocation_loss"] = measured[r]["joint"]
+                if measured[r]["joint"] < best.get(r, (math.inf,))[0]:
+                    best[r] = (measured[r]["joint"], k - 1, at[r])
+            scale = _type_scales(measured[r]["types"], kinds)
+            rounds[str(r)].append({"measured_at": "uniform ranks" if k == 0 else f"round {k - 1}'s allocation",
+                                   "types": measured[r]["types"], "scales": scale})
+            log.info("ratio %.2f, round %d: measured/predicted loss per matrix type: %s", r, k,
+                     ", ".join(f"{t} {v:.3g}" for t, v in scale.items()))
+        if k == refine and refine > 0:
+            break
+        for r in ratios:
+            scaled = _rescaled(spectra, matrices, rounds[str(r)][-1]["scales"])
+            at[r] = allocator.allocate(matrices, r, scaled, multiple)
+            rounds[str(r)][-1]["allocation_predicted"] = sum(
+                float(scaled[m.name].loss[at[r][m.name]:].sum()) for m in matrices if at[r][m.name] is not None)
+    if refine == 0:  # one allocation, from the secant at the uniform ranks, not measured
+        best = {r: (None, 0, at[r]) for r in ratios}
+    info = {"loss_scales": {str(r): rounds[str(r)][best[r][1]]["scales"] for r in ratios},
+            "base_loss": base, "chosen_round": {str(r): best[r][1] for r in ratios}, "rounds": rounds}
+    return {r: best[r][2] for r in ratios}, info
+
+
+def _rescaled(spectra: dict, matrices, scale: dict) -> dict:
+    kind = {m.name: m.kind for m in matrices}
+    return {name: dataclasses.replace(sp, loss=sp.loss * scale[kind[name]]) for name, sp in spectra.items()}
 
 
 def _layer_tensors(layer: nn.Module, prefix: str, factors: dict) -> dict[str, torch.Tensor]:

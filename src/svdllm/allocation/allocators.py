@@ -220,6 +220,7 @@ class Global(Allocator):
     min_keep: float = 0.0
     per_layer: float = 0.0
     calibrate: float = 2.0
+    refine: int = 0
 
     @classmethod
     def options(cls):
@@ -229,7 +230,18 @@ class Global(Allocator):
                              "loss; 0 (default): every matrix on its own",
                 "calibrate": "rescale the predicted losses of each matrix type by the model's measured loss increase "
                              "when that type alone is truncated at the uniform rank, on this many calibration windows "
-                             "(default 2; 0: the KFAC predictions as they are)"}
+                             "(default 2; 0: the KFAC predictions as they are)",
+                "refine": "rounds that measure those scales again at the previous allocation's own ranks, with that "
+                          "allocation's loss increase; the allocation with the lowest measured loss is kept "
+                          "(default 0; each round costs one decomposition of every matrix and 8 forward passes "
+                          "over the `calibrate` windows per ratio)"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        for key in ("calibrate", "refine"):
+            value = getattr(self, key)
+            if value < 0 or value != int(value):
+                raise SvdllmError(f"The global allocator's {key} must be a whole number >= 0, got {value:g}.")
 
     def _floor(self, m: MatrixInfo, ratio: float, multiple: int) -> int:
         r = math.ceil(self.min_keep * (1.0 - ratio) * m.dense_params / (m.out_features + m.in_features))
