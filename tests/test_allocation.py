@@ -275,7 +275,7 @@ def test_global_refine_keeps_the_allocation_with_the_lowest_measured_loss(tok, d
 
     cal = svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir))
     config = svdllm.CompressConfig(ratio=[0.3, 0.5], method="kfac-svd", alloc="global", cache_dir="",
-                                   alloc_options={"calibrate": 2, "refine": 2}, calibration=cal)
+                                   alloc_options={"calibrate": 2, "refine": 1}, calibration=cal)
     results = svdllm.compress(tiny_model("llama"), tok, config, out=tmp_path / "out", progress=False)
     windows = calibration_windows(tokenize_text(tok, load_text("wikitext2", "validation", str(data_dir))), 3, 32, 0)[:2]
 
@@ -287,9 +287,9 @@ def test_global_refine_keeps_the_allocation_with_the_lowest_measured_loss(tok, d
     for res in results:
         info = res.manifest["allocation"]
         rounds = info["rounds"][str(res.ratio)]
-        assert [r["measured_at"] for r in rounds] == ["uniform ranks", "round 0's allocation", "round 1's allocation"]
-        losses = [r["allocation_loss"] for r in rounds[:2]]
-        assert "allocation_loss" not in rounds[2] and all(math.isfinite(x) for x in losses)
+        assert [r["measured_at"] for r in rounds] == ["uniform ranks", "round 0's allocation"]
+        losses = [r["allocation_loss"] for r in rounds]
+        assert all(math.isfinite(x) for x in losses)
         chosen = info["chosen_round"][str(res.ratio)]
         assert losses[chosen] == min(losses)
         assert info["loss_scales"][str(res.ratio)] == rounds[chosen]["scales"]

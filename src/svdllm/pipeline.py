@@ -534,24 +534,24 @@ def _truncated_factors(model, matrices, stats_of, stats_for, decompose, ranks: d
     return factors
 
 
-def _measured_losses(model, matrices, spectra, factors, ranks, windows, base: float, joint: bool) -> dict:
+def _measured_losses(model, matrices, spectra, factors, ranks, windows, base: float, types: bool, joint: bool) -> dict:
     """Per ratio: each matrix type's measured loss increase when that type alone is truncated at `ranks` and the
     KFAC prediction for it (sum of the discarded components' losses), and with `joint` the increase when every
     matrix is truncated at once."""
     out = {}
     for r in ranks:
-        types = {}
-        for kind in sorted({m.kind for m in matrices}):
+        by_type = {}
+        for kind in sorted({m.kind for m in matrices}) if types else []:
             predicted = sum(float(spectra[m.name].loss[ranks[r][m.name]:].sum()) for m in matrices
                             if m.kind == kind and ranks[r][m.name] is not None)
             if (r, kind) not in factors or predicted <= 0:
                 continue
             originals = swap_in(model, factors[r, kind])
             try:
-                types[kind] = {"measured": _mean_nll(model, windows) - base, "predicted": predicted}
+                by_type[kind] = {"measured": _mean_nll(model, windows) - base, "predicted": predicted}
             finally:
                 swap_back(model, originals)
-        out[r] = {"types": types}
+        out[r] = {"types": by_type}
         if joint:
             originals = swap_in(model, {n: f for (ratio, _), d in factors.items() if ratio == r for n, f in d.items()})
             try:
@@ -580,10 +580,10 @@ def _refined_allocation(model, matrices, spectra, stats_of, stats_for, decompose
     matrix type. A secant per type corrects it: the model's measured loss increase when every matrix of the type is
     truncated, over the prediction for the same truncation. Round 0 measures it at the uniform ranks. The
     allocation then moves far from uniform (q_proj cut to a tenth, v_proj kept almost whole), where the secant may
-    differ: each of `refine` further rounds measures it again at the previous allocation's own ranks, together with
-    that allocation's loss increase with every matrix truncated at once, and the allocation with the lowest
-    measured increase is kept. Cost per round: one decomposition of every matrix and (types + 1) forward passes
-    over `windows` per ratio."""
+    differ: each of `refine` further rounds measures it again at the previous allocation's own ranks and allocates
+    anew; every allocation's loss increase with all its matrices truncated at once is measured too, and the one
+    with the lowest is kept. Cost per round: one decomposition of every matrix and (types + 1) forward passes over
+    `windows` per ratio, and one more of each at the end."""
     from .allocation import ALLOCATORS
 
     kinds = sorted({m.kind for m in matrices})
@@ -591,29 +591,30 @@ def _refined_allocation(model, matrices, spectra, stats_of, stats_for, decompose
     at = {r: ALLOCATORS["uniform"]().allocate(matrices, r) for r in ratios}
     rounds: dict[str, list] = {str(r): [] for r in ratios}
     best: dict[float, tuple] = {}
-    for k in range(refine + 1):
+    for k in range(refine + 2):
+        last = k == refine + 1  # the last allocation's own loss only
+        if last and refine == 0:  # one allocation, from the secant at the uniform ranks, not measured
+            best = {r: (None, 0, at[r]) for r in ratios}
+            break
         factors = _truncated_factors(model, matrices, stats_of, stats_for, decompose, at)
-        measured = _measured_losses(model, matrices, spectra, factors, at, windows, base, joint=k > 0)
+        measured = _measured_losses(model, matrices, spectra, factors, at, windows, base, types=not last, joint=k > 0)
         del factors
         for r in ratios:
             if k > 0:  # `at` is the allocation round k - 1's scales made: keep the best by its measured loss
                 rounds[str(r)][-1]["allocation_loss"] = measured[r]["joint"]
                 if measured[r]["joint"] < best.get(r, (math.inf,))[0]:
                     best[r] = (measured[r]["joint"], k - 1, at[r])
+            if last:
+                continue
             scale = _type_scales(measured[r]["types"], kinds)
             rounds[str(r)].append({"measured_at": "uniform ranks" if k == 0 else f"round {k - 1}'s allocation",
                                    "types": measured[r]["types"], "scales": scale})
             log.info("ratio %.2f, round %d: measured/predicted loss per matrix type: %s", r, k,
                      ", ".join(f"{t} {v:.3g}" for t, v in scale.items()))
-        if k == refine and refine > 0:
-            break
-        for r in ratios:
-            scaled = _rescaled(spectra, matrices, rounds[str(r)][-1]["scales"])
+            scaled = _rescaled(spectra, matrices, scale)
             at[r] = allocator.allocate(matrices, r, scaled, multiple)
             rounds[str(r)][-1]["allocation_predicted"] = sum(
                 float(scaled[m.name].loss[at[r][m.name]:].sum()) for m in matrices if at[r][m.name] is not None)
-    if refine == 0:  # one allocation, from the secant at the uniform ranks, not measured
-        best = {r: (None, 0, at[r]) for r in ratios}
     info = {"loss_scales": {str(r): rounds[str(r)][best[r][1]]["scales"] for r in ratios},
             "base_loss": base, "chosen_round": {str(r): best[r][1] for r in ratios}, "rounds": rounds}
     return {r: best[r][2] for r in ratios}, info

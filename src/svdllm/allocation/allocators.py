@@ -231,10 +231,10 @@ class Global(Allocator):
                 "calibrate": "rescale the predicted losses of each matrix type by the model's measured loss increase "
                              "when that type alone is truncated at the uniform rank, on this many calibration windows "
                              "(default 2; 0: the KFAC predictions as they are)",
-                "refine": "rounds that measure those scales again at the previous allocation's own ranks, with that "
-                          "allocation's loss increase; the allocation with the lowest measured loss is kept "
-                          "(default 0; each round costs one decomposition of every matrix and 8 forward passes "
-                          "over the `calibrate` windows per ratio)"}
+                "refine": "rounds that measure those scales again at the previous allocation's own ranks and "
+                          "allocate anew; each allocation's loss is measured and the lowest kept (default 0; each "
+                          "round costs one decomposition of every matrix and 8 forward passes over the "
+                          "`calibrate` windows per ratio)"}
 
     def __init__(self, **options):
         super().__init__(**options)
