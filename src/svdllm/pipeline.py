@@ -178,6 +178,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     matrices = matrices_of(model)
     shapes = {m.name: m for m in matrices}
     allocator = get_allocator(config.alloc, **config.alloc_options)
+    alloc_options = {k: getattr(allocator, k) for k in sorted(allocator.options())}  # defaults included
     spectral = "spectrum" in allocator.needs  # ranks come from the decompositions, so those come first
     params_before = count_params(model)
     closed_form = config.update in DRIFT_GROUPS
@@ -262,7 +263,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         # statistics, it serves the same configuration with another update, and an interrupted run
         alloc_file = AllocationRecord(spectra_cache, {
             "method": config.method, "method_options": config.method_options, "alloc": config.alloc,
-            "alloc_options": config.alloc_options, "ratios": ratios, "rank_multiple": config.rank_multiple,
+            # every option's value, defaults included, so that a changed default is not served an old allocation
+            "alloc_options": alloc_options, "ratios": ratios, "rank_multiple": config.rank_multiple,
             "grad_samples": cal.grad_samples, "dtype": str(next(model.parameters()).dtype), "version": __version__,
         }) if needs_inputs and config.cache_dir != "" else None
         known = alloc_file.load() if alloc_file is not None else None
@@ -455,7 +457,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             "method_options": dict(config.method_options),
             "ratio": r,
             "alloc": config.alloc,
-            "alloc_options": dict(config.alloc_options),
+            "alloc_options": alloc_options,
             "allocation": alloc_info,
             "rank_multiple": config.rank_multiple,
             "update": config.update,
