@@ -220,7 +220,7 @@ class Global(Allocator):
     min_keep: float = 0.0
     per_layer: float = 0.0
     calibrate: float = 2.0
-    refine: int = 0
+    refine: int = 1
 
     @classmethod
     def options(cls):
@@ -232,7 +232,7 @@ class Global(Allocator):
                              "when that type alone is truncated at the uniform rank, on this many calibration windows "
                              "(default 2; 0: the KFAC predictions as they are)",
                 "refine": "rounds that measure those scales again at the previous allocation's own ranks and "
-                          "allocate anew; each allocation's loss is measured and the lowest kept (default 0; each "
+                          "allocate anew; each allocation's loss is measured and the lowest kept (default 1; each "
                           "round costs one decomposition of every matrix and 8 forward passes over the "
                           "`calibrate` windows per ratio)"}
 
