@@ -513,8 +513,13 @@ def _spectrum(weight: torch.Tensor, dec, stats: LinearStats, grads, name: str) -
 @torch.no_grad()
 def _mean_nll(model, windows: torch.Tensor) -> float:
     device = next(model.parameters()).device
-    return sum(float(model(input_ids=w[None].to(device), labels=w[None].to(device), use_cache=False).loss)
-               for w in windows) / len(windows)
+    nll = sum(float(model(input_ids=w[None].to(device), labels=w[None].to(device), use_cache=False).loss)
+              for w in windows) / len(windows)
+    if not math.isfinite(nll):  # a secant or an allocation's loss must not fall back silently
+        raise SvdllmError(f"The model's loss on the calibration windows is {nll} while measuring the allocation's "
+                          "truncations: the statistics or the weights are damaged. Check the model, or run the "
+                          "global allocator without measurements (--alloc-arg calibrate=0).")
+    return nll
 
 
 def _truncated_factors(model, matrices, stats_of, stats_for, decompose, ranks: dict) -> dict:
