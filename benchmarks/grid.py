@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--extra", default="", help="extra arguments for `svdllm compress`")
+    p.add_argument("--compress-only", action="store_true", help="compress every configuration, evaluate nothing")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,9 @@ def main() -> None:
             name = f"{method}-{alloc}-{update}"
             dest = out / f"eval-{name}-r{r}{tag}.json"
             if dest.exists():
+                continue
+            if args.compress_only:
+                model_dir(method, alloc, update, r)
                 continue
             cmd = svdllm + ["eval", "--model", str(model_dir(method, alloc, update, r)), "--ppl", "wikitext2",
                             "--json", "-q"] + (["--max-windows", str(args.max_windows)] if args.max_windows else [])

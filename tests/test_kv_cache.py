@@ -5,18 +5,18 @@ from transformers import DynamicCache
 
 import svdllm
 from svdllm.errors import SvdllmError
-from svdllm.kv_cache import LowRankKVLayer, cache_nbytes, low_rank_kv_cache
+from svdllm.kv_cache import CACHE_KW, LowRankKVLayer, cache_nbytes, low_rank_kv_cache, output_cache
 from tiny import tiny_model
 
 
 def _decode(model, ids, cache, steps):
     """Prefill, then greedy decode steps one token at a time; the logits of every step."""
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, **{CACHE_KW: cache}, use_cache=True)
     logits, seq = [out.logits[:, -1]], ids
     for _ in range(steps):
         nxt = logits[-1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt, **{CACHE_KW: output_cache(out)}, use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits, 1), seq
 
@@ -45,9 +45,9 @@ def test_low_rank_cache_is_smaller_and_works_with_generate(tok):
     svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.6, method="svd"), progress=False)
     ids = torch.randint(3, 250, (2, 40))
     dense_cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=dense_cache, use_cache=True)
+    model(input_ids=ids, **{CACHE_KW: dense_cache}, use_cache=True)
     with low_rank_kv_cache(model) as cache:
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **{CACHE_KW: cache}, use_cache=True)
         low = cache_nbytes(cache)
     dense = cache_nbytes(dense_cache)
     attn = model.model.layers[0].self_attn
@@ -59,7 +59,7 @@ def test_low_rank_cache_is_smaller_and_works_with_generate(tok):
     assert low == (2 * 40 * layers * ranks + 40 * rotary) * 4
     assert low < dense
     with low_rank_kv_cache(model) as cache:
-        a = model.generate(ids[:1, :10], past_key_values=cache, max_new_tokens=5, do_sample=False)
+        a = model.generate(ids[:1, :10], **{CACHE_KW: cache}, max_new_tokens=5, do_sample=False)
     b = model.generate(ids[:1, :10], max_new_tokens=5, do_sample=False)
     assert torch.equal(a, b)
 

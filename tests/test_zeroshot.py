@@ -6,7 +6,7 @@ import torch
 
 from svdllm.cli import main
 from svdllm.errors import SvdllmError
-from svdllm.evaluation.zeroshot import local_task_file, zero_shot
+from svdllm.evaluation.zeroshot import local_task_file, markdown_table, zero_shot
 from tiny import tiny_model
 
 
@@ -190,3 +190,60 @@ def test_interrupted_zero_shot_resumes_from_the_scored_requests(tok, data_dir, t
     other = tiny_model("llama", seed=1)  # other weights never read the first model's answers
     zero_shot(other, tok, ["piqa"], data_dir, limit=3, cache=tmp_path)
     assert scored[3:] == [6]
+
+
+def test_aggregate_from_document_scores_equals_lm_eval_own(tok, data_dir, tmp_path):
+    """acc, acc_norm and their stderr, aggregated by us from the per-document scores, are lm-eval's own numbers
+    for one ordinary run of the same documents."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from svdllm.evaluation.zeroshot import task_config
+
+    model = tiny_model("llama", seed=3)
+    ours = zero_shot(model, tok, ["piqa", "arc_easy"], data_dir, limit=7, cache=tmp_path / "a")
+    manager = TaskManager()
+    configs = [task_config(t, local_task_file(t, data_dir, tmp_path / "b"), manager) for t in ("piqa", "arc_easy")]
+    theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=1), tasks=configs,
+                                     task_manager=manager, num_fewshot=0, limit=7, log_samples=False)["results"]
+    for t in ("piqa", "arc_easy"):
+        for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+            assert ours["tasks"][t][m] == pytest.approx(theirs[t][f"{m.replace('_stderr', '')}"
+                                                                  f"{'_stderr' if 'stderr' in m else ''},none"])
+        assert ours["tasks"][t]["n"] == 7 and ours["tasks"][t]["complete"]
+
+
+def test_shards_on_different_machines_add_up_to_one_run(tok, data_dir, tmp_path, monkeypatch):
+    """Two shards scored with separate caches (as on two machines) into one scores directory give the numbers of
+    one unsharded run; a third run finds every document scored and scores nothing."""
+    from lm_eval.models.huggingface import HFLM
+
+    scored = []
+    real = HFLM._loglikelihood_tokens
+
+    def counting(self, requests, *args, **kwargs):
+        scored.append(len(requests))
+        return real(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", counting)
+    model = tiny_model("llama", seed=4)
+    scores = tmp_path / "scores"
+    half = zero_shot(model, tok, ["piqa"], data_dir, cache=tmp_path / "m1", shard=(0, 2), scores_dir=scores)
+    assert scored == [8] and half["tasks"]["piqa"]["n"] == 4 and not half["complete"]  # documents 0, 2, 4, 6
+    assert "partial" in markdown_table(half)
+    full = zero_shot(model, tok, ["piqa"], data_dir, cache=tmp_path / "m2", shard=(1, 2), scores_dir=scores)
+    assert scored[1:] == [8] and full["complete"] and full["tasks"]["piqa"]["n"] == 8
+    again = zero_shot(model, tok, ["piqa"], data_dir, cache=tmp_path / "m3", scores_dir=scores)
+    assert scored[2:] == []
+    one_run = zero_shot(model, tok, ["piqa"], data_dir, cache=tmp_path / "m4", resume=False)
+    assert again["tasks"] == full["tasks"] == one_run["tasks"]
+    with pytest.raises(SvdllmError, match="another model"):  # another model's scores are never mixed in
+        zero_shot(tiny_model("llama", seed=5), tok, ["piqa"], data_dir, cache=tmp_path / "m5", scores_dir=scores)
+
+
+def test_cli_shard_must_be_k_of_n(capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        main(["eval", "--model", "x", "--tasks", "piqa", "--shard", "2/2"])
+    assert e.value.code == 2
+    assert "expected K/N with 0 <= K < N" in capsys.readouterr().err

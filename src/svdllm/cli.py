@@ -35,6 +35,16 @@ def _key_value(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected KEY=NUMBER, e.g. attn_keep=0.5; got {text!r}")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    try:
+        if not sep or not 0 <= int(k) < int(n):
+            raise ValueError
+        return int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, e.g. 0/4 for the first of four; got {text!r}")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="built-in name (smollm2-135m, gemma3-270m), a .gguf file, a model directory "
@@ -191,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot tasks scored by lm-eval on the local data, comma-separated, or 'paper' for the seven "
                         "of the SVD-LLM paper: openbookqa,arc_easy,arc_challenge,winogrande,hellaswag,piqa,mathqa")
     e.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples per task (quick check)")
+    e.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="zero-shot: score only documents i with i %% N == K (run shards in parallel or on different "
+                        "days into one --scores-dir; the last one to finish reports the full sets)")
+    e.add_argument("--scores-dir", default=None,
+                   help="zero-shot: keep the per-document scores here (small JSON lines, portable between machines); "
+                        "default: the cache directory, per model")
     e.add_argument("--no-resume", action="store_true",
                    help="score everything afresh instead of reusing what an earlier, interrupted run on the same "
                         "weights kept in the cache directory (perplexity batches, zero-shot requests)")
@@ -463,7 +479,8 @@ def cmd_eval(args) -> dict:
     if tasks:
         from .evaluation.zeroshot import markdown_table, zero_shot
 
-        zs = zero_shot(model, tok, tasks, args.data_dir, args.limit, args.batch_size, resume=not args.no_resume)
+        zs = zero_shot(model, tok, tasks, args.data_dir, args.limit, args.batch_size, resume=not args.no_resume,
+                       shard=args.shard, scores_dir=args.scores_dir)
         print(markdown_table(zs))
         out["zero_shot"] = zs
     if _is_svdllm_dir(args.model):  # kept beside the model for `svdllm compare`
@@ -473,6 +490,7 @@ def cmd_eval(args) -> dict:
         update = {"ppl": {key(n, r): r for n, r in results.items()}}
         if tasks:
             tag = "zero_shot" if not args.limit else f"zero_shot[limit={args.limit}]"
+            tag += "" if zs["complete"] else "[partial]"
             update[tag] = out["zero_shot"]
         merge_results(args.model, EVAL_NAME, update)
         from .io.checkpoint import read_manifest

@@ -9,14 +9,15 @@ cost head_dim numbers per token for the whole model. Sliding-window layers, and 
 keep transformers' own cache layers.
 
 It plugs into transformers' cache interface (a `DynamicCache` whose full-attention layers are replaced), so
-`model.generate(..., past_key_values=cache)` works unchanged:
+`model.generate(..., cache=cache)` (`past_key_values=` before transformers 5.24) works unchanged:
 
     with low_rank_kv_cache(model) as cache:
-        model.generate(ids, past_key_values=cache, max_new_tokens=32)
+        model.generate(ids, **{CACHE_KW: cache}, max_new_tokens=32)
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 
 import torch
@@ -26,6 +27,22 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .errors import SvdllmError
 from .factorization.lowrank import LowRankLinear
 from .models.families import family_of
+
+
+def _cache_kw() -> str:
+    # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache` (the old name
+    # warns on every call and goes in 5.40); the releases before it know only the old name
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_KW = _cache_kw()
+
+
+def output_cache(output):
+    """The KV cache a model output carries, under either name."""
+    return getattr(output, CACHE_KW)
 
 
 class _Rotary:

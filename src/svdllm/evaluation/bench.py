@@ -64,13 +64,15 @@ def disk_bytes(path: str | Path | None) -> int | None:
 
 def _decode_seconds(model, ids: torch.Tensor, steps: int, device) -> float:
     """Wall time of `steps` greedy single-token forwards with the KV cache, after an untimed prefill."""
+    from ..kv_cache import CACHE_KW, output_cache
+
     out = model(input_ids=ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
     _sync(device)
     t = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=nxt, **{CACHE_KW: past}, use_cache=True)
+        past, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
     _sync(device)
     return time.perf_counter() - t
 
@@ -108,7 +110,7 @@ def kv_cache_bytes(model, lengths=(2048,), batch: int = 1, seed: int = 0) -> lis
     where the model has low-rank k/v projections."""
     from transformers import DynamicCache
 
-    from ..kv_cache import cache_nbytes, low_rank_kv_cache
+    from ..kv_cache import CACHE_KW, cache_nbytes, low_rank_kv_cache
     from ..factorization.lowrank import LowRankLinear
 
     device = next(model.parameters()).device
@@ -118,12 +120,12 @@ def kv_cache_bytes(model, lengths=(2048,), batch: int = 1, seed: int = 0) -> lis
     for n in lengths:
         ids = torch.randint(0, model.config.vocab_size, (batch, n), generator=g).to(device)
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
         row = {"tokens": n, "batch": batch, "dynamic_bytes": cache_nbytes(cache)}
         del cache
         if low_rank:
             with low_rank_kv_cache(model) as cache:
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
                 row["low_rank_bytes"] = cache_nbytes(cache)
             row["low_rank_ratio"] = row["low_rank_bytes"] / row["dynamic_bytes"]
         rows.append(row)

@@ -14,7 +14,7 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat
     """The continuation, how many tokens it has, and the wall time (prefill included) it took.
 
     kv_cache="low-rank" caches the rank-r intermediates of low-rank k/v projections (svdllm.kv_cache)."""
-    from ..kv_cache import cache_nbytes, low_rank_kv_cache
+    from ..kv_cache import CACHE_KW, cache_nbytes, low_rank_kv_cache, output_cache
 
     templated = chat and bool(getattr(tokenizer, "chat_template", None))
     if templated:
@@ -29,7 +29,7 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat
     torch.manual_seed(seed)
     with (low_rank_kv_cache(model) if kv_cache == "low-rank" else contextlib.nullcontext()) as cache:
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[CACHE_KW] = cache
         t = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
                              pad_token_id=pad, **kwargs)
@@ -37,7 +37,7 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat
     new = out.sequences[0, inputs["input_ids"].shape[1]:]
     return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "new_tokens": int(new.numel()),
             "seconds": seconds, "tokens_per_s": new.numel() / max(seconds, 1e-9), "kv_cache": kv_cache,
-            "kv_cache_bytes": cache_nbytes(out.past_key_values) if out.past_key_values is not None else None}
+            "kv_cache_bytes": cache_nbytes(output_cache(out)) if output_cache(out) is not None else None}
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = True, **kw) -> str:

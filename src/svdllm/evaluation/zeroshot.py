@@ -5,14 +5,22 @@ swapped for a JSON-lines file in the Hugging Face schema the task expects, conve
 data directory (../shared/data: the original releases, whose layout differs from the hub's). The model is the
 loaded object itself, wrapped by lm-eval's HFLM, so a compressed model is scored exactly like a dense one.
 
-A full run of the seven tasks is hours on a CPU (HellaSwag alone is 40,000 scored continuations), so every scored
-request is kept as it completes in a response database keyed by a fingerprint of the model's weights: an
-interrupted run picks up where it stopped, and a run on a different model never reads another model's answers.
+A full run of the seven tasks is hours on a CPU (HellaSwag alone is 40,000 scored continuations), so it is kept
+in two layers, both tied to a fingerprint of the model's weights (a run on another model never reads them):
+- every scored request, as it completes, in lm-eval's response database (an interrupted run on this machine
+  loses almost nothing);
+- every scored document's acc / acc_norm, in a small JSON-lines file per task (`DocScores`), written after each
+  chunk of documents. That file is portable: a task set can be scored in pieces (`shard`), by several processes
+  or on different days and machines, and the result is aggregated from it exactly as lm-eval aggregates one run
+  (the mean, and the standard error of the mean).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,13 +111,87 @@ def task_config(task: str, path: Path, manager) -> dict:
     return cfg
 
 
+class DocScores:
+    """The per-document scores of one task on one model: a header line (task, model fingerprint, digest of the
+    task file, lm-eval version), then one `[doc_id, acc, acc_norm]` line per scored document. Writers merge with
+    what is on disk under a lock, so shards scored by concurrent processes all land."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.header = Path(path), header
+        self.scores: dict[int, list] = {}
+        if self.path.exists():
+            self.scores = self._read()
+
+    def _read(self) -> dict[int, list]:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        have = json.loads(lines[0]) if lines else {}
+        for key in ("task", "model", "data", "lm_eval"):
+            if have.get(key) != self.header[key]:
+                raise SvdllmError(
+                    f"{self.path} holds scores of {key} {have.get(key)!r}, not {self.header[key]!r} (another model, "
+                    "task file or lm-eval version): give this run another --scores-dir, or delete that file.")
+        return {int(r[0]): r[1:] for r in map(json.loads, lines[1:])}
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform: one writer at a time is then the user's job
+            yield
+            return
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def add(self, samples: list[dict]) -> None:
+        with self._locked():
+            if self.path.exists():
+                self.scores = {**self._read(), **self.scores}
+            for ex in samples:
+                self.scores[int(ex["doc_id"])] = [ex["acc"], ex.get("acc_norm")]
+            with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.header) + "\n")
+                for i in sorted(self.scores):
+                    f.write(json.dumps([i, *self.scores[i]]) + "\n")
+
+    def aggregate(self, docs: list[int]) -> dict:
+        """lm-eval's aggregate over the scored documents among `docs`: mean, and stderr = sample stdev / sqrt(n)."""
+        rows = [self.scores[i] for i in docs if i in self.scores]
+        out = {"n": len(rows)}
+        for k, name in enumerate(("acc", "acc_norm")):
+            xs = [float(r[k]) for r in rows if r[k] is not None]
+            if not xs or len(xs) < len(rows):
+                continue
+            mean = sum(xs) / len(xs)
+            out[name] = mean
+            out[f"{name}_stderr"] = (math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+                                     if len(xs) > 1 else None)
+        return out
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | None = None,
               limit: int | None = None, batch_size: int = 1, cache: str | os.PathLike | None = None,
-              resume: bool = True) -> dict:
+              resume: bool = True, shard: tuple[int, int] | None = None,
+              scores_dir: str | os.PathLike | None = None, chunk: int = 1000) -> dict:
     """Zero-shot acc / acc_norm (with stderr) per task as lm-eval scores them, and their averages.
 
-    resume: keep each scored request in `cache`/responses/<model fingerprint> and reuse what is there (lm-eval's
-    own response cache, written request by request), so an interrupted run loses almost nothing."""
+    limit: only the first `limit` documents of each task. shard=(k, n): score only documents i with i % n == k
+    (the result then covers whatever the scores file holds so far; `complete` says whether that is every
+    document). scores_dir: where the per-document scores are kept (default: in `cache`, per model fingerprint).
+    resume: reuse the scored requests and documents an earlier run kept; False scores everything afresh."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -119,37 +201,58 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | 
     data_dir = data_dir or os.environ.get("SVDLLM_DATA_DIR")
     if not data_dir:
         raise SvdllmError("Zero-shot tasks are read from local files: pass --data-dir or set $SVDLLM_DATA_DIR.")
+    if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise SvdllmError(f"shard {shard!r}: give K/N with 0 <= K < N, e.g. 0/4 for the first of four shards.")
     if cache is None:
         from ..models.loading import cache_root
 
         cache = cache_root() / "zeroshot"
     manager = TaskManager()
-    configs = [task_config(t, local_task_file(t, data_dir, cache), manager) for t in tasks]
+    files = {t: local_task_file(t, data_dir, cache) for t in tasks}
+    configs = {t: task_config(t, files[t], manager) for t in tasks}
+    fingerprint = weights_fingerprint(model, tokenizer)
+    version = getattr(lm_eval, "__version__", "?")
+    root = Path(scores_dir) if scores_dir is not None else Path(cache) / "scores" / fingerprint
+    stores, docs, todo = {}, {}, {}
+    for t in tasks:
+        header = {"task": t, "model": fingerprint, "data": _digest(files[t]), "lm_eval": version}
+        path = root / f"{t}.jsonl"
+        if not resume and path.exists():
+            path.unlink()
+        stores[t] = DocScores(path, header)
+        total = _count_lines(files[t])
+        docs[t] = list(range(min(limit, total) if limit is not None else total))
+        mine = [i for i in docs[t] if shard is None or i % shard[1] == shard[0]]
+        todo[t] = [i for i in mine if i not in stores[t].scores]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     responses = None
     if resume:
-        responses = Path(cache) / "responses" / weights_fingerprint(model, tokenizer)
+        responses = Path(cache) / "responses" / fingerprint
         responses.parent.mkdir(parents=True, exist_ok=True)
-        log.info("Scored requests are kept in %s_rank0.db; a rerun on the same model resumes from them.", responses)
-    out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, num_fewshot=0, limit=limit,
-                                  use_cache=None if responses is None else str(responses),
-                                  log_samples=False, bootstrap_iters=1000, random_seed=0, numpy_random_seed=0,
-                                  torch_random_seed=0, fewshot_random_seed=0)
-    def stderr(value):  # lm-eval reports "N/A" where it cannot estimate one (a task with a single example)
-        return value if isinstance(value, (int, float)) else None
+        log.info("Scored requests are kept in %s_rank0.db and scored documents in %s.", responses, root)
+    while any(todo.values()):
+        # a chunk at a time, so an interruption keeps every finished chunk in the portable scores files
+        part = {t: ids[:chunk] for t, ids in todo.items() if ids}
+        out = lm_eval.simple_evaluate(model=lm, tasks=[configs[t] for t in part], task_manager=manager,
+                                      num_fewshot=0, samples=part,
+                                      use_cache=None if responses is None else str(responses),
+                                      log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+                                      torch_random_seed=0, fewshot_random_seed=0)
+        for t, ids in part.items():
+            stores[t].add(out["samples"][t])
+            todo[t] = todo[t][len(ids):]
 
     results = {}
     for t in tasks:
-        r = out["results"][t]
-        row = {"acc": r["acc,none"], "acc_stderr": stderr(r.get("acc_stderr,none"))}
-        if "acc_norm,none" in r:
-            row.update(acc_norm=r["acc_norm,none"], acc_norm_stderr=stderr(r.get("acc_norm_stderr,none")))
-        row["n"] = out.get("n-samples", {}).get(t, {}).get("effective")
+        row = stores[t].aggregate(docs[t])
+        row.update(docs=len(docs[t]), complete=row["n"] == len(docs[t]))
         results[t] = row
-    avg = sum(r["acc"] for r in results.values()) / len(results)
-    avg_norm = sum(r.get("acc_norm", r["acc"]) for r in results.values()) / len(results)
+    scored = [r for r in results.values() if "acc" in r]  # a shard may hold no document of a small task yet
+    avg = sum(r["acc"] for r in scored) / len(scored) if scored else None
+    avg_norm = sum(r.get("acc_norm", r["acc"]) for r in scored) / len(scored) if scored else None
     return {"tasks": results, "average_acc": avg, "average_acc_norm_or_acc": avg_norm, "limit": limit,
-            "lm_eval_version": getattr(lm_eval, "__version__", "?")}
+            "shard": list(shard) if shard else None, "complete": all(r["complete"] for r in results.values()),
+            "scores_dir": str(root), "lm_eval_version": version}
 
 
 def markdown_table(result: dict) -> str:
@@ -159,9 +262,16 @@ def markdown_table(result: dict) -> str:
 
     lines = ["| task | n | acc | acc_norm |", "|---|---|---|---|"]
     for t, r in result["tasks"].items():
+        n = r["n"] if r.get("complete", True) else f"{r['n']} of {r['docs']} (partial)"
+        acc = cell(r["acc"], r.get("acc_stderr")) if "acc" in r else "–"
         norm = cell(r["acc_norm"], r.get("acc_norm_stderr")) if "acc_norm" in r else "–"
-        lines.append(f"| {t} | {r['n']} | {cell(r['acc'], r.get('acc_stderr'))} | {norm} |")
-    lines.append(f"| average | | {result['average_acc']:.4f} | {result['average_acc_norm_or_acc']:.4f} (acc where no acc_norm) |")
+        lines.append(f"| {t} | {n} | {acc} | {norm} |")
+    if result["average_acc"] is not None:
+        lines.append(f"| average | | {result['average_acc']:.4f} | {result['average_acc_norm_or_acc']:.4f} "
+                     "(acc where no acc_norm) |")
     if result.get("limit"):
         lines.append(f"\n[--limit {result['limit']}: the first {result['limit']} examples of each task, not the full sets]")
+    if not result.get("complete", True):
+        lines.append(f"\n[partial: not every document is scored yet (shard {result.get('shard')}); the scores so far "
+                     f"are in {result.get('scores_dir')}]")
     return "\n".join(lines)
