@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue "Evaluation suite": SmolLM2-135M dense against svd-llm (uniform ranks, the protocol's calibration) at
 # R = 0.2 and 0.4: the seven zero-shot tasks of the SVD-LLM paper on their full sets, scored by lm-eval, and
-# WikiText-2 / PTB / C4 perplexity. One JSON per (model, task or perplexity set); inside a task every scored request
-# is kept as it completes (svdllm eval's response cache), so the same command resumes
-# an interrupted run. Render with: python benchmarks/eval_table.py OUT_DIR
+# WikiText-2 / PTB / C4 perplexity. One JSON per (model, task or perplexity set). Inside a task the scores of each
+# finished chunk of 1,000 documents are kept in SCORES_DIR/<model>/<task>.jsonl (portable: commit them, and a
+# run on another machine or day goes on from there), so the same command resumes an interrupted run.
+# Render with: python benchmarks/eval_table.py OUT_DIR
 # Usage: bash benchmarks/eval_smollm2.sh [OUT_DIR] [COMPRESSED_DIR]   (many hours on 2 CPU cores: HellaSwag alone
 # is about 40,000 scored continuations per model; it runs last)
 set -euo pipefail
@@ -11,6 +12,7 @@ OUT=${1:-runs/eval}
 RUN=${2:-runs/protocol/smollm2-svdllm}     # written by benchmarks/protocol_smollm2.sh
 SVDLLM=${SVDLLM:-svdllm}
 BATCH=${BATCH:-8}                          # requests per lm-eval forward
+SCORES=${SCORES_DIR:-$OUT/scores}          # per-document zero-shot scores, one folder per model
 # LIMIT=N: a quick check of the script (N examples per task, 2 windows per perplexity set); its OUT_DIR then
 # holds partial numbers, so give the real run another one
 WINDOWS=${LIMIT:+--max-windows 2}
@@ -33,6 +35,7 @@ for set in wikitext2 ptb c4; do
 done
 for task in openbookqa arc_challenge winogrande piqa arc_easy mathqa hellaswag; do
   for name in dense r0.4 r0.2; do
-    run "$OUT/zs-$name-$task.json" --model "${MODEL[$name]}" --ppl none --tasks "$task" --batch-size "$BATCH" $LIMIT
+    run "$OUT/zs-$name-$task.json" --model "${MODEL[$name]}" --ppl none --tasks "$task" --batch-size "$BATCH" \
+      --scores-dir "$SCORES/$name" $LIMIT
   done
 done
