@@ -7,6 +7,9 @@
 # Render with: python benchmarks/eval_table.py OUT_DIR
 # Usage: bash benchmarks/eval_smollm2.sh [OUT_DIR] [COMPRESSED_DIR]   (many hours on 2 CPU cores: HellaSwag alone
 # is about 40,000 scored continuations per model; it runs last)
+# Two cores: SHARD=0/2 and SHARD=1/2, one thread each (OMP_NUM_THREADS=1), side by side on the same OUT_DIR:
+# they split the perplexity sets between them and score alternate documents of each task into the same scores
+# files; whichever finishes a task last writes its JSON.
 set -euo pipefail
 OUT=${1:-runs/eval}
 RUN=${2:-runs/protocol/smollm2-svdllm}     # written by benchmarks/protocol_smollm2.sh
@@ -19,23 +22,37 @@ WINDOWS=${LIMIT:+--max-windows 2}
 LIMIT=${LIMIT:+--limit $LIMIT}
 export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 mkdir -p "$OUT"
-[ -d "$RUN/ratio-0.4" ] || $SVDLLM compress --model smollm2-135m --preset paper --ratio 0.2,0.4 --nsamples 64 \
-  --seqlen 2048 --seed 0 --out "$RUN" --overwrite -q
+SHARD=${SHARD:-0/1}
+K=${SHARD%/*} N=${SHARD#*/}
+(  # one compression, however many instances start at once
+  flock 9
+  [ -d "$RUN/ratio-0.4" ] || $SVDLLM compress --model smollm2-135m --preset paper --ratio 0.2,0.4 --nsamples 64 \
+    --seqlen 2048 --seed 0 --out "$RUN" --overwrite -q
+) 9>"$OUT/.compress.lock"
 run() {  # run DEST ARGS...: `svdllm eval ARGS --json` into DEST, atomically, unless DEST exists
   local dest=$1; shift
   [ -s "$dest" ] && return 0
   $SVDLLM eval "$@" --json -q | tail -1 > "$dest.tmp"
   mv "$dest.tmp" "$dest"
 }
+zs() {  # like run, but keeps DEST only once every document of the task is scored (by this shard or the others)
+  local dest=$1; shift
+  [ -s "$dest" ] && return 0
+  $SVDLLM eval "$@" --json -q | tail -1 > "$dest.tmp"
+  if grep -q '"complete": true' "$dest.tmp"; then mv "$dest.tmp" "$dest"; else rm -f "$dest.tmp"; fi
+}
 declare -A MODEL=([dense]=smollm2-135m [r0.2]="$RUN/ratio-0.2" [r0.4]="$RUN/ratio-0.4")
+item=0
 for set in wikitext2 ptb c4; do
   for name in dense r0.4 r0.2; do
-    run "$OUT/ppl-$name-$set.json" --model "${MODEL[$name]}" --ppl "$set" $WINDOWS
+    if [ $((item++ % N)) -eq "$K" ]; then
+      run "$OUT/ppl-$name-$set.json" --model "${MODEL[$name]}" --ppl "$set" $WINDOWS
+    fi
   done
 done
 for task in openbookqa arc_challenge winogrande piqa arc_easy mathqa hellaswag; do
   for name in dense r0.4 r0.2; do
-    run "$OUT/zs-$name-$task.json" --model "${MODEL[$name]}" --ppl none --tasks "$task" --batch-size "$BATCH" \
-      --scores-dir "$SCORES/$name" $LIMIT
+    zs "$OUT/zs-$name-$task.json" --model "${MODEL[$name]}" --ppl none --tasks "$task" --batch-size "$BATCH" \
+      --scores-dir "$SCORES/$name" --shard "$SHARD" $LIMIT
   done
 done

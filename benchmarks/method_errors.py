@@ -4,8 +4,14 @@ data, in one measure that does not depend on the method that produced the factor
   relative output error   e = ‖(W − W_u·W_v)·X‖²_F / ‖W·X‖²_F = tr(ΔW·XᵀX·ΔWᵀ) / tr(W·XᵀX·Wᵀ)
 
 the quantity svd-llm minimises matrix by matrix, on the dense model's inputs X (so without the drift that earlier
-compressed layers add). It comes from the Gram matrices the calibration pass cached (pass their folder: the one
-`svdllm compress` logs, with `layer_*.safetensors` and `key.json`), so no activation is recomputed.
+compressed layers add); and, where the gradient pass's output Grams are cached (kfac-svd made them), the
+second-order estimate of the calibration loss increase that kfac-svd minimises,
+
+  ΔL ≈ ½ Σ_matrices tr(GᵀG·ΔW·XᵀX·ΔWᵀ) / tokens      (G: the loss gradients at the matrix's output)
+
+summed over the model and given as a ratio to svd-llm's (the constants cancel). Both come from the statistics the
+passes cached (pass their folder: the one `svdllm compress` logs, with `layer_*.safetensors` and `key.json`), so
+no activation is recomputed.
 Usage: python benchmarks/method_errors.py STATS_DIR NAME=MODEL_DIR [NAME=MODEL_DIR ...] [--base smollm2-135m]
 """
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import svdllm
@@ -22,23 +29,28 @@ from svdllm.models.families import GROUP_OF, LINEAR_NAMES
 
 
 @torch.no_grad()
-def errors(stats_dir: Path, model_dir: str, dense) -> dict[str, list[float]]:
-    """Matrix type -> the relative output error of each layer's matrix of that type."""
+def errors(stats_dir: Path, model_dir: str, dense) -> tuple[dict[str, list[float]], float | None]:
+    """(matrix type -> the relative output error of each layer's matrix of that type, the summed KFAC loss
+    estimate or None without cached output Grams)."""
     model = svdllm.load(model_dir)
     out: dict[str, list[float]] = {n: [] for n in LINEAR_NAMES}
-    layers = model.model.layers
-    base_layers = dense.model.layers
-    for i, layer in enumerate(layers):
-        grams = {k[len("gram."):]: v for k, v in load_file(stats_dir / f"layer_{i:04d}.safetensors").items()
-                 if k.startswith("gram.")}
+    grads = sorted(stats_dir.glob("gradient_grams_*.safetensors"))
+    fisher = safe_open(grads[-1], framework="pt") if grads else None
+    kfac = 0.0
+    for i, layer in enumerate(model.model.layers):
+        path = stats_dir / f"layer_{i:04d}.safetensors"
+        with safe_open(path, framework="pt") as f:
+            tokens = int(f.metadata()["tokens"])
+        grams = {k[len("gram."):]: v for k, v in load_file(path).items() if k.startswith("gram.")}
         for name in LINEAR_NAMES:
-            w = base_layers[i].get_submodule(name).weight.detach().to(torch.float64)
+            w = dense.model.layers[i].get_submodule(name).weight.to(torch.float64)
             lin = layer.get_submodule(name)
             approx = (lin.u.weight.double() @ lin.v.weight.double()) if hasattr(lin, "u") else lin.weight.double()
-            g = grams[GROUP_OF[name]]
-            d = w - approx
+            g, d = grams[GROUP_OF[name]], w - approx
             out[name].append(float(torch.trace(d @ g @ d.T) / torch.trace(w @ g @ w.T)))
-    return out
+            if fisher is not None:
+                kfac += 0.5 * float(torch.trace(fisher.get_tensor(f"model.layers.{i}.{name}") @ d @ g @ d.T)) / tokens
+    return out, (kfac if fisher is not None else None)
 
 
 def main(argv: list[str]) -> None:
@@ -53,12 +65,15 @@ def main(argv: list[str]) -> None:
     for spec in argv[1:]:
         name, _, path = spec.partition("=")
         rows[name] = errors(stats_dir, path, dense)
-    print("| method | " + " | ".join(LINEAR_NAMES) + " | all (median) | all (max) |")
-    print("|---|" + "---|" * (len(LINEAR_NAMES) + 2))
-    for name, per in rows.items():
+    ref = rows.get("svd-llm", next(iter(rows.values())))[1]
+    print("| method | " + " | ".join(n.split(".")[-1] for n in LINEAR_NAMES)
+          + " | all (median) | all (max) | KFAC loss estimate / svd-llm's |")
+    print("|---|" + "---|" * (len(LINEAR_NAMES) + 3))
+    for name, (per, kfac) in rows.items():
         every = [e for v in per.values() for e in v]
         cells = [f"{median(per[n]):.3g}" for n in LINEAR_NAMES]
-        print(f"| {name} | " + " | ".join(cells) + f" | {median(every):.3g} | {max(every):.3g} |")
+        ratio = f"{kfac / ref:.3g}" if kfac is not None and ref else "–"
+        print(f"| {name} | " + " | ".join(cells) + f" | {median(every):.3g} | {max(every):.3g} | {ratio} |")
 
 
 if __name__ == "__main__":
