@@ -9,7 +9,9 @@ second-order estimate of the calibration loss increase that kfac-svd minimises,
 
   ΔL ≈ ½ Σ_matrices tr(GᵀG·ΔW·XᵀX·ΔWᵀ) / tokens      (G: the loss gradients at the matrix's output)
 
-summed over the model and given as a ratio to svd-llm's (the constants cancel). Both come from the statistics the
+summed over the model and given as a ratio to svd-llm's (the constants cancel); and how much the factors can
+amplify an input the calibration data did not show, ‖W_u·W_v‖₂ / ‖W‖₂ (at most 1 for a plain truncated SVD, an
+orthogonal projection; an oblique one, as every whitened method's, can exceed it). Both come from the statistics the
 passes cached (pass their folder: the one `svdllm compress` logs, with `layer_*.safetensors` and `key.json`), so
 no activation is recomputed.
 Usage: python benchmarks/method_errors.py STATS_DIR NAME=MODEL_DIR [NAME=MODEL_DIR ...] [--base smollm2-135m]
@@ -36,7 +38,7 @@ def errors(stats_dir: Path, model_dir: str, dense) -> tuple[dict[str, list[float
     out: dict[str, list[float]] = {n: [] for n in LINEAR_NAMES}
     grads = sorted(stats_dir.glob("gradient_grams_*.safetensors"))
     fisher = safe_open(grads[-1], framework="pt") if grads else None
-    kfac = 0.0
+    kfac, gain = 0.0, []
     for i, layer in enumerate(model.model.layers):
         path = stats_dir / f"layer_{i:04d}.safetensors"
         with safe_open(path, framework="pt") as f:
@@ -48,9 +50,10 @@ def errors(stats_dir: Path, model_dir: str, dense) -> tuple[dict[str, list[float
             approx = (lin.u.weight.double() @ lin.v.weight.double()) if hasattr(lin, "u") else lin.weight.double()
             g, d = grams[GROUP_OF[name]], w - approx
             out[name].append(float(torch.trace(d @ g @ d.T) / torch.trace(w @ g @ w.T)))
+            gain.append(float(torch.linalg.matrix_norm(approx, 2) / torch.linalg.matrix_norm(w, 2)))
             if fisher is not None:
                 kfac += 0.5 * float(torch.trace(fisher.get_tensor(f"model.layers.{i}.{name}") @ d @ g @ d.T)) / tokens
-    return out, (kfac if fisher is not None else None)
+    return out, (kfac if fisher is not None else None), gain
 
 
 def main(argv: list[str]) -> None:
@@ -67,13 +70,14 @@ def main(argv: list[str]) -> None:
         rows[name] = errors(stats_dir, path, dense)
     ref = rows.get("svd-llm", next(iter(rows.values())))[1]
     print("| method | " + " | ".join(n.split(".")[-1] for n in LINEAR_NAMES)
-          + " | all (median) | all (max) | KFAC loss estimate / svd-llm's |")
-    print("|---|" + "---|" * (len(LINEAR_NAMES) + 3))
-    for name, (per, kfac) in rows.items():
+          + " | all (median) | all (max) | KFAC loss estimate / svd-llm's | ‖W_uW_v‖₂/‖W‖₂ (median, max) |")
+    print("|---|" + "---|" * (len(LINEAR_NAMES) + 4))
+    for name, (per, kfac, gain) in rows.items():
         every = [e for v in per.values() for e in v]
         cells = [f"{median(per[n]):.3g}" for n in LINEAR_NAMES]
         ratio = f"{kfac / ref:.3g}" if kfac is not None and ref else "–"
-        print(f"| {name} | " + " | ".join(cells) + f" | {median(every):.3g} | {max(every):.3g} | {ratio} |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {median(every):.3g} | {max(every):.3g} | {ratio} | "
+              f"{median(gain):.3g}, {max(gain):.3g} |")
 
 
 if __name__ == "__main__":
