@@ -38,8 +38,9 @@ run() {  # run DEST ARGS...: `svdllm eval ARGS --json` into DEST, atomically, un
 zs() {  # like run, but keeps DEST only once every document of the task is scored (by this shard or the others)
   local dest=$1; shift
   [ -s "$dest" ] && return 0
-  $SVDLLM eval "$@" --json -q | tail -1 > "$dest.tmp"
-  if grep -q '"complete": true' "$dest.tmp"; then mv "$dest.tmp" "$dest"; else rm -f "$dest.tmp"; fi
+  local tmp="$dest.$K.tmp"  # one per instance: the other shard may be writing the same DEST
+  $SVDLLM eval "$@" --json -q | tail -1 > "$tmp"
+  if grep -q '"complete": true' "$tmp"; then mv "$tmp" "$dest"; else rm -f "$tmp"; fi
 }
 declare -A MODEL=([dense]=smollm2-135m [r0.2]="$RUN/ratio-0.2" [r0.4]="$RUN/ratio-0.4")
 item=0
