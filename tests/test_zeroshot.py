@@ -168,17 +168,23 @@ def test_decode_steps_continue_the_greedy_generation(family):
     assert rows[0]["decode_tok_s"] > 0 and rows[0]["prefill_tok_s"] > 0
 
 
-def test_interrupted_zero_shot_resumes_from_the_scored_requests(tok, data_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def scored(monkeypatch):
+    """The number of requests of every batch lm-eval's HFLM scores, in order."""
     from lm_eval.models.huggingface import HFLM
 
-    scored = []
+    counts = []
     real = HFLM._loglikelihood_tokens
 
     def counting(self, requests, *args, **kwargs):
-        scored.append(len(requests))
+        counts.append(len(requests))
         return real(self, requests, *args, **kwargs)
 
     monkeypatch.setattr(HFLM, "_loglikelihood_tokens", counting)
+    return counts
+
+
+def test_interrupted_zero_shot_resumes_from_the_scored_requests(tok, data_dir, tmp_path, scored):
     model = tiny_model("llama")
     zero_shot(model, tok, ["piqa"], data_dir, limit=3, cache=tmp_path)  # stands for a run stopped after 3 questions
     assert scored == [6]  # 2 choices each
@@ -214,19 +220,9 @@ def test_aggregate_from_document_scores_equals_lm_eval_own(tok, data_dir, tmp_pa
         assert ours["tasks"][t]["n"] == 7 and ours["tasks"][t]["complete"]
 
 
-def test_shards_on_different_machines_add_up_to_one_run(tok, data_dir, tmp_path, monkeypatch):
+def test_shards_on_different_machines_add_up_to_one_run(tok, data_dir, tmp_path, scored):
     """Two shards scored with separate caches (as on two machines) into one scores directory give the numbers of
     one unsharded run; a third run finds every document scored and scores nothing."""
-    from lm_eval.models.huggingface import HFLM
-
-    scored = []
-    real = HFLM._loglikelihood_tokens
-
-    def counting(self, requests, *args, **kwargs):
-        scored.append(len(requests))
-        return real(self, requests, *args, **kwargs)
-
-    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", counting)
     model = tiny_model("llama", seed=4)
     scores = tmp_path / "scores"
     half = zero_shot(model, tok, ["piqa"], data_dir, cache=tmp_path / "m1", shard=(0, 2), scores_dir=scores)
