@@ -34,10 +34,10 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
                              pad_token_id=pad, **kwargs)
         seconds = time.perf_counter() - t
-    new = out.sequences[0, inputs["input_ids"].shape[1]:]
+    new, kv = out.sequences[0, inputs["input_ids"].shape[1]:], output_cache(out)
     return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "new_tokens": int(new.numel()),
             "seconds": seconds, "tokens_per_s": new.numel() / max(seconds, 1e-9), "kv_cache": kv_cache,
-            "kv_cache_bytes": cache_nbytes(output_cache(out)) if output_cache(out) is not None else None}
+            "kv_cache_bytes": cache_nbytes(kv) if kv is not None else None}
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = True, **kw) -> str:
