@@ -7,6 +7,15 @@
 """
 __version__ = "0.1.0"
 
+import logging as _logging  # noqa: E402
+
+# On a CPU build of torch, torchao (which transformers and peft import when it is installed) logs every GPU kernel
+# library it cannot load, and torch warns about torchao's enums: noise to a user of this library. Quietened only
+# where the application has not set a level of its own.
+for _name in ("torchao", "torch.utils._pytree"):
+    if _logging.getLogger(_name).level == _logging.NOTSET:
+        _logging.getLogger(_name).setLevel(_logging.ERROR)
+
 from .config import CalibrationConfig, CompressConfig  # noqa: E402
 from .errors import SvdllmError  # noqa: E402
 from .io import load, save  # noqa: E402
