@@ -196,7 +196,8 @@ def test_interrupted_closed_form_pass_resumes_bit_identical(family, tok, data_di
 
     moments = []
     real_moments = layerwise._paired_moments
-    monkeypatch.setattr(layerwise, "_paired_moments", lambda *a: moments.append(a[-1]) or real_moments(*a))
+    monkeypatch.setattr(layerwise, "_paired_moments",
+                        lambda *a, **k: moments.append(a[-1]) or real_moments(*a, **k))
     resumed = tiny_model(family)
     svdllm.compress(resumed, tok, config(tmp_path / "c2"), progress=False)
     assert set(moments) == {"model.layers.1"}  # layer 0 came from the interrupted run

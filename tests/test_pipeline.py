@@ -199,9 +199,14 @@ def test_closed_form_w_u_is_optimal_on_the_inputs_each_linear_really_receives(fa
 def test_closed_form_pass_skips_the_dense_stream_when_cached_and_replays_the_attention(tok, data_dir, tmp_path,
                                                                                        monkeypatch):
     """Per window and layer, the attention is computed once for the dense stream (only while its statistics are not
-    cached), once up to o_proj and once with o_proj compressed; the MLP's inputs and the layer's output reuse that
-    last one (without the replay the compressed stream would call it 5 times per window). The warm run, without a dense stream, gives the same model bit for bit; the lstsq test above checks
-    that the replayed attention is what each MLP linear really receives."""
+    cached) and once up to o_proj on the compressed stream; the MLP's inputs and the layer's output get the
+    attention's output from that core through the compressed o_proj (without the replay the compressed stream would
+    call the attention 5 times per window). The warm run, without a dense stream, gives the same model bit for bit,
+    and so does a run that computes the attention in full for the MLP's inputs; the lstsq test above checks that
+    the replayed attention is what each MLP linear really receives."""
+    import contextlib
+
+    from svdllm.calibration import layerwise
     from transformers.models.llama.modeling_llama import LlamaAttention
 
     calls = []
@@ -219,11 +224,27 @@ def test_closed_form_pass_skips_the_dense_stream_when_cached_and_replays_the_att
     svdllm.compress(warm, tok, cfg, progress=False)
     n_warm = len(calls) - n_cold
     layers, windows = cold.config.num_hidden_layers, cfg.calibration.nsamples
-    # per layer: 1 call while the layer inputs are captured, 1 for the finite-logits probe, per window 3 calls of
-    # the compressed stream (the one that stops at q_proj computes nothing), + 1 per window for the dense stream
-    assert (n_cold, n_warm) == (layers * (4 * windows + 2), layers * (3 * windows + 2))
+    # per layer: 1 call while the layer inputs are captured, 1 for the finite-logits probe, per window 2 calls of
+    # the compressed stream (the one that stops at q_proj computes nothing) and 1 more for the first window (it
+    # shows the form of the attention's output), + 1 per window for the dense stream
+    assert (n_cold, n_warm) == (layers * (3 * windows + 3), layers * (2 * windows + 3))
     a, b = cold.state_dict(), warm.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    @contextlib.contextmanager
+    def computing(attention, o_proj, cores, outputs):  # the attention computed in full, its outputs kept
+        handle = attention.register_forward_hook(lambda mod, args, out: outputs.append((out[0], None)))
+        try:
+            yield outputs
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(layerwise, "_attention_from_cores", computing)
+    full = tiny_model("llama")
+    svdllm.compress(full, tok, cfg, progress=False)
+    assert len(calls) - n_cold - n_warm == layers * (3 * windows + 2)
+    c = full.state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_fwsvd_with_sequential_closed_form_update(tok, data_dir, tmp_path):

@@ -221,14 +221,17 @@ def _input_of(layer: nn.Module, name: str, hidden: torch.Tensor, kwargs: dict, d
 
 
 def _paired_moments(dense: nn.Module | None, layer: nn.Module, hidden, compressed, kwargs, device, group: str,
-                    where: str):
+                    where: str, keep: list | None = None):
     """(XᵀX′ or None, X′ᵀX′) of one input group. X′ comes from the layer as it now is (the groups before `group`
     already compressed) on the compressed stream: the inputs the group's linears will really see in the compressed
-    model. X, only if `dense` is given, from the dense layer on the dense stream."""
+    model. X, only if `dense` is given, from the dense layer on the dense stream. `keep` receives X′ per batch, in
+    the stream's dtype and shape, on the CPU."""
     name = INPUT_GROUPS[group][0]
     moments = {}
     for h, hc in zip(hidden, compressed):
         xc = _input_of(layer, name, hc, kwargs, device, where)
+        if keep is not None:  # (float64 holds the float32/16 values exactly: the cast back loses nothing)
+            keep.append(xc.to("cpu", hc.dtype).view(*hc.shape[:-1], -1))
         _accumulate(moments, "gram_c", xc.T @ xc)
         if dense is not None:
             _accumulate(moments, "cross", _input_of(dense, name, h, kwargs, device, where).T @ xc)
@@ -239,17 +242,35 @@ def _paired_moments(dense: nn.Module | None, layer: nn.Module, hidden, compresse
 
 
 @contextlib.contextmanager
-def _recording(module: nn.Module, outputs: list):
-    """Keep `module`'s output of every forward (its first element only, when a tuple: attention weights, which an
-    eager attention returns beside its output, are window × heads × tokens² and the layer discards them)."""
-    def hook(mod, args, out):
-        outputs.append((out[0],) + (None,) * (len(out) - 1) if isinstance(out, tuple) else out)
+def _attention_from_cores(attention: nn.Module, o_proj: nn.Module, cores: list, outputs: list):
+    """While q/k/v stay as they are, the attention's output is o_proj(core), core = softmax(QKᵀ)V being o_proj's
+    input, recorded once: `attention` returns that for each forward in turn instead of recomputing the core (the
+    longest part of a layer over 2048-token windows). The first forward runs in full, to learn the form of the
+    module's output. Every output is kept in `outputs` (attention weights, which an eager attention returns beside
+    its output and the layer discards, as None: they are window × heads × tokens²)."""
+    it = iter(cores)
+    own = attention.__dict__.get("forward")  # accelerate's device hooks live there: put back, not deleted
+    compute = attention.forward
 
-    handle = module.register_forward_hook(hook)
+    def forward(*args, **kwargs):
+        core = next(it)
+        if not outputs:
+            out = compute(*args, **kwargs)
+            out = (out[0],) + (None,) * (len(out) - 1) if isinstance(out, tuple) else out
+        else:
+            y = o_proj(core.to(next(o_proj.parameters()).device))
+            out = (y,) + outputs[0][1:] if isinstance(outputs[0], tuple) else y
+        outputs.append(out)
+        return out
+
+    attention.forward = forward
     try:
         yield outputs
     finally:
-        handle.remove()
+        if own is None:
+            del attention.forward
+        else:
+            attention.forward = own
 
 
 @contextlib.contextmanager
@@ -308,9 +329,10 @@ def calibrate_layers(
     streams then only run forward through the layer.
 
     With `paired`, no `drift_groups` and `dense_cached` (every layer's statistics are in `cached`), the dense
-    stream is not run at all: nothing but its statistics is needed from it. Within a layer, the attention
-    sub-block's output stops changing once q/k/v and o are compressed; it is computed once more and then replayed
-    for the MLP's groups and the layer's output (recomputing the attention over long windows is most of the pass).
+    stream is not run at all: nothing but its statistics is needed from it. Within a layer, the attention core
+    softmax(QKᵀ)V stops changing once q/k/v are compressed: recorded at o_proj's input (where o_proj's moments are
+    taken anyway), it gives the attention's output through the compressed o_proj for the MLP's groups and the
+    layer's output, without being computed again (over long windows the attention is most of the pass).
 
     A layer-wise (lazy) model has each layer materialized from its checkpoint just before it runs; `on_exit(i,
     layer)` runs once the layer's outputs are passed on (the pipeline writes and releases it there).
@@ -343,15 +365,20 @@ def calibrate_layers(
                 # the dense stream's inputs come from the layer as it was before any of its groups changed
                 dense = copy.deepcopy(layer) if drift_groups else None
                 stats.cross, stats.grams_compressed = {}, {}
+                cores: list = []  # o_proj's inputs on the compressed stream, once q/k/v are compressed
                 for group, names in INPUT_GROUPS.items():
                     with contextlib.ExitStack() as stage:
                         if group == "mlp_in":  # q/k/v and o are final from here on
-                            stage.enter_context(_recording(layer.get_submodule(attention), attn_out))
+                            stage.enter_context(_attention_from_cores(
+                                layer.get_submodule(attention), layer.get_submodule(INPUT_GROUPS["attn_out"][0]),
+                                cores, attn_out))
                         elif group == "mlp_out" and len(attn_out) == len(compressed):
                             stage.enter_context(_replaying(layer.get_submodule(attention), attn_out))
                         stats.cross[group], stats.grams_compressed[group] = _paired_moments(
                             dense if group in drift_groups else None, layer, hidden, compressed, kwargs, device,
-                            group, where)
+                            group, where, keep=cores if group == "attn_out" else None)
+                    if group == "mlp_in":
+                        cores.clear()
                     if on_layer is not None:
                         on_layer(i, layer, stats, names)
                 del dense
