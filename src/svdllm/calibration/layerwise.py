@@ -248,12 +248,13 @@ def _attention_from_cores(attention: nn.Module, o_proj: nn.Module, cores: list, 
     longest part of a layer over 2048-token windows). The first forward runs in full, to learn the form of the
     module's output. Every output is kept in `outputs` (attention weights, which an eager attention returns beside
     its output and the layer discards, as None: they are window × heads × tokens²)."""
-    it = iter(cores)
+    it = iter(range(len(cores)))
     own = attention.__dict__.get("forward")  # accelerate's device hooks live there: put back, not deleted
     compute = attention.forward
 
     def forward(*args, **kwargs):
-        core = next(it)
+        k = next(it)
+        core, cores[k] = cores[k], None  # released once used: the cores and the outputs are not held in full twice
         if not outputs:
             out = compute(*args, **kwargs)
             out = (out[0],) + (None,) * (len(out) - 1) if isinstance(out, tuple) else out
