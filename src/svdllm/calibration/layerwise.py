@@ -249,7 +249,6 @@ def _attention_from_cores(attention: nn.Module, o_proj: nn.Module, cores: list, 
     module's output. Every output is kept in `outputs` (attention weights, which an eager attention returns beside
     its output and the layer discards, as None: they are window × heads × tokens²)."""
     it = iter(range(len(cores)))
-    own = attention.__dict__.get("forward")  # accelerate's device hooks live there: put back, not deleted
     compute = attention.forward
 
     def forward(*args, **kwargs):
@@ -264,22 +263,20 @@ def _attention_from_cores(attention: nn.Module, o_proj: nn.Module, cores: list, 
         outputs.append(out)
         return out
 
-    attention.forward = forward
-    try:
+    with _forward_replaced(attention, forward):
         yield outputs
-    finally:
-        if own is None:
-            del attention.forward
-        else:
-            attention.forward = own
 
 
-@contextlib.contextmanager
 def _replaying(module: nn.Module, outputs: list):
     """`module` returns the recorded outputs, one per forward and in order, instead of computing them."""
     it = iter(outputs)
+    return _forward_replaced(module, lambda *args, **kwargs: next(it))
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward):
     own = module.__dict__.get("forward")  # accelerate's device hooks live there: put back, not deleted
-    module.forward = lambda *args, **kwargs: next(it)
+    module.forward = forward
     try:
         yield
     finally:
