@@ -14,10 +14,10 @@ re-fitted by least squares to the method's own W_v (what the closed-form update 
 
   e_v = min over W_u of ‖(W − W_u·W_v)·X‖²_F / ‖W·X‖²_F,   W_u = W·XᵀX·W_vᵀ·(W_v·XᵀX·W_vᵀ)⁻¹
 
-which depends only on the row space the method chose for W_v (svd-llm's W_u is already that minimum); and how much the factors can
-amplify an input the calibration data did not show, ‖W_u·W_v‖₂ / ‖W‖₂ (at most 1 for a plain truncated SVD, an
-orthogonal projection; an oblique one, as every whitened method's, can exceed it). Both come from the statistics the
-passes cached (pass their folder: the one `svdllm compress` logs, with `layer_*.safetensors` and `key.json`), so
+which depends only on the row space the method chose for W_v (svd-llm's W_u is already that minimum); and how
+much the factors can amplify an input the calibration data did not show, ‖W_u·W_v‖₂ / ‖W‖₂ (at most 1 for a plain
+truncated SVD, an orthogonal projection; an oblique one, as every whitened method's, can exceed it). All come from
+the statistics the passes cached (pass their folder: the one `svdllm compress` logs, with `layer_*.safetensors` and `key.json`), so
 no activation is recomputed.
 Usage: python benchmarks/method_errors.py STATS_DIR NAME=MODEL_DIR [NAME=MODEL_DIR ...] [--base smollm2-135m]
 """
@@ -35,12 +35,10 @@ import svdllm
 from svdllm.models.families import GROUP_OF, LINEAR_NAMES
 
 
-def _refitted_error(w: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> float:
-    """e_v: the relative output error with the least-squares W_u for this W_v."""
-    wg = w @ g
-    b, a = wg @ v.T, v @ g @ v.T
-    kept = torch.trace(b @ torch.linalg.lstsq(a, b.T).solution)  # lstsq: W_v·XᵀX·W_vᵀ can be singular
-    total = torch.trace(wg @ w.T)
+def _refitted_error(wg: torch.Tensor, total: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> float:
+    """e_v: the relative output error with the least-squares W_u for this W_v (wg = W·XᵀX, total = tr(W·XᵀX·Wᵀ))."""
+    b = wg @ v.T
+    kept = torch.trace(b @ torch.linalg.lstsq(v @ g @ v.T, b.T).solution)  # lstsq: W_v·XᵀX·W_vᵀ can be singular
     return float((total - kept) / total)
 
 
@@ -65,10 +63,12 @@ def errors(stats_dir: Path, model_dir: str, dense):
             lin = layer.get_submodule(name)
             approx = (lin.u.weight.double() @ lin.v.weight.double()) if hasattr(lin, "u") else lin.weight.double()
             g, d = grams[GROUP_OF[name]], w - approx
-            out[name].append(float(torch.trace(d @ g @ d.T) / torch.trace(w @ g @ w.T)))
+            wg = w @ g
+            total = torch.trace(wg @ w.T)
+            out[name].append(float(torch.trace(d @ g @ d.T) / total))
             gain.append(float(torch.linalg.matrix_norm(approx, 2) / torch.linalg.matrix_norm(w, 2)))
             if hasattr(lin, "u"):
-                refit.append(_refitted_error(w, lin.v.weight.double(), g))
+                refit.append(_refitted_error(wg, total, lin.v.weight.double(), g))
             if fisher is not None:
                 kfac += 0.5 * float(torch.trace(fisher.get_tensor(f"model.layers.{i}.{name}") @ d @ g @ d.T)) / tokens
     return out, (kfac if fisher is not None else None), gain, refit
