@@ -103,6 +103,56 @@ def test_sequential_stages_freeze_the_other_factor_and_lower_the_loss(tok, recor
     assert last < first
 
 
+def test_balance_keeps_the_product_and_equalises_the_norms():
+    torch.manual_seed(0)
+    w_u, w_v = torch.randn(12, 5) * 1e4, torch.randn(5, 9) * 1e-4  # kfac-svd's kind of split
+    w_u[:, 3] = 0  # a dead component
+    m = LowRankLinear.from_factors(w_u, w_v)
+    before = (w_u.double() @ w_v.double())
+    m.balance_()
+    # float32 factors: the product moves by rounding only
+    torch.testing.assert_close(m.u.weight.double() @ m.v.weight.double(), before, rtol=1e-5,
+                               atol=1e-6 * float(before.abs().max()))
+    nu, nv = m.u.weight.detach().norm(dim=0), m.v.weight.detach().norm(dim=1)
+    live = torch.arange(5) != 3
+    torch.testing.assert_close(nu[live], nv[live], rtol=1e-5, atol=0)
+    assert torch.equal(m.v.weight[3], w_v[3]) and float(nu[3]) == 0
+
+
+def _rescaled(model, seed=1):
+    """The same model with every component's split between W_u and W_v moved by factors from 10⁻³ to 10³."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LowRankLinear):
+                c = 10 ** (torch.rand(m.rank, generator=g) * 6 - 3)
+                m.u.weight.mul_(c)
+                m.v.weight.div_(c[:, None])
+    return model
+
+
+def _products(model):
+    return {n: m.u.weight.double() @ m.v.weight.double() for n, m in model.named_modules()
+            if isinstance(m, LowRankLinear)}
+
+
+def test_balanced_finetune_does_not_depend_on_how_the_factors_were_split(tok, records):
+    """The same model, split differently between W_u and W_v: balanced, LoRA takes the same steps on both."""
+    runs = {}
+    for balance in (True, False):
+        for split in ("method", "rescaled"):
+            model = _compressed(tok)
+            if split == "rescaled":
+                _rescaled(model)
+            finetune(model, tok, _config(records, max_steps=2, balance=balance), progress=False)
+            runs[balance, split] = _products(model)
+    for n, want in runs[True, "method"].items():
+        torch.testing.assert_close(runs[True, "rescaled"][n], want, rtol=1e-4, atol=1e-6)
+    # without balancing the split changes what LoRA does
+    assert any(not torch.allclose(runs[False, "rescaled"][n], w, rtol=1e-3, atol=1e-5)
+               for n, w in runs[False, "method"].items())
+
+
 def test_merged_model_equals_the_adapter_model(tok, records):
     """Merging B·A into a factor changes nothing the model computes."""
     from peft import LoraConfig, get_peft_model

@@ -91,6 +91,9 @@ def _add_finetune_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                         "r 8) or cpu (about 30 min for SmolLM2 on 2 cores); auto: paper on CUDA, else cpu")
     p.add_argument(f"--{prefix}stages", dest="ft_stages", default=None, choices=sorted(STAGES),
                    help="sequential: W_u then W_v (the paper, default); joint: both at once (plain LoRA)")
+    p.add_argument(f"--{prefix}no-balance", dest="ft_balance", action="store_const", const=False, default=None,
+                   help="keep the method's split of each component between W_u and W_v (SVD-LLM's U·Σ^½, Σ^½·Vᵀ·S⁻¹) "
+                        "instead of equal norms; the product is the same, LoRA's steps are not")
     for name, kind, text in FINETUNE_ARGS:
         p.add_argument(f"--{prefix}{name}", dest="ft_" + name.replace("-", "_"), type=kind, default=None, help=text)
 
@@ -100,7 +103,7 @@ def _finetune_config(args, device):
 
     overrides = {name.replace("-", "_"): getattr(args, "ft_" + name.replace("-", "_"))
                  for name, _, _ in FINETUNE_ARGS}
-    overrides.update(stages=args.ft_stages, data_dir=args.data_dir)
+    overrides.update(stages=args.ft_stages, data_dir=args.data_dir, balance=args.ft_balance)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = default_config(device or "cpu", **overrides) if args.ft_preset == "auto" else preset(args.ft_preset,
                                                                                                  **overrides)

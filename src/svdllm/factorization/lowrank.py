@@ -23,6 +23,22 @@ class LowRankLinear(nn.Module):
                 module.u.bias.copy_(bias)
         return module
 
+    @torch.no_grad()
+    def balance_(self) -> "LowRankLinear":
+        """Rescale each rank-1 component so that ‖W_u[:, k]‖ = ‖W_v[k, :]‖; the product W_u·W_v is unchanged.
+
+        A method splits the product wherever its whitening leaves it: un-whitening by L_g⁻ᵀ (kfac-svd) makes W_u
+        about 10⁵ times larger than W_v on SmolLM2, by S⁻¹ (svd-llm) about 50 times. Whatever sees each factor on
+        its own scale (Adam's per-element steps in LoRA) sees the split, though the model does not.
+        """
+        u, v = self.u.weight, self.v.weight
+        nu, nv = u.double().norm(dim=0), v.double().norm(dim=1)
+        ok = (nu > 0) & (nv > 0)  # a dead component keeps its scale (and stays dead)
+        c = torch.where(ok, nv / torch.where(ok, nu, 1.0), 1.0).sqrt()
+        u.copy_(u.double() * c)
+        v.copy_(v.double() / c[:, None])
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.u(self.v(x))
 

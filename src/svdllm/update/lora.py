@@ -54,6 +54,10 @@ class FinetuneConfig:
     train_on_inputs: bool = False
     seed: int = 42
     save_every: int = 50
+    # equal norms for the two factors of every component before training (LowRankLinear.balance_): Adam's step is
+    # about lr per element whatever the weight's scale, so on kfac-svd's split (W_u ~10⁵ × W_v) stage 1 could not
+    # move W_u and stage 2 threw W_v about; False keeps the method's split (SVD-LLM's W_u = U·Σ^½)
+    balance: bool = True
 
     def validate(self) -> None:
         checks = [(self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
@@ -213,6 +217,9 @@ def finetune(model: nn.Module, tokenizer, config: FinetuneConfig | None = None,
     dtype = next(model.parameters()).dtype
     if device.type == "cpu" and dtype != torch.float32:
         model.float()  # half-precision training on the CPU is slow and loses small updates: master weights fp32
+    if config.balance:  # before anything is measured or resumed: an interrupted run balances the same way again
+        for n in names:
+            model.get_submodule(n).balance_()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     train, val = _split(config, tokenizer)
     steps = max(1, math.ceil(config.epochs * len(train) / config.batch_size))
