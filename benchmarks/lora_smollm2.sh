@@ -23,7 +23,7 @@ for r in 0.4 0.6; do
     [ -d "$OUT/$dir/ratio-$r" ] || $SVDLLM compress --model smollm2-135m --preset paper --ratio $r --update $update \
         --out "$OUT/$dir/ratio-$r" --overwrite -q
   done
-  [ -d "$OUT/lora-$r" ] || $SVDLLM finetune "$OUT/whiten/ratio-$r" --out "$OUT/lora-$r" --preset cpu --json -q \
+  [ -d "$OUT/lora-$r" ] || $SVDLLM finetune "$OUT/whiten/ratio-$r" --out "$OUT/lora-$r" --preset cpu --no-balance --json -q \
       | tail -1 > "$OUT/finetune-$r.json"
   for m in "whiten/ratio-$r" "closed/ratio-$r" "closed-drift/ratio-$r" "lora-$r"; do
     tag=$(echo "$m" | tr '/' '_')
