@@ -17,8 +17,8 @@ re-fitted by least squares to the method's own W_v (what the closed-form update 
 which depends only on the row space the method chose for W_v (svd-llm's W_u is already that minimum); and how
 much the factors can amplify an input the calibration data did not show, ‖W_u·W_v‖₂ / ‖W‖₂ (at most 1 for a plain
 truncated SVD, an orthogonal projection; an oblique one, as every whitened method's, can exceed it). All come from
-the statistics the passes cached (pass their folder: the one `svdllm compress` logs, with `layer_*.safetensors` and `key.json`), so
-no activation is recomputed.
+the statistics the passes cached (pass their folder: the one `svdllm compress` logs, with `layer_*.safetensors` and
+`key.json`), so no activation is recomputed.
 Usage: python benchmarks/method_errors.py STATS_DIR NAME=MODEL_DIR [NAME=MODEL_DIR ...] [--base smollm2-135m]
 """
 from __future__ import annotations
