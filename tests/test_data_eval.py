@@ -1,10 +1,14 @@
 """Texts built as PROTOCOL.md says, windows, and perplexity against an independent computation."""
+import copy
+import json
 import math
 
 import pytest
 import torch
 
-from svdllm.data import calibration_windows, eval_windows, load_text, tokenize_text
+from svdllm.data import calibration_set, calibration_windows, eval_windows, load_text, tokenize_text
+from svdllm.data.instructions import conversation_text
+from svdllm.errors import SvdllmError
 from svdllm.evaluation import perplexity
 from tiny import tiny_model
 
@@ -39,6 +43,45 @@ def test_calibration_windows_are_seeded(tok, data_dir):
     assert not torch.equal(a, calibration_windows(ids, 5, 64, seed=1))
     text = tok.decode(a[0])
     assert text in tok.decode(ids)
+
+
+def test_one_corpus_gives_the_same_windows_as_before(tok, data_dir):
+    # the statistics cache is keyed by the windows: a single source must keep the keys of earlier runs
+    ids = tokenize_text(tok, load_text("ptb", "validation", data_dir))
+    assert torch.equal(calibration_set(tok, "ptb", 5, 64, 3, data_dir), calibration_windows(ids, 5, 64, seed=3))
+
+
+def test_mixture_of_corpus_and_chat_conversations(tok, data_dir, tmp_path):
+    chat = copy.deepcopy(tok)
+    chat.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}</s>{% endfor %}"
+    recs = [{"instruction": f"Add {i} and 1.", "input": "" if i % 2 else "show work", "output": f"{i + 1}"}
+            for i in range(40)]
+    path = tmp_path / "recs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    w = calibration_set(chat, f"wikitext2,{path}", 5, 48, 0, data_dir)
+    assert w.shape == (5, 48)
+    wiki = tokenize_text(chat, load_text("wikitext2", "validation", data_dir))
+    assert torch.equal(w[:3], calibration_windows(wiki, 3, 48, seed=0))  # 5 windows: 3 + 2
+    assert conversation_text(chat, recs[0]) == "[user] Add 0 and 1.\n\nshow work</s>[assistant] 1</s>"
+    stream = "".join(conversation_text(chat, r) for r in recs)
+    convo = chat.decode(w[3:].flatten())  # consecutive windows over whole conversations in a seeded order
+    assert convo.startswith("[user] Add ") and convo.count("[assistant]") >= 2
+    assert all(piece + "</s>" in stream for piece in convo.split("</s>")[:-1])
+    assert torch.equal(w, calibration_set(chat, f"wikitext2,{path}", 5, 48, 0, data_dir))
+    assert not torch.equal(w[3:], calibration_set(chat, f"wikitext2,{path}", 5, 48, 1, data_dir)[3:])
+    # without a chat template the records are written in Alpaca's prompt format
+    assert "### Response:" in tok.decode(calibration_set(tok, str(path), 1, 400, 0, data_dir)[0])
+
+
+def test_bad_calibration_sources_are_named(tok, data_dir, tmp_path):
+    with pytest.raises(SvdllmError, match="neither 'alpaca', a corpus name"):
+        calibration_set(tok, "wikitext2,wikitext3", 4, 32, 0, data_dir)
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
+    with pytest.raises(SvdllmError, match="fewer than the 2 × 400 .* lower --nsamples or --seqlen"):
+        calibration_set(tok, str(small), 2, 400, 0, data_dir)
+    with pytest.raises(SvdllmError, match="fewer than the 2 calibration sources"):
+        calibration_set(tok, "wikitext2,ptb", 1, 32, 0, data_dir)
 
 
 def test_eval_windows_drop_partial_and_limit():

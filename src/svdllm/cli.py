@@ -146,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after truncation: closed-form (least-squares W_u on the compressed model's inputs, as "
                         "SVD-LLM), closed-form-drift (attention fitted to the dense model's outputs), lora (sequential "
                         "LoRA fine-tuning, options --ft-*), or closed-form+lora")
-    c.add_argument("--calib-dataset", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
+    c.add_argument("--calib-dataset", default="wikitext2", metavar="SOURCE[,SOURCE...]",
+                   help="calibration text: wikitext2, ptb, c4, alpaca or a .json/.jsonl of instruction records "
+                        "(written as chat conversations), or a comma-separated mix sharing the windows evenly, "
+                        "e.g. wikitext2,alpaca for an instruct model (default wikitext2)")
     c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     c.add_argument("--seed", type=int, default=0)

@@ -24,7 +24,7 @@ from .calibration import distributed
 from .calibration import (AllocationRecord, LinearStats, PartialFactors, StatsCache, calibrate_layers, gradient_stats,
                           model_fingerprint)
 from .config import CompressConfig
-from .data import calibration_windows, check_token_ids, load_text, tokenize_text
+from .data import calibration_set, check_token_ids
 from .errors import SvdllmError
 from .factorization import LowRankLinear, get_method
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
@@ -201,9 +201,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
 
     windows, cache, scratch = None, None, None
     if needs_data:
-        ids = tokenize_text(tokenizer, load_text(cal.dataset, "validation", cal.data_dir))
-        check_token_ids(ids, model)
-        windows = calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
+        windows = calibration_set(tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
+        check_token_ids(windows, model)
         cache = _stats_cache(model, config, windows)
     num_layers = len(family_of(model).decoder_layers(model))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SvdllmError
+from .texts import CORPORA, load_text
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -30,6 +31,31 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_set(tokenizer, sources: str, nsamples: int, seqlen: int, seed: int, data_dir=None) -> torch.Tensor:
+    """Calibration windows from one source or a comma-separated mixture, split evenly among the sources.
+
+    A source is a corpus (wikitext2, ptb, c4), windows at random places in its validation text, or a set of
+    instruction records ("alpaca" or a .json/.jsonl file) written as conversations in the model's chat template.
+    An instruct model calibrated on plain text alone loses the directions its chat markup uses.
+    """
+    from .instructions import conversation_windows
+
+    names = [s.strip() for s in sources.split(",") if s.strip()]
+    if not names:
+        raise SvdllmError("--calib-dataset is empty; give a corpus (wikitext2, ptb, c4), 'alpaca' or a .json file.")
+    if nsamples < len(names):
+        raise SvdllmError(f"--nsamples {nsamples} is fewer than the {len(names)} calibration sources; raise it.")
+    parts = []
+    for i, name in enumerate(names):
+        n = nsamples // len(names) + (i < nsamples % len(names))
+        if name in CORPORA:
+            ids = tokenize_text(tokenizer, load_text(name, "validation", data_dir))
+            parts.append(calibration_windows(ids, n, seqlen, seed + i))
+        else:
+            parts.append(conversation_windows(tokenizer, name, n, seqlen, seed + i, data_dir))
+    return torch.cat(parts)
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
