@@ -1,4 +1,5 @@
 """Sequential LoRA fine-tuning of the factors (SVD-LLM §3.2) on tiny compressed models."""
+import copy
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import svdllm
 from svdllm.cli import main
-from svdllm.data.instructions import IGNORE, alpaca_prompt, tokenize_record
+from svdllm.data.instructions import IGNORE, alpaca_prompt, load_items, tokenize_record
 from svdllm.errors import SvdllmError
 from svdllm.factorization import LowRankLinear
 from svdllm.io import load
@@ -47,6 +48,19 @@ def test_prompt_is_masked_and_response_is_learned(tok):
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:] and ex["input_ids"][-1] == tok.eos_token_id
     assert "### Input:" in alpaca_prompt({"instruction": "a", "input": "b"})
     assert "### Input:" not in alpaca_prompt(rec)
+
+
+def test_chat_template_records_learn_the_answer_and_its_end_of_turn(tok):
+    chat = copy.deepcopy(tok)
+    chat.chat_template = ("{% for m in messages %}<s>{{ m.role }}: {{ m.content }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    rec = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
+    ex = tokenize_record(chat, rec, max_len=512, template="chat")
+    assert chat.decode(ex["input_ids"]) == "<s>user: Add 2 and 3.</s><s>assistant: 5</s>"
+    learned = [t for t in ex["labels"] if t != IGNORE]
+    assert chat.decode(learned) == "5</s>"  # the prompt and its markup are context only
+    with pytest.raises(SvdllmError, match="--template chat needs a tokenizer with a chat template"):
+        load_items(tok, "alpaca", 64, template="chat")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -84,7 +84,7 @@ FINETUNE_ARGS = [  # (name, type, help); every default comes from the preset
 
 
 def _add_finetune_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    from .update.lora import PRESETS, STAGES
+    from .update.lora import PRESETS, STAGES, TEMPLATES
 
     p.add_argument(f"--{prefix}preset", dest="ft_preset", default="auto", choices=["auto", *PRESETS],
                    help="fine-tuning recipe: paper (SVD-LLM/LLM-Pruner on a GPU: Alpaca, 2 epochs, batch 64, lr 1e-4, "
@@ -94,6 +94,9 @@ def _add_finetune_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}no-balance", dest="ft_balance", action="store_const", const=False, default=None,
                    help="keep the method's split of each component between W_u and W_v (SVD-LLM's U·Σ^½, Σ^½·Vᵀ·S⁻¹) "
                         "instead of equal norms; the product is the same, LoRA's steps are not")
+    p.add_argument(f"--{prefix}template", dest="ft_template", default=None, choices=TEMPLATES,
+                   help="how instruction records are written: alpaca (the paper's prompt, default) or chat (the "
+                        "tokenizer's chat template: for an instruct model that will be chatted with)")
     for name, kind, text in FINETUNE_ARGS:
         p.add_argument(f"--{prefix}{name}", dest="ft_" + name.replace("-", "_"), type=kind, default=None, help=text)
 
@@ -103,7 +106,8 @@ def _finetune_config(args, device):
 
     overrides = {name.replace("-", "_"): getattr(args, "ft_" + name.replace("-", "_"))
                  for name, _, _ in FINETUNE_ARGS}
-    overrides.update(stages=args.ft_stages, data_dir=args.data_dir, balance=args.ft_balance)
+    overrides.update(stages=args.ft_stages, data_dir=args.data_dir, balance=args.ft_balance,
+                     template=args.ft_template)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = default_config(device or "cpu", **overrides) if args.ft_preset == "auto" else preset(args.ft_preset,
                                                                                                  **overrides)

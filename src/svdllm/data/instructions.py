@@ -75,12 +75,15 @@ def load_records(data: str, data_dir: str | os.PathLike | None = None) -> list[d
                           "--data-dir (a folder with alpaca/alpaca_data.json).") from e
 
 
+def _user_turn(record: dict) -> str:
+    return record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+
+
 def conversation_text(tokenizer, record: dict) -> str:
     """A record as one finished exchange in the model's chat template (Alpaca's prompt when it has none)."""
     if not getattr(tokenizer, "chat_template", None):
         return alpaca_prompt(record) + record["output"] + (tokenizer.eos_token or "")
-    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    return tokenizer.apply_chat_template([{"role": "user", "content": user},
+    return tokenizer.apply_chat_template([{"role": "user", "content": _user_turn(record)},
                                           {"role": "assistant", "content": record["output"]}], tokenize=False)
 
 
@@ -100,15 +103,27 @@ def conversation_windows(tokenizer, data: str, nsamples: int, seqlen: int, seed:
                       "calibration windows need; lower --nsamples or --seqlen.")
 
 
-def tokenize_record(tokenizer, record: dict, max_len: int, train_on_inputs: bool = False) -> dict:
-    prompt = alpaca_prompt(record)
-    full = tokenizer(prompt + record["output"], add_special_tokens=True)["input_ids"]
-    if tokenizer.eos_token_id is not None and (not full or full[-1] != tokenizer.eos_token_id):
-        full = full + [tokenizer.eos_token_id]
+def tokenize_record(tokenizer, record: dict, max_len: int, train_on_inputs: bool = False,
+                    template: str = "alpaca") -> dict:
+    """Token ids and labels of one record; the loss is on the response (and its end of turn) only.
+
+    template="alpaca": Alpaca's prompt, then the response and EOS (the paper's recipe); "chat": the exchange in the
+    model's chat template, so a model that will be chatted with is trained on the markup it will see.
+    """
+    if template == "chat":
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": _user_turn(record)}], tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer(conversation_text(tokenizer, record), add_special_tokens=False)["input_ids"]
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    else:
+        prompt = alpaca_prompt(record)
+        full = tokenizer(prompt + record["output"], add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not full or full[-1] != tokenizer.eos_token_id):
+            full = full + [tokenizer.eos_token_id]
+        n_prompt = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     full = full[:max_len]  # a truncated example keeps no EOS, as in the Alpaca/LLM-Pruner recipe
     labels = list(full)
     if not train_on_inputs:
-        n_prompt = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         labels[:n_prompt] = [IGNORE] * min(n_prompt, len(labels))
     return {"input_ids": full, "labels": labels}
 
@@ -121,7 +136,8 @@ def text_examples(tokenizer, name: str, max_len: int, data_dir=None) -> list[dic
             for i in range(n)]
 
 
-def load_items(tokenizer, data: str, max_len: int, data_dir=None, train_on_inputs: bool = False):
+def load_items(tokenizer, data: str, max_len: int, data_dir=None, train_on_inputs: bool = False,
+               template: str = "alpaca"):
     """The raw items of a fine-tuning set and a function that turns a selection of them into examples.
 
     Instruction records are tokenized only once selected; an example whose response was cut away entirely
@@ -129,9 +145,12 @@ def load_items(tokenizer, data: str, max_len: int, data_dir=None, train_on_input
     """
     if data in CORPORA:
         return text_examples(tokenizer, data, max_len, data_dir), list
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise SvdllmError("--template chat needs a tokenizer with a chat template, and this model's has none; use "
+                          "--template alpaca.")
 
     def prepare(records):
-        examples = [tokenize_record(tokenizer, r, max_len, train_on_inputs) for r in records]
+        examples = [tokenize_record(tokenizer, r, max_len, train_on_inputs, template) for r in records]
         return [e for e in examples if any(t != IGNORE for t in e["labels"][1:])]
 
     return load_records(data, data_dir), prepare

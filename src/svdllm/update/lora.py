@@ -52,6 +52,9 @@ class FinetuneConfig:
     max_steps: int | None = None  # per stage; caps `epochs`
     stages: str = "sequential"  # "sequential": W_u then W_v (the paper); "joint": both at once (plain LoRA)
     train_on_inputs: bool = False
+    # how instruction records are written: "alpaca" (the paper's prompt) or "chat" (the tokenizer's chat template,
+    # for an instruct model that will be used in chat)
+    template: str = "alpaca"
     seed: int = 42
     save_every: int = 50
     # equal norms for the two factors of every component before training (LowRankLinear.balance_): Adam's step is
@@ -70,12 +73,15 @@ class FinetuneConfig:
                   (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
                   (self.val_samples >= 0, f"--val-samples must be >= 0, got {self.val_samples}"),
                   (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
-                  (self.stages in STAGES, f"--stages must be one of {', '.join(STAGES)}, got {self.stages!r}")]
+                  (self.stages in STAGES, f"--stages must be one of {', '.join(STAGES)}, got {self.stages!r}"),
+                  (self.template in TEMPLATES,
+                   f"--template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")]
         for ok, message in checks:
             if not ok:
                 raise SvdllmError(message + ".")
 
 
+TEMPLATES = ("alpaca", "chat")
 STAGES = {"sequential": [("u",), ("v",)], "joint": [("u", "v")]}
 
 # cpu: sized for SmolLM2-135M to finish in about half an hour on 2 cores (measured in BENCHMARKS.md).
@@ -106,7 +112,8 @@ def low_rank_names(model: nn.Module) -> list[str]:
 
 def _split(config: FinetuneConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """Seeded held-out and training examples; only the records drawn are tokenized (Alpaca has 52K)."""
-    items, prepare = load_items(tokenizer, config.data, config.seq_len, config.data_dir, config.train_on_inputs)
+    items, prepare = load_items(tokenizer, config.data, config.seq_len, config.data_dir, config.train_on_inputs,
+                                 config.template)
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(config.seed)).tolist()
     n_val = min(config.val_samples, len(items) // 10) if config.val_samples else 0
     val = prepare([items[i] for i in order[:n_val]])
