@@ -44,6 +44,12 @@ def test_unknown_method(tok, data_dir):
         svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir, method="nope"), progress=False)
 
 
+def test_unknown_calibration_source_is_named(tok, data_dir):
+    with pytest.raises(SvdllmError, match="Calibration source 'wikitext3' is neither a corpus.*--calib-dataset"):
+        cal = svdllm.CalibrationConfig(dataset="wikitext2,wikitext3", data_dir=str(data_dir))
+        svdllm.compress(tiny_model("llama"), tok, svdllm.CompressConfig(calibration=cal), progress=False)
+
+
 def test_missing_data_file_names_path(tmp_path, tok):
     (tmp_path / "wikitext2_raw").mkdir()
     with pytest.raises(SvdllmError, match=r"looked for .*wikitext2_raw/wiki\.valid\.raw"):

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
+from .data.texts import CORPORA
 from .errors import SvdllmError
 
 CALIBRATION_MODES = ("original", "sequential")
@@ -71,6 +73,11 @@ class CalibrationConfig:
             raise SvdllmError(f"--batch-size must be at least 1, got {self.batch_size}.")
         if self.grad_samples is not None and self.grad_samples < 1:
             raise SvdllmError(f"--grad-samples must be at least 1, got {self.grad_samples}.")
+        for source in self.dataset.split(","):
+            source = source.strip()
+            if source not in CORPORA and source != "alpaca" and not os.path.isfile(os.path.expanduser(source)):
+                raise SvdllmError(f"Calibration source {source!r} is neither a corpus ({', '.join(CORPORA)}), 'alpaca' "
+                                  "nor an existing .json/.jsonl file of instruction records; fix --calib-dataset.")
         if self.mode not in CALIBRATION_MODES:
             raise SvdllmError(f"Unknown calibration mode {self.mode!r}; choose one of {', '.join(CALIBRATION_MODES)}.")
 
