@@ -1,4 +1,5 @@
 """compress → save → load on tiny models of every supported family."""
+import copy
 import json
 
 import pytest
@@ -253,3 +254,20 @@ def test_fwsvd_with_sequential_closed_form_update(tok, data_dir, tmp_path):
     model = tiny_model("llama")
     res = svdllm.compress(model, tok, cfg, progress=False)[0]
     assert all(g >= -1e-9 for g in res.manifest["update_error_reduction"].values())
+
+
+def test_instruct_model_calibrated_on_plain_text_is_warned(tok, data_dir, tmp_path, caplog):
+    chat = copy.deepcopy(tok)
+    chat.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}</s>{% endfor %}"
+    records = tmp_path / "chat.json"
+    records.write_text(json.dumps([{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))}
+                                   for i in range(3, 40)]))
+    svdllm.compress(tiny_model("llama"), chat, _config(data_dir, tmp_path), progress=False)
+    assert "--calib-dataset wikitext2,alpaca keeps it answering" in caplog.text
+    caplog.clear()
+    cfg = _config(data_dir, tmp_path)
+    cfg.calibration.dataset = f"wikitext2,{records}"
+    svdllm.compress(tiny_model("llama"), chat, cfg, progress=False)
+    assert "chat template" not in caplog.text
+    svdllm.compress(tiny_model("llama"), tok, _config(data_dir, tmp_path), progress=False)  # no template: no warning
+    assert "chat template" not in caplog.text
