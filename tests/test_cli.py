@@ -31,7 +31,8 @@ def test_compress_several_ratios_then_eval(model_dir, data_dir, tmp_path, capsys
     assert res["results"][1]["model_after"] < res["results"][0]["model_after"] < res["results"][0]["model_before"]
     for r in ("0.2", "0.5"):
         manifest = json.loads((out / f"ratio-{r}" / "svdllm_manifest.json").read_text())
-        assert (manifest["method"], manifest["alloc"]) == ("kfac-svd", "global")  # --preset best
+        # --preset best, with the closed-form update for every ratio once one is >= 0.5
+        assert (manifest["method"], manifest["alloc"], manifest["update"]) == ("kfac-svd", "global", "closed-form")
 
     code = main(["eval", "--model", str(out / "ratio-0.5"), "--ppl", "wikitext2,ptb,c4", "--seqlen", "128",
                  "--max-windows", "2", "--data-dir", str(data_dir), "--json", "-q"])
@@ -92,5 +93,13 @@ def test_best_preset_falls_back_when_the_grams_do_not_fit(model_dir, data_dir, t
     assert main(["compress", "--model", str(model_dir), "--ratio", "0.5", "--nsamples", "2", "--seqlen", "32",
                  "--data-dir", str(data_dir), "--no-cache", "--out", str(tmp_path / "r"), "-q"]) == 0
     manifest = json.loads((tmp_path / "r" / "svdllm_manifest.json").read_text())
-    assert (manifest["method"], manifest["alloc"]) == ("svd-llm", "global")
+    assert (manifest["method"], manifest["alloc"], manifest["update"]) == ("svd-llm", "global", "none")
     assert "--preset best: kfac-svd's output-gradient Grams need" in caplog.text
+
+
+@pytest.mark.parametrize("args, update", [(["--ratio", "0.4"], "none"),
+                                          (["--ratio", "0.6", "--update", "none"], "none")])
+def test_best_preset_takes_the_closed_form_update_only_from_r_one_half(args, update, model_dir, data_dir, tmp_path):
+    assert main(["compress", "--model", str(model_dir), *args, "--nsamples", "2", "--seqlen", "32", "--data-dir",
+                 str(data_dir), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r"), "-q"]) == 0
+    assert json.loads((tmp_path / "r" / "svdllm_manifest.json").read_text())["update"] == update

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--preset", default="best", choices=["best", "paper"],
                    help="best (default): the lowest perplexity for the size measured so far (kfac-svd with the "
-                        "global allocator; svd-llm + global where kfac-svd's output Grams would not fit in a third of "
+                        "global allocator, and the closed-form update from R = 0.5; svd-llm + global where kfac-svd's output Grams would not fit in a third of "
                         "the available memory, svd-llm + lorap with --layerwise); paper: SVD-LLM (W) as published "
                         "(svd-llm, uniform ranks). --method, --alloc and --update override the preset's choice")
     c.add_argument("--method", default=None, choices=sorted(METHODS))
@@ -318,7 +318,7 @@ def _adjust_best(args, named: set[str], gram_bytes: int) -> bool:
 
 
 def cmd_compress(args) -> dict:
-    from .config import PRESETS, CalibrationConfig, CompressConfig
+    from .config import BEST_CLOSED_FORM_FROM, PRESETS, CalibrationConfig, CompressConfig
 
     named = {key for key in PRESETS[args.preset] if getattr(args, key) is not None}
     if args.method_arg:  # options are for the preset's method: keep it whatever happens below
@@ -362,6 +362,11 @@ def cmd_compress(args) -> dict:
 
         if _adjust_best(args, named, output_gram_bytes(model)):
             config.method, config.alloc = args.method, args.alloc
+    if (args.preset == "best" and "update" not in named and (config.method, config.alloc) == ("kfac-svd", "global")
+            and max(config.ratios) >= BEST_CLOSED_FORM_FROM):
+        config.update = args.update = "closed-form"
+        logging.getLogger("svdllm").info("--preset best at R >= %g: with the closed-form update (one more calibration "
+                                         "pass per ratio; --update none skips it).", BEST_CLOSED_FORM_FROM)
     results = compress(model, tok, config, out=args.out, overwrite=args.overwrite,
                        progress=not args.quiet and distributed.is_main())
     rows = summarize(results)

@@ -20,6 +20,10 @@ PRESETS = {
 # "best" where its first choice cannot run: the next best measured configuration that can
 BEST_WITHOUT_OUTPUT_GRAMS = {"method": "svd-llm", "alloc": "global"}  # the next best in BENCHMARKS.md
 BEST_LAYERWISE = {"method": "svd-llm", "alloc": "lorap"}  # no gradient pass: the best allocator without one
+# "best" from this ratio up also takes the closed-form update: on kfac-svd + global it changes nothing at R = 0.2 and
+# 0.4 (+0.7%, +0.3%) but takes 15% off at R = 0.6 (154.84 → 132.39), where the inputs drift most; it costs one more
+# calibration pass per ratio (BENCHMARKS.md, KFAC-SVD, full protocol)
+BEST_CLOSED_FORM_FROM = 0.5
 GRAM_MEMORY_FRACTION = 1 / 3  # the rest of memory is for the model and its backward pass
 
 
