@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--preset", default="best", choices=["best", "paper"],
                    help="best (default): the lowest perplexity for the size measured so far (kfac-svd with the "
-                        "global allocator, and the closed-form update from R = 0.5; svd-llm + global where kfac-svd's output Grams would not fit in a third of "
-                        "the available memory, svd-llm + lorap with --layerwise); paper: SVD-LLM (W) as published "
+                        "global allocator, and the closed-form update from R = 0.5; svd-llm + global where kfac-svd's "
+                        "output Grams would not fit in a third of the available memory, svd-llm + lorap with "
+                        "--layerwise); paper: SVD-LLM (W) as published "
                         "(svd-llm, uniform ranks). --method, --alloc and --update override the preset's choice")
     c.add_argument("--method", default=None, choices=sorted(METHODS))
     c.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
