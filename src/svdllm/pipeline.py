@@ -204,9 +204,9 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         windows = calibration_set(tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
         if getattr(tokenizer, "chat_template", None) and all(s.strip() in CORPORA for s in cal.dataset.split(",")):
             log.warning("This model has a chat template, and the calibration text (%s) has no conversations: "
-                        "compressed on plain text alone, an instruct model tends to end its turn at once (SmolLM2 "
-                        "at R = 0.4: 70%% of replies empty). --calib-dataset %s,alpaca keeps it answering "
-                        "(BENCHMARKS.md, 'Instruct models').", cal.dataset, cal.dataset)
+                        "compressed on plain text alone, an instruct model tends to end its turn at once (SmolLM2, "
+                        "--preset best at R = 0.4: 70%% of replies empty). --calib-dataset %s,alpaca keeps it "
+                        "answering (BENCHMARKS.md, 'Instruct models').", cal.dataset, cal.dataset)
         check_token_ids(windows, model)
         cache = _stats_cache(model, config, windows)
     num_layers = len(family_of(model).decoder_layers(model))
