@@ -5,7 +5,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from .data.texts import CORPORA
+from .data.texts import CORPORA, split_sources
 from .errors import SvdllmError
 
 CALIBRATION_MODES = ("original", "sequential")
@@ -77,8 +77,7 @@ class CalibrationConfig:
             raise SvdllmError(f"--batch-size must be at least 1, got {self.batch_size}.")
         if self.grad_samples is not None and self.grad_samples < 1:
             raise SvdllmError(f"--grad-samples must be at least 1, got {self.grad_samples}.")
-        for source in self.dataset.split(","):
-            source = source.strip()
+        for source in split_sources(self.dataset) or [""]:
             if source not in CORPORA and source != "alpaca" and not os.path.isfile(os.path.expanduser(source)):
                 raise SvdllmError(f"Calibration source {source!r} is neither a corpus ({', '.join(CORPORA)}), 'alpaca' "
                                   "nor an existing .json/.jsonl file of instruction records; fix --calib-dataset.")

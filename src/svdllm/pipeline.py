@@ -25,6 +25,7 @@ from .calibration import (AllocationRecord, LinearStats, PartialFactors, StatsCa
                           model_fingerprint)
 from .config import CompressConfig
 from .data import CORPORA, calibration_set, check_token_ids
+from .data.texts import split_sources
 from .errors import SvdllmError
 from .factorization import LowRankLinear, get_method
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
@@ -202,7 +203,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
     windows, cache, scratch = None, None, None
     if needs_data:
         windows = calibration_set(tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
-        if getattr(tokenizer, "chat_template", None) and all(s.strip() in CORPORA for s in cal.dataset.split(",")):
+        if getattr(tokenizer, "chat_template", None) and all(s in CORPORA for s in split_sources(cal.dataset)):
             log.warning("This model has a chat template, and the calibration text (%s) has no conversations: "
                         "compressed on plain text alone, an instruct model tends to end its turn at once (SmolLM2, "
                         "--preset best at R = 0.4: 70%% of replies empty). --calib-dataset %s,alpaca keeps it "

@@ -37,6 +37,11 @@ CORPORA = {
 C4_DOCS = 256  # PROTOCOL.md: the first 256 documents, joined with a space
 
 
+def split_sources(text: str) -> list[str]:
+    """The sources of a --calib-dataset value: "wikitext2,alpaca" -> ["wikitext2", "alpaca"]."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     if data_dir is None:
         data_dir = os.environ.get("SVDLLM_DATA_DIR") or None

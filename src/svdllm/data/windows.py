@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SvdllmError
-from .texts import CORPORA, load_text
+from .texts import CORPORA, load_text, split_sources
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -42,7 +42,7 @@ def calibration_set(tokenizer, sources: str, nsamples: int, seqlen: int, seed: i
     """
     from .instructions import conversation_windows
 
-    names = [s.strip() for s in sources.split(",") if s.strip()]
+    names = split_sources(sources)
     if not names:
         raise SvdllmError("--calib-dataset is empty; give a corpus (wikitext2, ptb, c4), 'alpaca' or a .json file.")
     if nsamples < len(names):
