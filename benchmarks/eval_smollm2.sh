@@ -4,7 +4,8 @@
 # WikiText-2 / PTB / C4 perplexity. One JSON per (model, task or perplexity set). Inside a task the scores of each
 # finished chunk of 1,000 documents are kept in SCORES_DIR/<model>/<task>.jsonl (portable: commit them, and a
 # run on another machine or day goes on from there), so the same command resumes an interrupted run.
-# Render with: python benchmarks/eval_table.py OUT_DIR
+# Render with: python benchmarks/eval_table.py OUT_DIR (the tables); the script ends with
+# `svdllm compare OUT_DIR/*.json --out OUT_DIR/accuracy` (compare.md, ppl_vs_ratio.png, zero_shot_vs_ratio.png).
 # Usage: bash benchmarks/eval_smollm2.sh [OUT_DIR] [COMPRESSED_DIR]   (many hours on 2 CPU cores: HellaSwag alone
 # is about 40,000 scored continuations per model; it runs last)
 # Two cores: SHARD=0/2 and SHARD=1/2, one thread each (OMP_NUM_THREADS=1), side by side on the same OUT_DIR:
@@ -57,3 +58,4 @@ for task in openbookqa arc_challenge winogrande piqa arc_easy mathqa hellaswag; 
       --scores-dir "$SCORES/$name" --shard "$SHARD" $LIMIT
   done
 done
+$SVDLLM compare "$OUT"/*.json --out "$OUT/accuracy" -q

@@ -243,3 +243,54 @@ def test_cli_shard_must_be_k_of_n(capsys):
         main(["eval", "--model", "x", "--tasks", "piqa", "--shard", "2/2"])
     assert e.value.code == 2
     assert "expected K/N with 0 <= K < N" in capsys.readouterr().err
+
+
+def test_eval_one_task_at_a_time_adds_up_and_compare_reads_json(tok, data_dir, tmp_path, capsys, monkeypatch):
+    """Long evaluations run one task per command: the model directory keeps every task and averages over all of
+    them, and `compare` builds the same rows from the commands' JSON files, the dense model included."""
+    import svdllm
+
+    monkeypatch.setenv("SVDLLM_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    config = svdllm.CompressConfig(ratio=[0.3, 0.5], cache_dir="",
+                                   calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
+    svdllm.compress(model, tok, config, out=tmp_path / "run", progress=False)
+    files = []
+    for name, path in [("dense", tmp_path / "dense"), ("r3", tmp_path / "run" / "ratio-0.3"),
+                       ("r5", tmp_path / "run" / "ratio-0.5")]:
+        for what in (["--tasks", "piqa"], ["--tasks", "arc_easy"], ["--ppl", "wikitext2"]):
+            args = what if what[0] == "--ppl" else what + ["--ppl", "none", "--limit", "4"]
+            assert main(["eval", "--model", str(path), *args, "--seqlen", "64", "--max-windows", "2", "--data-dir",
+                         str(data_dir), "--json", "-q"]) == 0
+            files.append(tmp_path / f"{name}-{what[1]}.json")
+            files[-1].write_text(capsys.readouterr().out.strip().splitlines()[-1])
+    kept = json.loads((tmp_path / "run" / "ratio-0.5" / "svdllm_eval.json").read_text())["zero_shot[limit=4]"]
+    assert set(kept["tasks"]) == {"piqa", "arc_easy"}
+    assert kept["average_acc"] == pytest.approx((kept["tasks"]["piqa"]["acc"] + kept["tasks"]["arc_easy"]["acc"]) / 2)
+    last = json.loads(files[-2].read_text())
+    assert last["compressed"]["ratio"] == 0.5 and last["compressed"]["method"] == "svd-llm"
+    assert json.loads(files[0].read_text())["compressed"] is None
+
+    assert main(["compare", *map(str, files), "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    from_json = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [(r["method"], r["ratio"]) for r in from_json] == [("dense", 0.0), ("svd-llm", 0.3), ("svd-llm", 0.5)]
+    assert from_json[0]["params"] > from_json[1]["params"] > from_json[2]["params"]
+    assert main(["compare", str(tmp_path / "run"), "--out", str(tmp_path / "cmp2"), "--json"]) == 0
+    from_dirs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    for a, b in zip(from_json[1:], from_dirs):
+        assert a["zero_shot"] == b["zero_shot"] and a["zero_shot"]["key"] == "zero_shot[limit=4]"
+        assert a["ppl"] == b["ppl"] and a["params"] == b["params"]
+    for name in ("ppl_vs_ratio.png", "zero_shot_vs_ratio.png", "compare.md"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 100
+    assert "| dense |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_compare_names_a_bad_json(tmp_path, capsys):
+    (tmp_path / "bench.json").write_text(json.dumps({"command": "bench"}))
+    assert main(["compare", str(tmp_path / "bench.json"), "--out", str(tmp_path / "cmp")]) == 2
+    assert "bench.json is not the output of `svdllm eval --json`" in capsys.readouterr().err
+    (tmp_path / "gone.json").write_text(json.dumps({"command": "eval", "model": "runs/gone/ratio-0.2", "ppl": {}}))
+    assert main(["compare", str(tmp_path / "gone.json"), "--out", str(tmp_path / "cmp")]) == 2
+    assert "recreate that directory" in capsys.readouterr().err

@@ -276,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(r)
 
     cm = sub.add_parser("compare", help="runs side by side (ranks, perplexity, zero-shot, speed) with PNG plots")
-    cm.add_argument("run_dirs", nargs="+", help="directories written by `svdllm compress` (or their parents)")
+    cm.add_argument("run_dirs", nargs="+", metavar="RUN_DIR_OR_JSON",
+                    help="directories written by `svdllm compress` (or their parents), or JSON files written by "
+                         "`svdllm eval --json` (of a dense model too: it is drawn as the reference line)")
     cm.add_argument("--out", default="compare", help="where compare.md and the plots go (default ./compare)")
     _add_output_args(cm)
 
@@ -485,7 +487,9 @@ def cmd_eval(args) -> dict:
             local_task_file(t, args.data_dir or os.environ.get("SVDLLM_DATA_DIR") or _no_data(), cache_root() / "zeroshot")
     model, tok = _load(args)
     results = {}
-    out = {"command": "eval", "model": args.model, "ppl": results}
+    # what `svdllm compare` needs to place this result without the model directory at hand
+    out = {"command": "eval", "model": args.model, "compressed": _compressed_summary(args.model),
+           "params": sum(p.numel() for p in model.parameters()), "ppl": results}
     for name in ppl_sets:
         r = perplexity(model, tok, name, args.data_dir, args.seqlen, args.max_windows, args.batch_size,
                        progress=not args.quiet, resume_dir=None if args.no_resume else cache_root() / "ppl")
@@ -500,21 +504,32 @@ def cmd_eval(args) -> dict:
         print(markdown_table(zs))
         out["zero_shot"] = zs
     if _is_svdllm_dir(args.model):  # kept beside the model for `svdllm compare`
-        from .io.results import EVAL_NAME, merge_results
+        from .evaluation.zeroshot import combine
+        from .io.checkpoint import read_manifest
+        from .io.hf_native import write_card
+        from .io.results import EVAL_NAME, merge_results, ppl_key, read_results
 
-        key = lambda n, r: n if r["windows"] == r["total_windows"] else f"{n}[{r['windows']}/{r['total_windows']}]"  # noqa: E731
-        update = {"ppl": {key(n, r): r for n, r in results.items()}}
+        update = {"ppl": {ppl_key(n, r): r for n, r in results.items()}}
         if tasks:
             tag = "zero_shot" if not args.limit else f"zero_shot[limit={args.limit}]"
             tag += "" if zs["complete"] else "[partial]"
-            update[tag] = out["zero_shot"]
+            # one task per command is common (long runs): keep the tasks evaluated before, average over all
+            update[tag] = combine(read_results(args.model, EVAL_NAME).get(tag), out["zero_shot"])
         merge_results(args.model, EVAL_NAME, update)
-        from .io.checkpoint import read_manifest
-        from .io.hf_native import write_card
-        from .io.results import read_results
-
         write_card(args.model, read_manifest(args.model), read_results(args.model, EVAL_NAME))
     return out
+
+
+def _compressed_summary(model: str) -> dict | None:
+    """How a compressed model was made (None for a dense one)."""
+    if not _is_svdllm_dir(model):
+        return None
+    from .io.checkpoint import read_manifest
+
+    m = read_manifest(model)
+    return {"method": m["method"], "alloc": m.get("alloc", "uniform"), "update": m.get("update", "none"),
+            "ratio": m["ratio"], "achieved": m["params"]["achieved_ratio"], "params": m["params"]["model_after"],
+            "base_model": m.get("base_model")}
 
 
 def _is_svdllm_dir(path: str) -> bool:

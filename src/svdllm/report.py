@@ -86,34 +86,93 @@ def _first(d: dict, name: str):
     return (partial[0], d[partial[0]]) if partial else (None, None)
 
 
+def _row(source: str, made: dict | None, params, ev: dict) -> dict:
+    """One model's line: how it was made (None: the dense model, drawn as the reference) and its results."""
+    row = {"dir": source, "method": made["method"] if made else "dense", "alloc": made["alloc"] if made else "–",
+           "update": made["update"] if made else "–", "ratio": made["ratio"] if made else 0.0,
+           "achieved": made["achieved"] if made else 0.0, "params": params, "ppl": {}}
+    for ds in ("wikitext2", "ptb", "c4"):
+        key, r = _first(ev.get("ppl", {}), ds)
+        if r:
+            row["ppl"][ds] = {"ppl": r["ppl"], "key": key}
+    zkey, z = _first(ev, "zero_shot")
+    if z:
+        row["zero_shot"] = {"average_acc": z["average_acc"], "key": zkey,
+                            "tasks": {t: r["acc"] for t, r in z["tasks"].items() if "acc" in r}}
+    return row
+
+
+def _made(manifest: dict) -> dict:
+    return {"method": manifest["method"], "alloc": manifest.get("alloc", "uniform"),
+            "update": manifest.get("update", "none"), "ratio": manifest["ratio"],
+            "achieved": manifest["params"]["achieved_ratio"], "params": manifest["params"]["model_after"]}
+
+
+def _json_rows(files: list[Path]) -> list[dict]:
+    """Rows from `svdllm eval --json` outputs, one per model: files of the same model (one perplexity set or task
+    each, as long runs are split) merge into one row."""
+    from .evaluation.zeroshot import combine
+    from .io.results import ppl_key
+
+    models: dict[str, dict] = {}
+    for f in files:
+        try:
+            d = json.loads(f.read_text().strip().splitlines()[-1])
+        except (ValueError, IndexError) as e:
+            raise SvdllmError(f"{f} is not the JSON of `svdllm eval --json` ({e}).") from e
+        if d.get("command") != "eval":
+            raise SvdllmError(f"{f} is not the output of `svdllm eval --json` (its command is {d.get('command')!r}).")
+        m = models.setdefault(d["model"], {"files": [], "made": None, "params": None, "ev": {"ppl": {}}})
+        m["files"].append(str(f))
+        if "compressed" in d:
+            m["made"], m["params"] = d["compressed"], d.get("params")
+        elif (Path(d["model"]) / MANIFEST).is_file():  # written before eval recorded it: read the model's manifest
+            m["made"] = _made(json.loads((Path(d["model"]) / MANIFEST).read_text()))
+        elif os.sep in d["model"] or d["model"].startswith("."):
+            raise SvdllmError(f"{f} scores {d['model']}, which is not here and the file does not say how it was "
+                              "compressed: recreate that directory (the command that compressed it) or evaluate "
+                              "again with this version of svdllm, which records it.")
+        m["ev"]["ppl"].update({ppl_key(ds, r): r for ds, r in d.get("ppl", {}).items()})
+        if d.get("zero_shot"):
+            zs = d["zero_shot"]
+            tag = "zero_shot" + (f"[limit={zs['limit']}]" if zs.get("limit") else "")
+            m["ev"][tag] = combine(m["ev"].get(tag), zs)
+    for m in models.values():  # a model with a task still partial is shown as partial, as in svdllm_eval.json
+        for tag in [k for k in m["ev"] if k.startswith("zero_shot") and not m["ev"][k]["complete"]]:
+            m["ev"][tag + "[partial]"] = m["ev"].pop(tag)
+    rows = []
+    for name, m in models.items():
+        params = m["params"] if m["params"] is not None else (m["made"] or {}).get("params")
+        rows.append(_row(name, m["made"], params, m["ev"]))
+    return rows
+
+
 def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare") -> dict:
-    """Runs side by side (manifest, svdllm_eval.json, svdllm_bench.json), a markdown table and PNG plots."""
+    """Runs side by side, a markdown table and PNG plots. Each input is a directory written by `svdllm compress`
+    (its manifest, svdllm_eval.json and svdllm_bench.json) or a JSON file written by `svdllm eval --json`
+    (dense models too: they are drawn as the reference line)."""
     from .io.results import BENCH_NAME, EVAL_NAME, read_results
 
-    rows = []
+    rows, files = [], []
     for rd in run_dirs:
         rd = Path(rd)
+        if rd.is_file() and rd.suffix == ".json":
+            files.append(rd)
+            continue
         if not rd.is_dir():
-            raise SvdllmError(f"{rd} is not a directory; give directories written by `svdllm compress`.")
+            raise SvdllmError(f"{rd} is neither a directory written by `svdllm compress` nor a JSON file written by "
+                              "`svdllm eval --json`.")
         for d in _run_dirs(rd):
             m = json.loads((d / MANIFEST).read_text())
-            ev, be = read_results(d, EVAL_NAME), read_results(d, BENCH_NAME)
-            row = {"dir": str(d), "method": m["method"], "alloc": m.get("alloc", "uniform"),
-                   "update": m.get("update", "none"), "ratio": m["ratio"],
-                   "achieved": m["params"]["achieved_ratio"], "params": m["params"]["model_after"], "ppl": {}}
-            for ds in ("wikitext2", "ptb", "c4"):
-                key, r = _first(ev.get("ppl", {}), ds)
-                if r:
-                    row["ppl"][ds] = {"ppl": r["ppl"], "key": key}
-            zkey, z = _first(ev, "zero_shot")
-            if z:
-                row["zero_shot"] = {"average_acc": z["average_acc"], "key": zkey}
+            row = _row(str(d), _made(m), m["params"]["model_after"], read_results(d, EVAL_NAME))
+            be = read_results(d, BENCH_NAME)
             if be.get("result", {}).get("rows"):
                 row["bench"] = be["result"]["rows"]
                 if be.get("dense", {}).get("rows"):
                     row["bench_dense"], row["bench_dense_model"] = be["dense"]["rows"], be["dense"]["model"]
             rows.append(row)
-    rows.sort(key=lambda r: (r["method"], r["alloc"], r["update"], r["ratio"]))
+    rows += _json_rows(files)
+    rows.sort(key=lambda r: (r["method"] != "dense", r["method"], r["alloc"], r["update"], r["ratio"]))
     datasets = [ds for ds in ("wikitext2", "ptb", "c4") if any(ds in r["ppl"] for r in rows)]
     cols = ["method", "alloc", "update", "R", "parameters"] + [f"{ds} ppl" for ds in datasets] + \
         ["zero-shot avg acc", "prefill × (b=1)", "decode × (b=1)"]
@@ -123,11 +182,14 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare
         cells = [f"{r['ppl'][ds]['ppl']:.2f}" + ("" if r["ppl"][ds]["key"] == ds else f" {r['ppl'][ds]['key'][len(ds):]}")
                  if ds in r["ppl"] else "–" for ds in datasets]
         z = r.get("zero_shot")
-        zs = "–" if not z else f"{z['average_acc']:.4f}" + ("" if z["key"] == "zero_shot" else f" {z['key'][9:]}")
+        zs = "–" if not z else f"{z['average_acc']:.4f} ({len(z['tasks'])} tasks)" + \
+            ("" if z["key"] == "zero_shot" else f" {z['key'][9:]}")
         b1 = next((b for b in r.get("bench", []) if b["batch"] == min(x["batch"] for x in r["bench"])), None)
         pf = f"{b1['prefill_speedup']:.2f}" if b1 and "prefill_speedup" in b1 else "–"
         dc = f"{b1['decode_speedup']:.2f}" if b1 and "decode_speedup" in b1 else "–"
-        cells = [r["method"], r["alloc"], r["update"], f"{r['ratio']:g}", f"{r['params']:,}"] + cells + [zs, pf, dc]
+        params = f"{r['params']:,}" if r["params"] is not None else "–"
+        ratio = "dense" if r["method"] == "dense" else f"{r['ratio']:g}"
+        cells = [r["method"], r["alloc"], r["update"], ratio, params] + cells + [zs, pf, dc]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
@@ -149,28 +211,63 @@ def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    series: dict[str, list] = {}
-    for r in rows:
-        if "wikitext2" in r["ppl"]:
-            series.setdefault(f"{r['method']} / {r['alloc']} / {r['update']}", []).append(
-                (r["ratio"], r["ppl"]["wikitext2"]["ppl"]))
-    if series:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("compression ratio R")
-        ax.set_ylabel("WikiText-2 perplexity")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+    datasets = [ds for ds in ("wikitext2", "ptb", "c4") if any(ds in r["ppl"] for r in rows)]
+    if datasets:
+        fig = _against_ratio(plt, rows, datasets, lambda r, ds: r["ppl"].get(ds, {}).get("ppl"), "perplexity")
+        for ax in fig.axes:
+            ax.set_yscale("log")
         written.append(save_figure(fig, out / "ppl_vs_ratio.png"))
+    tasks = sorted({t for r in rows for t in r.get("zero_shot", {}).get("tasks", {})})
+    if tasks:
+        from .evaluation.zeroshot import CHANCE
+
+        def acc(r, t):
+            z = r.get("zero_shot")
+            return None if not z else z["average_acc"] if t == "average" else z["tasks"].get(t)
+
+        def chance(t):  # the average's chance level is the mean of its tasks' (rows with other tasks: not comparable)
+            return CHANCE.get(t) if t != "average" else \
+                (sum(CHANCE[x] for x in tasks) / len(tasks) if all(x in CHANCE for x in tasks) else None)
+
+        written.append(save_figure(_against_ratio(plt, rows, tasks + ["average"], acc, "zero-shot accuracy", chance),
+                                   out / "zero_shot_vs_ratio.png"))
     benched = [r for r in rows if r.get("bench")]
     for axis, other, name in (("batch", "prompt_len", "batch"), ("prompt_len", "batch", "seqlen")):
         if benched and len({b[axis] for r in benched for b in r["bench"]}) > 1:
             written.append(save_figure(_throughput_figure(plt, benched, axis, other), out / f"throughput_vs_{name}.png"))
     return written
+
+
+def _against_ratio(plt, rows: list[dict], panels: list[str], value, ylabel: str, floor=None):
+    """One panel per dataset or task: a line per method / allocator / update over the compression ratio, each
+    dense model as a dashed reference line, and `floor(panel)` (chance accuracy) dotted where it is known."""
+    cols = min(len(panels), 4)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.3 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        series: dict[str, list] = {}
+        for r in rows:
+            v = value(r, panel)
+            if v is None:
+                continue
+            if r["method"] == "dense":
+                ax.axhline(v, color="black", ls="--", lw=1, label=f"dense ({Path(r['dir']).name})")
+            else:
+                series.setdefault(f"{r['method']} / {r['alloc']} / {r['update']}", []).append((r["ratio"], v))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if floor is not None and floor(panel) is not None:
+            ax.axhline(floor(panel), color="grey", ls=":", lw=1, label="chance (1 / choices)")
+        ax.set_title(panel)
+        ax.set_xlabel("compression ratio R")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _throughput_figure(plt, benched: list[dict], axis: str, other: str):

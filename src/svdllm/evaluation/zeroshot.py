@@ -77,6 +77,11 @@ LOCAL: dict[str, tuple[str, tuple[str, ...], Callable[[Path], Iterator[dict]]]] 
 }
 
 
+# accuracy of guessing: 1 / number of choices (ARC has a few questions with 3 or 5; 4 is the rule)
+CHANCE = {"openbookqa": 1 / 4, "arc_easy": 1 / 4, "arc_challenge": 1 / 4, "winogrande": 1 / 2, "hellaswag": 1 / 4,
+          "piqa": 1 / 2, "mathqa": 1 / 5}
+
+
 def local_task_file(task: str, data_dir: str | os.PathLike, cache: str | os.PathLike) -> Path:
     """The task's evaluation split as hub-schema JSON lines (converted once, written atomically)."""
     if task not in LOCAL:
@@ -247,12 +252,25 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | 
         row = stores[t].aggregate(docs[t])
         row.update(docs=len(docs[t]), complete=row["n"] == len(docs[t]))
         results[t] = row
+    return {**_summary(results), "limit": limit, "shard": list(shard) if shard else None,
+            "scores_dir": str(root), "lm_eval_version": version}
+
+
+def _summary(results: dict[str, dict]) -> dict:
+    """The tasks with the averages the papers report (plain mean over tasks) and whether every task is complete."""
     scored = [r for r in results.values() if "acc" in r]  # a shard may hold no document of a small task yet
     avg = sum(r["acc"] for r in scored) / len(scored) if scored else None
     avg_norm = sum(r.get("acc_norm", r["acc"]) for r in scored) / len(scored) if scored else None
-    return {"tasks": results, "average_acc": avg, "average_acc_norm_or_acc": avg_norm, "limit": limit,
-            "shard": list(shard) if shard else None, "complete": all(r["complete"] for r in results.values()),
-            "scores_dir": str(root), "lm_eval_version": version}
+    return {"tasks": results, "average_acc": avg, "average_acc_norm_or_acc": avg_norm,
+            "complete": all(r["complete"] for r in results.values())}
+
+
+def combine(earlier: dict | None, later: dict) -> dict:
+    """Two zero-shot results of one model (tasks run one command at a time) as one: the later result's tasks
+    replace the earlier's of the same name, and the averages cover every task now held."""
+    if not earlier or earlier.get("limit") != later.get("limit"):
+        return later
+    return {**earlier, **later, **_summary({**earlier.get("tasks", {}), **later["tasks"]})}
 
 
 def markdown_table(result: dict) -> str:

@@ -14,6 +14,12 @@ EVAL_NAME = "svdllm_eval.json"
 BENCH_NAME = "svdllm_bench.json"
 
 
+def ppl_key(dataset: str, result: dict) -> str:
+    """The name a perplexity result is kept under: the dataset, marked when it covers only some windows."""
+    w, total = result["windows"], result["total_windows"]
+    return dataset if w == total else f"{dataset}[{w}/{total}]"
+
+
 def read_results(model_dir: str | os.PathLike, name: str) -> dict:
     path = Path(model_dir) / name
     return json.loads(path.read_text()) if path.is_file() else {}
