@@ -1,6 +1,7 @@
 """Markdown tables of a benchmarks/eval_smollm2.sh run: zero-shot accuracy per task (acc, and acc_norm where
 lm-eval reports it, ± stderr) with the papers' average, and WikiText-2 / PTB / C4 perplexity, per model.
-A task not yet run shows "–" and is left out of the average, which then says how many tasks it covers.
+A task not yet run shows "–" and is left out of the average, which then says how many tasks it covers. "chance" is
+the accuracy of guessing (1 / number of choices).
 
 Usage: python benchmarks/eval_table.py OUT_DIR
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from svdllm.evaluation.zeroshot import CHANCE
 
 MODELS = {"dense": "dense", "r0.2": "svd-llm R = 0.2", "r0.4": "svd-llm R = 0.4"}
 TASKS = ["openbookqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "piqa", "mathqa"]
@@ -25,8 +28,8 @@ def main(out: Path) -> None:
             path = out / f"zs-{name}-{task}.json"
             if path.exists():
                 zs[name, task] = json.loads(path.read_text())["zero_shot"]["tasks"][task]
-    print("| task (examples) | " + " | ".join(MODELS.values()) + " |")
-    print("|---|" + "---|" * len(MODELS))
+    print("| task (examples) | chance | " + " | ".join(MODELS.values()) + " |")
+    print("|---|---|" + "---|" * len(MODELS))
     for task in TASKS:
         n = next((zs[m, task].get("n") for m in MODELS if (m, task) in zs), None)
         cells = []
@@ -39,13 +42,14 @@ def main(out: Path) -> None:
             if "acc_norm" in r:
                 cell += "; norm " + _pct(r["acc_norm"], r.get("acc_norm_stderr"))
             cells.append(cell)
-        print(f"| {task} ({n if n is not None else '?'}) | " + " | ".join(cells) + " |")
+        print(f"| {task} ({n if n is not None else '?'}) | {100 * CHANCE[task]:.0f} | " + " | ".join(cells) + " |")
     cells = []
     for m in MODELS:
         accs = [zs[m, t]["acc"] for t in TASKS if (m, t) in zs]
         cells.append(f"{100 * sum(accs) / len(accs):.1f}" + ("" if len(accs) == len(TASKS) else f" ({len(accs)} tasks)")
                      if accs else "–")
-    print("| **average acc** | " + " | ".join(cells) + " |")
+    chance = sum(CHANCE.values()) / len(CHANCE)
+    print(f"| **average acc** | {100 * chance:.1f} | " + " | ".join(cells) + " |")
     print()
     print("| model | WikiText-2 | PTB | C4 |")
     print("|---|---|---|---|")
