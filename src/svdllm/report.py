@@ -138,7 +138,7 @@ def _json_rows(files: list[Path]) -> list[dict]:
             tag = "zero_shot" + (f"[limit={zs['limit']}]" if zs.get("limit") else "")
             m["ev"][tag] = combine(m["ev"].get(tag), zs)
     for m in models.values():  # a model with a task still partial is shown as partial, as in svdllm_eval.json
-        for tag in [k for k in m["ev"] if k.startswith("zero_shot") and not m["ev"][k]["complete"]]:
+        for tag in [k for k in m["ev"] if k.startswith("zero_shot") and not m["ev"][k].get("complete", True)]:
             m["ev"][tag + "[partial]"] = m["ev"].pop(tag)
     rows = []
     for name, m in models.items():

@@ -262,7 +262,7 @@ def _summary(results: dict[str, dict]) -> dict:
     avg = sum(r["acc"] for r in scored) / len(scored) if scored else None
     avg_norm = sum(r.get("acc_norm", r["acc"]) for r in scored) / len(scored) if scored else None
     return {"tasks": results, "average_acc": avg, "average_acc_norm_or_acc": avg_norm,
-            "complete": all(r["complete"] for r in results.values())}
+            "complete": all(r.get("complete", True) for r in results.values())}
 
 
 def combine(earlier: dict | None, later: dict) -> dict:
