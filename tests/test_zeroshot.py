@@ -294,3 +294,9 @@ def test_compare_names_a_bad_json(tmp_path, capsys):
     (tmp_path / "gone.json").write_text(json.dumps({"command": "eval", "model": "runs/gone/ratio-0.2", "ppl": {}}))
     assert main(["compare", str(tmp_path / "gone.json"), "--out", str(tmp_path / "cmp")]) == 2
     assert "recreate that directory" in capsys.readouterr().err
+    # an older file of a hub model (one "/": org/name) is read as a dense model
+    (tmp_path / "hub.json").write_text(json.dumps({"command": "eval", "model": "org/name",
+                                                   "ppl": {"wikitext2": {"ppl": 9.5, "windows": 2, "total_windows": 2}}}))
+    assert main(["compare", str(tmp_path / "hub.json"), "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert row["method"] == "dense" and row["ppl"]["wikitext2"]["ppl"] == 9.5

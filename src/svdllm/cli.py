@@ -525,11 +525,9 @@ def _compressed_summary(model: str) -> dict | None:
     if not _is_svdllm_dir(model):
         return None
     from .io.checkpoint import read_manifest
+    from .io.results import how_made
 
-    m = read_manifest(model)
-    return {"method": m["method"], "alloc": m.get("alloc", "uniform"), "update": m.get("update", "none"),
-            "ratio": m["ratio"], "achieved": m["params"]["achieved_ratio"], "params": m["params"]["model_after"],
-            "base_model": m.get("base_model")}
+    return how_made(read_manifest(model))
 
 
 def _is_svdllm_dir(path: str) -> bool:

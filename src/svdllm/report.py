@@ -102,17 +102,16 @@ def _row(source: str, made: dict | None, params, ev: dict) -> dict:
     return row
 
 
-def _made(manifest: dict) -> dict:
-    return {"method": manifest["method"], "alloc": manifest.get("alloc", "uniform"),
-            "update": manifest.get("update", "none"), "ratio": manifest["ratio"],
-            "achieved": manifest["params"]["achieved_ratio"], "params": manifest["params"]["model_after"]}
+def _looks_like_a_path(model: str) -> bool:
+    """A local directory rather than a built-in name or a hub id ("org/name")."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).name.startswith("ratio-")
 
 
 def _json_rows(files: list[Path]) -> list[dict]:
     """Rows from `svdllm eval --json` outputs, one per model: files of the same model (one perplexity set or task
     each, as long runs are split) merge into one row."""
     from .evaluation.zeroshot import combine
-    from .io.results import ppl_key
+    from .io.results import how_made, ppl_key
 
     models: dict[str, dict] = {}
     for f in files:
@@ -122,13 +121,12 @@ def _json_rows(files: list[Path]) -> list[dict]:
             raise SvdllmError(f"{f} is not the JSON of `svdllm eval --json` ({e}).") from e
         if d.get("command") != "eval":
             raise SvdllmError(f"{f} is not the output of `svdllm eval --json` (its command is {d.get('command')!r}).")
-        m = models.setdefault(d["model"], {"files": [], "made": None, "params": None, "ev": {"ppl": {}}})
-        m["files"].append(str(f))
+        m = models.setdefault(d["model"], {"made": None, "params": None, "ev": {"ppl": {}}})
         if "compressed" in d:
             m["made"], m["params"] = d["compressed"], d.get("params")
         elif (Path(d["model"]) / MANIFEST).is_file():  # written before eval recorded it: read the model's manifest
-            m["made"] = _made(json.loads((Path(d["model"]) / MANIFEST).read_text()))
-        elif os.sep in d["model"] or d["model"].startswith("."):
+            m["made"] = how_made(json.loads((Path(d["model"]) / MANIFEST).read_text()))
+        elif _looks_like_a_path(d["model"]):
             raise SvdllmError(f"{f} scores {d['model']}, which is not here and the file does not say how it was "
                               "compressed: recreate that directory (the command that compressed it) or evaluate "
                               "again with this version of svdllm, which records it.")
@@ -151,7 +149,7 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare
     """Runs side by side, a markdown table and PNG plots. Each input is a directory written by `svdllm compress`
     (its manifest, svdllm_eval.json and svdllm_bench.json) or a JSON file written by `svdllm eval --json`
     (dense models too: they are drawn as the reference line)."""
-    from .io.results import BENCH_NAME, EVAL_NAME, read_results
+    from .io.results import BENCH_NAME, EVAL_NAME, how_made, read_results
 
     rows, files = [], []
     for rd in run_dirs:
@@ -164,7 +162,7 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare
                               "`svdllm eval --json`.")
         for d in _run_dirs(rd):
             m = json.loads((d / MANIFEST).read_text())
-            row = _row(str(d), _made(m), m["params"]["model_after"], read_results(d, EVAL_NAME))
+            row = _row(str(d), how_made(m), m["params"]["model_after"], read_results(d, EVAL_NAME))
             be = read_results(d, BENCH_NAME)
             if be.get("result", {}).get("rows"):
                 row["bench"] = be["result"]["rows"]

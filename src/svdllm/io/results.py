@@ -20,6 +20,14 @@ def ppl_key(dataset: str, result: dict) -> str:
     return dataset if w == total else f"{dataset}[{w}/{total}]"
 
 
+def how_made(manifest: dict) -> dict:
+    """What a compressed model's results are read against: method, allocator, update, ratio and size."""
+    return {"method": manifest["method"], "alloc": manifest.get("alloc", "uniform"),
+            "update": manifest.get("update", "none"), "ratio": manifest["ratio"],
+            "achieved": manifest["params"]["achieved_ratio"], "params": manifest["params"]["model_after"],
+            "base_model": manifest.get("base_model")}
+
+
 def read_results(model_dir: str | os.PathLike, name: str) -> dict:
     path = Path(model_dir) / name
     return json.loads(path.read_text()) if path.is_file() else {}
