@@ -219,15 +219,22 @@ def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
     if tasks:
         from .evaluation.zeroshot import CHANCE
 
+        # the average panel compares like with like: only the tasks every row has (all of them once a run is done)
+        common = [t for t in tasks if all(t in r["zero_shot"]["tasks"] for r in rows if r.get("zero_shot"))]
+        average = "average" if common == tasks else f"average of the {len(common)} tasks all have"
+
         def acc(r, t):
             z = r.get("zero_shot")
-            return None if not z else z["average_acc"] if t == "average" else z["tasks"].get(t)
+            if not z or (t == average and not common):
+                return None
+            return sum(z["tasks"][x] for x in common) / len(common) if t == average else z["tasks"].get(t)
 
-        def chance(t):  # the average's chance level is the mean of its tasks' (rows with other tasks: not comparable)
-            return CHANCE.get(t) if t != "average" else \
-                (sum(CHANCE[x] for x in tasks) / len(tasks) if all(x in CHANCE for x in tasks) else None)
+        def chance(t):
+            if t != average:
+                return CHANCE.get(t)
+            return sum(CHANCE[x] for x in common) / len(common) if common and all(x in CHANCE for x in common) else None
 
-        written.append(save_figure(_against_ratio(plt, rows, tasks + ["average"], acc, "zero-shot accuracy", chance),
+        written.append(save_figure(_against_ratio(plt, rows, tasks + [average], acc, "zero-shot accuracy", chance),
                                    out / "zero_shot_vs_ratio.png"))
     benched = [r for r in rows if r.get("bench")]
     for axis, other, name in (("batch", "prompt_len", "batch"), ("prompt_len", "batch", "seqlen")):
