@@ -507,12 +507,11 @@ def cmd_eval(args) -> dict:
         from .evaluation.zeroshot import combine
         from .io.checkpoint import read_manifest
         from .io.hf_native import write_card
-        from .io.results import EVAL_NAME, merge_results, ppl_key, read_results
+        from .io.results import EVAL_NAME, merge_results, ppl_key, read_results, zero_shot_key
 
         update = {"ppl": {ppl_key(n, r): r for n, r in results.items()}}
         if tasks:
-            tag = "zero_shot" if not args.limit else f"zero_shot[limit={args.limit}]"
-            tag += "" if zs["complete"] else "[partial]"
+            tag = zero_shot_key(args.limit, zs["complete"])
             # one task per command is common (long runs): keep the tasks evaluated before, average over all
             update[tag] = combine(read_results(args.model, EVAL_NAME).get(tag), out["zero_shot"])
         merge_results(args.model, EVAL_NAME, update)

@@ -111,7 +111,7 @@ def _json_rows(files: list[Path]) -> list[dict]:
     """Rows from `svdllm eval --json` outputs, one per model: files of the same model (one perplexity set or task
     each, as long runs are split) merge into one row."""
     from .evaluation.zeroshot import combine
-    from .io.results import how_made, ppl_key
+    from .io.results import how_made, ppl_key, zero_shot_key
 
     models: dict[str, dict] = {}
     for f in files:
@@ -133,11 +133,11 @@ def _json_rows(files: list[Path]) -> list[dict]:
         m["ev"]["ppl"].update({ppl_key(ds, r): r for ds, r in d.get("ppl", {}).items()})
         if d.get("zero_shot"):
             zs = d["zero_shot"]
-            tag = "zero_shot" + (f"[limit={zs['limit']}]" if zs.get("limit") else "")
+            tag = zero_shot_key(zs.get("limit"))
             m["ev"][tag] = combine(m["ev"].get(tag), zs)
     for m in models.values():  # a model with a task still partial is shown as partial, as in svdllm_eval.json
         for tag in [k for k in m["ev"] if k.startswith("zero_shot") and not m["ev"][k].get("complete", True)]:
-            m["ev"][tag + "[partial]"] = m["ev"].pop(tag)
+            m["ev"][zero_shot_key(m["ev"][tag].get("limit"), complete=False)] = m["ev"].pop(tag)
     rows = []
     for name, m in models.items():
         params = m["params"] if m["params"] is not None else (m["made"] or {}).get("params")

@@ -20,6 +20,11 @@ def ppl_key(dataset: str, result: dict) -> str:
     return dataset if w == total else f"{dataset}[{w}/{total}]"
 
 
+def zero_shot_key(limit: int | None, complete: bool = True) -> str:
+    """The name a zero-shot result is kept under, marked when it covers the first `limit` documents or not all."""
+    return "zero_shot" + (f"[limit={limit}]" if limit else "") + ("" if complete else "[partial]")
+
+
 def how_made(manifest: dict) -> dict:
     """What a compressed model's results are read against: method, allocator, update, ratio and size."""
     return {"method": manifest["method"], "alloc": manifest.get("alloc", "uniform"),
