@@ -1,7 +1,9 @@
 """Markdown tables of a benchmarks/eval_smollm2.sh run: zero-shot accuracy per task (acc, and acc_norm where
 lm-eval reports it, ± stderr) with the papers' average, and WikiText-2 / PTB / C4 perplexity, per model.
 A task not yet run shows "–" and is left out of the average, which then says how many tasks it covers. "chance" is
-the accuracy of guessing (1 / number of choices).
+the accuracy of guessing (1 / number of choices). A second table gives each compressed model's acc minus the
+dense model's, paired over the same documents (from OUT_DIR/scores), with the paired standard error: the
+honest test of whether a gap is more than noise.
 
 Usage: python benchmarks/eval_table.py OUT_DIR
 """
@@ -11,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from svdllm.evaluation.zeroshot import CHANCE
+from svdllm.evaluation.zeroshot import CHANCE, paired_difference, read_scores
 
 MODELS = {"dense": "dense", "r0.2": "svd-llm R = 0.2", "r0.4": "svd-llm R = 0.4"}
 TASKS = ["openbookqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "piqa", "mathqa"]
@@ -57,6 +59,8 @@ def main(out: Path) -> None:
         chance = sum(CHANCE[t] for t in tasks) / len(tasks)
         print(f"| {label} | {100 * chance:.1f} | " + " | ".join(cells) + " |")
     print()
+    paired_table(out)
+    print()
     print("| model | WikiText-2 | PTB | C4 |")
     print("|---|---|---|---|")
     for m, label in MODELS.items():
@@ -72,6 +76,43 @@ def main(out: Path) -> None:
             full = r is not None and r["windows"] == r["total_windows"]
             cells.append("–" if r is None else f"{r['ppl']:.2f}" + ("" if full else f" ({r['windows']}/{r['total_windows']})"))
         print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def paired_table(out: Path) -> None:
+    """acc of each compressed model minus dense, over the documents both scored, ± the paired stderr; the
+    average over tasks has stderr sqrt(sum of the tasks' stderr²) / number of tasks (the tasks are independent)."""
+    def scores(m, t):
+        path = out / "scores" / m / f"{t}.jsonl"
+        return read_scores(path) if path.exists() else None
+
+    rows = {m: {} for m in MODELS if m != "dense"}  # model -> task -> paired difference
+    for task in TASKS:
+        dense = scores("dense", task)
+        for m in rows:
+            other = scores(m, task)
+            if dense and other:
+                rows[m][task] = {**paired_difference(other, dense),
+                                 "complete": (out / f"zs-{m}-{task}.json").exists()}
+    print("| task | " + " | ".join(f"{MODELS[m]} − dense (acc, paired)" for m in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for task in TASKS:
+        cells = []
+        for m in rows:
+            r = rows[m].get(task)
+            cells.append("–" if r is None or r["stderr"] is None else
+                         f"{100 * r['diff']:+.1f} ± {100 * r['stderr']:.1f}"
+                         + ("" if r["complete"] else f" ({r['n']} docs so far)"))
+        print(f"| {task} | " + " | ".join(cells) + " |")
+    cells = []
+    for m in rows:
+        done = [r for r in rows[m].values() if r["complete"] and r["stderr"] is not None]
+        if not done:
+            cells.append("–")
+            continue
+        mean = sum(r["diff"] for r in done) / len(done)
+        se = sum(r["stderr"] ** 2 for r in done) ** 0.5 / len(done)
+        cells.append(f"{100 * mean:+.1f} ± {100 * se:.1f}" + ("" if len(done) == len(TASKS) else f" ({len(done)} tasks)"))
+    print("| average over tasks | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -300,3 +300,29 @@ def test_compare_names_a_bad_json(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "hub.json"), "--out", str(tmp_path / "cmp"), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert row["method"] == "dense" and row["ppl"]["wikitext2"]["ppl"] == 9.5
+
+
+def test_paired_difference_against_an_independent_computation(tmp_path):
+    import numpy as np
+
+    from svdllm.evaluation.zeroshot import DocScores, paired_difference, read_scores
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 300).astype(float)
+    b = np.where(rng.random(300) < 0.8, a, 1 - a)  # b mostly agrees with a, as two models of one family do
+    header = {"task": "piqa", "model": "m", "data": "d", "lm_eval": "v"}
+    files = []
+    for name, xs in (("a", a), ("b", b)):
+        s = DocScores(tmp_path / f"{name}.jsonl", {**header, "model": name})
+        s.add([{"doc_id": i, "acc": float(x), "acc_norm": None} for i, x in enumerate(xs) if not (name == "b" and i == 7)])
+        files.append(read_scores(s.path))
+    r = paired_difference(*files)
+    keep = np.arange(300) != 7  # only the documents both scored
+    d = a[keep] - b[keep]
+    assert r["n"] == 299
+    assert r["diff"] == pytest.approx(d.mean())
+    assert r["stderr"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    unpaired = np.sqrt(a[keep].var(ddof=1) / 299 + b[keep].var(ddof=1) / 299)
+    assert r["stderr"] < unpaired  # correlated answers: pairing removes the shared part of the noise
+    assert paired_difference(files[0], files[0]) == {"n": 300, "diff": 0.0, "stderr": 0.0}
+    assert paired_difference(files[0], files[1], "acc_norm")["n"] == 0  # no acc_norm recorded: nothing to pair

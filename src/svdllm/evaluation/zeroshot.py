@@ -178,6 +178,28 @@ class DocScores:
         return out
 
 
+def read_scores(path: str | os.PathLike) -> dict[int, list]:
+    """The per-document scores of a `DocScores` file, `{doc_id: [acc, acc_norm]}`, whichever model wrote them."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return {int(r[0]): r[1:] for r in map(json.loads, lines[1:])}
+
+
+def paired_difference(a: dict[int, list], b: dict[int, list], metric: str = "acc") -> dict:
+    """Mean of a - b over the documents both models scored, with the standard error of that mean.
+
+    Two models answer the same documents, so their errors are correlated: the stderr of the paired difference,
+    stdev(a_i - b_i) / sqrt(n), is usually well below sqrt(se_a² + se_b²), and is the one that says whether a
+    gap between two rows of a table is more than noise."""
+    k = ("acc", "acc_norm").index(metric)
+    docs = sorted(i for i in a.keys() & b.keys() if a[i][k] is not None and b[i][k] is not None)
+    d = [float(a[i][k]) - float(b[i][k]) for i in docs]
+    if len(d) < 2:
+        return {"n": len(d), "diff": d[0] if d else None, "stderr": None}
+    mean = sum(d) / len(d)
+    return {"n": len(d), "diff": mean,
+            "stderr": math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))}
+
+
 def _count_lines(path: Path) -> int:
     with open(path, encoding="utf-8") as f:
         return sum(1 for line in f if line.strip())
