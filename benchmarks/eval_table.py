@@ -100,7 +100,7 @@ def paired_table(out: Path) -> None:
         for m in rows:
             r = rows[m].get(task)
             cells.append("–" if r is None or r["stderr"] is None else
-                         f"{100 * r['diff']:+.1f} ± {100 * r['stderr']:.1f}"
+                         f"{100 * r['diff']:+.1f} ± {100 * r['stderr']:.1f}".replace("-", "−")
                          + ("" if r["complete"] else f" ({r['n']} docs so far)"))
         print(f"| {task} | " + " | ".join(cells) + " |")
     cells = []
@@ -111,7 +111,7 @@ def paired_table(out: Path) -> None:
             continue
         mean = sum(r["diff"] for r in done) / len(done)
         se = sum(r["stderr"] ** 2 for r in done) ** 0.5 / len(done)
-        cells.append(f"{100 * mean:+.1f} ± {100 * se:.1f}" + ("" if len(done) == len(TASKS) else f" ({len(done)} tasks)"))
+        cells.append(f"{100 * mean:+.1f} ± {100 * se:.1f}".replace("-", "−") + ("" if len(done) == len(TASKS) else f" ({len(done)} tasks)"))
     print("| average over tasks | " + " | ".join(cells) + " |")
 
 
