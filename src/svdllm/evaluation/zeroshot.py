@@ -188,8 +188,8 @@ def paired_difference(a: dict[int, list], b: dict[int, list], metric: str = "acc
     """Mean of a - b over the documents both models scored, with the standard error of that mean.
 
     Two models answer the same documents, so their errors are correlated: the stderr of the paired difference,
-    stdev(a_i - b_i) / sqrt(n), is usually well below sqrt(se_a² + se_b²), and is the one that says whether a
-    gap between two rows of a table is more than noise."""
+    stdev(a_i - b_i) / sqrt(n), is below sqrt(se_a² + se_b²) as far as the two agree more often than independent
+    guesses would, and it is the one that says whether a gap between two rows of a table is more than noise."""
     k = ("acc", "acc_norm").index(metric)
     docs = sorted(i for i in a.keys() & b.keys() if a[i][k] is not None and b[i][k] is not None)
     d = [float(a[i][k]) - float(b[i][k]) for i in docs]
