@@ -128,14 +128,7 @@ class DocScores:
             self.scores = self._read()
 
     def _read(self) -> dict[int, list]:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        have = json.loads(lines[0]) if lines else {}
-        for key in ("task", "model", "data", "lm_eval"):
-            if have.get(key) != self.header[key]:
-                raise SvdllmError(
-                    f"{self.path} holds scores of {key} {have.get(key)!r}, not {self.header[key]!r} (another model, "
-                    "task file or lm-eval version): give this run another --scores-dir, or delete that file.")
-        return {int(r[0]): r[1:] for r in map(json.loads, lines[1:])}
+        return read_scores(self.path, self.header)
 
     @contextlib.contextmanager
     def _locked(self):
@@ -178,9 +171,16 @@ class DocScores:
         return out
 
 
-def read_scores(path: str | os.PathLike) -> dict[int, list]:
-    """The per-document scores of a `DocScores` file, `{doc_id: [acc, acc_norm]}`, whichever model wrote them."""
+def read_scores(path: str | os.PathLike, header: dict | None = None) -> dict[int, list]:
+    """The per-document scores of a `DocScores` file, `{doc_id: [acc, acc_norm]}`. With `header`, only if the file
+    was written for that task, model, task file and lm-eval version (otherwise a clear error)."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
+    have = json.loads(lines[0]) if lines else {}
+    for key in ("task", "model", "data", "lm_eval") if header else ():
+        if have.get(key) != header[key]:
+            raise SvdllmError(
+                f"{path} holds scores of {key} {have.get(key)!r}, not {header[key]!r} (another model, "
+                "task file or lm-eval version): give this run another --scores-dir, or delete that file.")
     return {int(r[0]): r[1:] for r in map(json.loads, lines[1:])}
 
 
