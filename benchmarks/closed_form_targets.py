@@ -43,7 +43,7 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         model, tok = svdllm.load_model(args.model)
-        cfg = svdllm.CompressConfig(ratio=args.ratio, update=variant, cache_dir="",
+        cfg = svdllm.CompressConfig(preset="paper", ratio=args.ratio, update=variant, cache_dir="",
                                     calibration=svdllm.CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen))
         t = time.perf_counter()
         svdllm.compress(model, tok, cfg, progress=False)

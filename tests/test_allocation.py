@@ -167,7 +167,7 @@ def test_predicted_loss_of_components_matches_kfac_expression(method, tok, data_
 @pytest.mark.parametrize("alloc", ["v2", "lorap", "dipsvd", "global"])
 def test_compress_with_each_allocator_on_a_tiny_model(alloc, tok, data_dir, tmp_path):
     model = tiny_model("qwen2", hidden_size=64, intermediate_size=128)
-    config = svdllm.CompressConfig(ratio=[0.3, 0.5], alloc=alloc, cache_dir="",
+    config = svdllm.CompressConfig(preset="paper", ratio=[0.3, 0.5], alloc=alloc, cache_dir="",
                                    calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir)))
     results = svdllm.compress(model, tok, config, out=tmp_path / "out", progress=False)
     for res in results:
@@ -187,7 +187,7 @@ def test_compress_with_each_allocator_on_a_tiny_model(alloc, tok, data_dir, tmp_
 
 def test_spectral_allocation_with_the_closed_form_update(tok, data_dir, tmp_path):
     model = tiny_model("llama")
-    config = svdllm.CompressConfig(ratio=0.4, alloc="global", update="closed-form", cache_dir=str(tmp_path / "c"),
+    config = svdllm.CompressConfig(preset="paper", ratio=0.4, alloc="global", update="closed-form", cache_dir=str(tmp_path / "c"),
                                    calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir)))
     res = svdllm.compress(model, tok, config, progress=False)[0]
     assert len(set(r for r in res.ranks.values() if r is not None)) > 1  # really heterogeneous
@@ -204,7 +204,7 @@ def test_allocation_is_kept_beside_the_statistics_and_reused_across_updates(tok,
     monkeypatch.setattr(pipeline, "_spectrum", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def config(update="none", **opts):
-        return svdllm.CompressConfig(ratio=0.4, method="kfac-svd", alloc="global", update=update,
+        return svdllm.CompressConfig(preset="paper", ratio=0.4, method="kfac-svd", alloc="global", update=update,
                                      alloc_options={"calibrate": 1, **opts}, cache_dir=str(tmp_path / "c"),
                                      calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32,
                                                                           data_dir=str(data_dir), grad_samples=2))
@@ -223,7 +223,7 @@ def test_compare_reads_eval_and_bench_results(tok, data_dir, tmp_path, capsys):
     from svdllm.cli import main
 
     model = tiny_model("llama")
-    config = svdllm.CompressConfig(ratio=[0.3, 0.5], cache_dir="",
+    config = svdllm.CompressConfig(preset="paper", ratio=[0.3, 0.5], cache_dir="",
                                    calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
     svdllm.compress(model, tok, config, out=tmp_path / "run", progress=False)
     for r in ("0.3", "0.5"):
@@ -256,10 +256,10 @@ def test_global_per_layer_keeps_one_ratio_per_layer(ratio):
 
 def test_global_with_measured_type_scales(tok, data_dir, tmp_path):
     model = tiny_model("llama")
-    config = svdllm.CompressConfig(ratio=0.5, alloc="global", alloc_options={"calibrate": 2}, cache_dir="",
+    config = svdllm.CompressConfig(preset="paper", ratio=0.5, alloc="global", alloc_options={"calibrate": 2}, cache_dir="",
                                    calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir)))
     res = svdllm.compress(model, tok, config, out=tmp_path / "out", progress=False)[0]
-    scales = res.manifest["allocation"]["loss_scales"]["0.5"]
+    scales = res.manifest["allocation"]["loss_scales"]  # the manifest holds its own ratio's allocation
     assert set(scales) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     assert all(v > 0 and math.isfinite(v) for v in scales.values())
@@ -274,7 +274,7 @@ def test_global_refine_keeps_the_allocation_with_the_lowest_measured_loss(tok, d
     from svdllm.data import calibration_windows, load_text, tokenize_text
 
     cal = svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir))
-    config = svdllm.CompressConfig(ratio=[0.3, 0.5], method="kfac-svd", alloc="global", cache_dir="",
+    config = svdllm.CompressConfig(preset="paper", ratio=[0.3, 0.5], method="kfac-svd", alloc="global", cache_dir="",
                                    alloc_options={"calibrate": 2, "refine": 1}, calibration=cal)
     results = svdllm.compress(tiny_model("llama"), tok, config, out=tmp_path / "out", progress=False)
     windows = calibration_windows(tokenize_text(tok, load_text("wikitext2", "validation", str(data_dir))), 3, 32, 0)[:2]
@@ -286,20 +286,20 @@ def test_global_refine_keeps_the_allocation_with_the_lowest_measured_loss(tok, d
     base = mean_nll(tiny_model("llama"))
     for res in results:
         info = res.manifest["allocation"]
-        rounds = info["rounds"][str(res.ratio)]
+        rounds = info["rounds"]
         assert [r["measured_at"] for r in rounds] == ["uniform ranks", "round 0's allocation"]
         losses = [r["allocation_loss"] for r in rounds]
         assert all(math.isfinite(x) for x in losses)
-        chosen = info["chosen_round"][str(res.ratio)]
+        chosen = info["chosen_round"]
         assert losses[chosen] == min(losses)
-        assert info["loss_scales"][str(res.ratio)] == rounds[chosen]["scales"]
+        assert info["loss_scales"] == rounds[chosen]["scales"]
         assert info["base_loss"] == pytest.approx(base, rel=1e-6)
         assert mean_nll(svdllm.load(res.out)) - base == pytest.approx(losses[chosen], rel=1e-4, abs=1e-6)
         assert res.params["achieved_ratio"] == pytest.approx(res.ratio, abs=TOLERANCE)
 
 
 def test_global_refine_must_be_a_whole_number(tok, data_dir):
-    config = svdllm.CompressConfig(ratio=0.5, alloc="global", alloc_options={"refine": 1.5}, cache_dir="",
+    config = svdllm.CompressConfig(preset="paper", ratio=0.5, alloc="global", alloc_options={"refine": 1.5}, cache_dir="",
                                    calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
     with pytest.raises(SvdllmError, match="refine"):
         svdllm.compress(tiny_model("llama"), tok, config, progress=False)
@@ -311,7 +311,7 @@ def test_kfac_svd_with_global_allocation_and_cached_output_grams(tok, data_dir, 
     import svdllm.pipeline as pipeline
 
     def config(cache_dir=str(tmp_path / "cache")):
-        return svdllm.CompressConfig(ratio=0.4, method="kfac-svd", alloc="global", alloc_options={"calibrate": 0},
+        return svdllm.CompressConfig(preset="paper", ratio=0.4, method="kfac-svd", alloc="global", alloc_options={"calibrate": 0},
                                      cache_dir=cache_dir,
                                      calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32,
                                                                           data_dir=str(data_dir)))
@@ -338,7 +338,7 @@ def test_kfac_svd_with_global_allocation_and_cached_output_grams(tok, data_dir, 
 @pytest.mark.parametrize("update", ["none", "closed-form"])
 def test_kfac_svd_with_every_allocator_and_update(alloc, update, tok, data_dir, tmp_path):
     model = tiny_model("mistral")
-    config = svdllm.CompressConfig(ratio=0.5, method="kfac-svd", alloc=alloc, update=update,
+    config = svdllm.CompressConfig(preset="paper", ratio=0.5, method="kfac-svd", alloc=alloc, update=update,
                                    alloc_options={"calibrate": 1} if alloc == "global" else {},
                                    cache_dir=str(tmp_path / "cache"),
                                    calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir),

@@ -1,4 +1,6 @@
 """Layer-by-layer calibration: captured inputs, the 4-Grams-per-layer scheme, the cache, sequential mode."""
+import json
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def test_grams_of_shared_inputs_equal_per_linear_hooks(family):
 
 
 def test_sequential_mode_sees_compressed_layers(tok, data_dir, tmp_path):
-    cfg = lambda mode: svdllm.CompressConfig(  # noqa: E731
+    cfg = lambda mode: svdllm.CompressConfig(preset="paper",   # noqa: E731
         ratio=0.5, cache_dir=str(tmp_path / "cache"),
         calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir), mode=mode))
     a, b = tiny_model("llama"), tiny_model("llama")
@@ -55,7 +57,7 @@ def test_sequential_mode_sees_compressed_layers(tok, data_dir, tmp_path):
 
 
 def test_statistics_cache_skips_the_pass_and_gives_identical_factors(tok, data_dir, tmp_path, monkeypatch):
-    cfg = svdllm.CompressConfig(ratio=0.4, cache_dir=str(tmp_path / "cache"),
+    cfg = svdllm.CompressConfig(preset="paper", ratio=0.4, cache_dir=str(tmp_path / "cache"),
                                 calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir)))
     first = tiny_model("qwen3")
     r1 = svdllm.compress(first, tok, cfg, progress=False)[0]
@@ -133,7 +135,7 @@ def test_interrupted_calibration_resumes_bit_identical(tok, data_dir, tmp_path, 
     from svdllm.calibration import layerwise
 
     def config(cache):
-        return svdllm.CompressConfig(ratio=0.4, cache_dir=str(cache), calibration=svdllm.CalibrationConfig(
+        return svdllm.CompressConfig(preset="paper", ratio=0.4, cache_dir=str(cache), calibration=svdllm.CalibrationConfig(
             nsamples=3, seqlen=32, data_dir=str(data_dir)))
 
     reference = tiny_model("llama")
@@ -175,7 +177,7 @@ def test_interrupted_closed_form_pass_resumes_bit_identical(family, tok, data_di
     from svdllm.calibration import PartialFactors, layerwise
 
     def config(cache):
-        return svdllm.CompressConfig(ratio=0.4, update="closed-form-drift", cache_dir=str(cache),
+        return svdllm.CompressConfig(preset="paper", ratio=0.4, update="closed-form-drift", cache_dir=str(cache),
                                      calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32,
                                                                           data_dir=str(data_dir)))
 
@@ -204,3 +206,26 @@ def test_interrupted_closed_form_pass_resumes_bit_identical(family, tok, data_di
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     assert not list((tmp_path / "c2").glob("stats/*/partial_*"))
+
+
+def test_cache_key_covers_every_weight(tok, data_dir, tmp_path):
+    """A change to one weight of a middle layer (a fine-tune, say) is a cache miss: the statistics are gathered
+    again, not read from the entry of the model it came from."""
+    from svdllm.calibration import model_fingerprint
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    before = model_fingerprint(model)
+    assert model_fingerprint(model) == before
+    cfg = svdllm.CompressConfig(preset="paper", ratio=0.4, cache_dir=str(tmp_path / "cache"),
+                                calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
+    svdllm.compress(model, tok, cfg, out=tmp_path / "a", progress=False)
+    model = tiny_model("llama", num_hidden_layers=4)
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[3, 5] += 1e-3
+    assert model_fingerprint(model) != before
+    svdllm.compress(model, tok, cfg, out=tmp_path / "b", progress=False)
+    entries = list((tmp_path / "cache" / "stats").iterdir())
+    assert len(entries) == 2  # a second entry: the first was not reused
+    a = json.loads((tmp_path / "a" / "svdllm_manifest.json").read_text())
+    b = json.loads((tmp_path / "b" / "svdllm_manifest.json").read_text())
+    assert not b["calibration"]["from_cache"] and a["truncation_loss"] != b["truncation_loss"]

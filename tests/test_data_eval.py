@@ -23,8 +23,21 @@ def test_wikitext_rows_joined_like_the_hub(data_dir):
 def test_ptb_and_c4(data_dir):
     ptb = load_text("ptb", "test", data_dir)
     assert ptb.startswith("the company said 0 shares") and "\n\n" in ptb and not ptb.startswith(" ")
-    c4 = load_text("c4", "validation", data_dir)
+    c4 = load_text("c4", "test", data_dir)
     assert c4.startswith("Document 0:") and "Document 255:" in c4 and "Document 256:" not in c4
+    # calibration (the validation split) reads the documents after the 256 that perplexity scores, never those
+    calib = load_text("c4", "validation", data_dir)
+    assert calib.startswith("Document 256:") and "Document 299:" in calib and "Document 255:" not in calib
+
+
+def test_c4_calibration_and_test_documents_are_disjoint(shared_data):
+    from svdllm.data.texts import _docs_c4
+
+    path = shared_data / "c4" / "c4_validation_2k.jsonl"
+    test, calib = _docs_c4(path, "test"), _docs_c4(path, "validation")
+    assert len(test) == 256 and len(calib) == 2000 - 256
+    assert not set(test) & set(calib)
+    assert load_text("c4", "test", shared_data) == " ".join(test)
 
 
 def test_real_wikitext_test_set_size(shared_data):

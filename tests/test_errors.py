@@ -17,7 +17,7 @@ from tiny import tiny_model
 
 def _cfg(data_dir, **kw):
     cal = svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir))
-    return svdllm.CompressConfig(calibration=cal, cache_dir="", **kw)
+    return svdllm.CompressConfig(preset="paper", calibration=cal, cache_dir="", **kw)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
@@ -47,7 +47,7 @@ def test_unknown_method(tok, data_dir):
 def test_unknown_calibration_source_is_named(tok, data_dir):
     with pytest.raises(SvdllmError, match="Calibration source 'wikitext3' is neither a corpus.*--calib-dataset"):
         cal = svdllm.CalibrationConfig(dataset="wikitext2,wikitext3", data_dir=str(data_dir))
-        svdllm.compress(tiny_model("llama"), tok, svdllm.CompressConfig(calibration=cal), progress=False)
+        svdllm.compress(tiny_model("llama"), tok, svdllm.CompressConfig(preset="paper", calibration=cal), progress=False)
 
 
 def test_missing_data_file_names_path(tmp_path, tok):

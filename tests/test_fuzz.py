@@ -30,7 +30,7 @@ json_values = st.recursive(
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tok):
     out = tmp_path_factory.mktemp("fuzz") / "saved"
-    svdllm.compress(tiny_model("llama"), tok, svdllm.CompressConfig(ratio=0.4, method="svd"), out=out,
+    svdllm.compress(tiny_model("llama"), tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"), out=out,
                     progress=False)
     return out
 

@@ -18,7 +18,7 @@ def _ids(tok):
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_from_pretrained_with_remote_code_gives_identical_logits(family, tok, tmp_path):
     model = tiny_model(family)
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.5, method="svd"), out=tmp_path / "m", progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.5, method="svd"), out=tmp_path / "m", progress=False)
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
     assert type(native).__name__ == "SvdllmForCausalLM"
     ranks = {n: m.rank for n, m in native.named_modules() if type(m).__name__ == "LowRankLinear"}
@@ -36,7 +36,7 @@ def test_from_pretrained_with_remote_code_gives_identical_logits(family, tok, tm
 
 def test_dense_export_equals_the_factored_model(tok, tmp_path, capsys):
     model = tiny_model("mistral")
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
     assert main(["export", str(tmp_path / "m"), "--dense", "--out", str(tmp_path / "dense"), "-q"]) == 0
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")  # no remote code: a plain checkpoint
     assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
@@ -49,7 +49,7 @@ def test_dense_export_equals_the_factored_model(tok, tmp_path, capsys):
 
 def test_eval_writes_measured_perplexity_into_the_model_card(tok, data_dir, tmp_path):
     model = tiny_model("llama")
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
     assert main(["eval", "--model", str(tmp_path / "m"), "--ppl", "wikitext2", "--seqlen", "64",
                  "--data-dir", str(data_dir), "-q"]) == 0
     card = (tmp_path / "m" / "README.md").read_text()

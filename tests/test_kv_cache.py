@@ -25,7 +25,7 @@ def _decode(model, ids, cache, steps):
 @torch.no_grad()
 def test_low_rank_cache_equals_the_ordinary_cache_and_no_cache(family, tok):
     model = tiny_model(family)
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.5, method="svd"), progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.5, method="svd"), progress=False)
     model.eval()
     ids = tok("The game began development in 2010 and it", return_tensors="pt").input_ids
     ref, seq = _decode(model, ids, DynamicCache(config=model.config), steps=6)
@@ -42,7 +42,7 @@ def test_low_rank_cache_equals_the_ordinary_cache_and_no_cache(family, tok):
 @torch.no_grad()
 def test_low_rank_cache_is_smaller_and_works_with_generate(tok):
     model = tiny_model("llama")
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.6, method="svd"), progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.6, method="svd"), progress=False)
     ids = torch.randint(3, 250, (2, 40))
     dense_cache = DynamicCache(config=model.config)
     model(input_ids=ids, **{CACHE_KW: dense_cache}, use_cache=True)

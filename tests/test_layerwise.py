@@ -12,7 +12,7 @@ from tiny import tiny_model
 
 
 def _config(data_dir, tmp_path, **kw):
-    return svdllm.CompressConfig(cache_dir=str(tmp_path / "cache"),
+    return svdllm.CompressConfig(preset="paper", cache_dir=str(tmp_path / "cache"),
                                  calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir)),
                                  **kw)
 

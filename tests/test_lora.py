@@ -26,7 +26,7 @@ def records(tmp_path_factory):
 
 def _compressed(tok, family="llama", ratio=0.5):
     model = tiny_model(family)
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=ratio, method="svd"), progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=ratio, method="svd"), progress=False)
     return model
 
 
@@ -237,7 +237,7 @@ def test_dense_model_is_refused(tok, records):
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_gqa_families_and_compress_update_lora(family, tok, records, data_dir, tmp_path):
     model = tiny_model(family)
-    cfg = svdllm.CompressConfig(ratio=0.4, update="lora", finetune=_config(records, max_steps=2),
+    cfg = svdllm.CompressConfig(preset="paper", ratio=0.4, update="lora", finetune=_config(records, max_steps=2),
                                 calibration=svdllm.CalibrationConfig(nsamples=4, seqlen=32, data_dir=str(data_dir)),
                                 cache_dir=str(tmp_path / "cache"))
     res = svdllm.compress(model, tok, cfg, out=tmp_path / "m", progress=False)[0]
@@ -252,7 +252,7 @@ def test_gqa_families_and_compress_update_lora(family, tok, records, data_dir, t
 
 def test_cli_finetune(tok, records, tmp_path, capsys):
     model = tiny_model("llama")
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.6, method="svd"), out=tmp_path / "c2", progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.6, method="svd"), out=tmp_path / "c2", progress=False)
     params = sum(p.numel() for p in load(tmp_path / "c2").parameters())
     rc = main(["finetune", str(tmp_path / "c2"), "--out", str(tmp_path / "ft"), "--data", str(records),
                "--max-steps", "2", "--batch-size", "4", "--micro-batch", "2", "--val-samples", "4", "-q", "--json"])

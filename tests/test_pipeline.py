@@ -14,7 +14,7 @@ from tiny import FAMILIES, tiny_model
 
 
 def _config(data_dir, tmp_path, ratio=0.4, **kw):
-    return svdllm.CompressConfig(ratio=ratio, cache_dir=str(tmp_path / "cache"),
+    return svdllm.CompressConfig(preset="paper", ratio=ratio, cache_dir=str(tmp_path / "cache"),
                                  calibration=svdllm.CalibrationConfig(nsamples=4, seqlen=32, data_dir=str(data_dir)),
                                  **kw)
 
@@ -104,7 +104,7 @@ def test_half_precision_models(dtype, tok, data_dir, tmp_path):
 
 def test_svd_method_needs_no_data(tok, tmp_path):
     model = tiny_model("llama")
-    cfg = svdllm.CompressConfig(ratio=0.3, method="svd", cache_dir="",
+    cfg = svdllm.CompressConfig(preset="paper", ratio=0.3, method="svd", cache_dir="",
                                 calibration=svdllm.CalibrationConfig(data_dir=str(tmp_path / "nowhere")))
     res = svdllm.compress(model, tok, cfg, progress=False)[0]
     assert not res.manifest["calibration"]["used"]

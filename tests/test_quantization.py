@@ -16,7 +16,7 @@ def _ids(tok):
 @pytest.mark.parametrize("scheme,bits,tol", [("int8", 8, 0.02), ("int4", 4, 0.3)])
 def test_quantized_factors_round_trip(scheme, bits, tol, tok, tmp_path, capsys):
     model = tiny_model("qwen2")
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
     assert main(["quantize", "--model", str(tmp_path / "m"), "--scheme", scheme, "--out", str(tmp_path / "q"),
                  "--json", "-q"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -67,7 +67,7 @@ def test_int4_group_falls_back_where_the_rank_is_not_a_multiple(tok):
     from svdllm.quantization import quantize_model
 
     model = tiny_model("llama")
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.37, method="svd"), progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.37, method="svd"), progress=False)
     info = quantize_model(model, "int4", group_size=32)
     ranks = {m.rank for m in model.modules() if isinstance(m, svdllm.factorization.LowRankLinear)}
     assert any(r % 32 for r in ranks) and info["groups"]  # some u-factors needed a smaller group
@@ -89,7 +89,7 @@ def test_int4_packing_is_exact_and_halves_the_bytes():
 
 def test_int4_file_is_about_half_the_int8_file(tok, tmp_path, capsys):
     model = tiny_model("llama")
-    svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
     sizes = {}
     for scheme in ("int8", "int4"):
         assert main(["quantize", "--model", str(tmp_path / "m"), "--scheme", scheme, "--out", str(tmp_path / scheme),

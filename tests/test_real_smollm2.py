@@ -25,7 +25,7 @@ def test_smollm2_compress_eval_reload(smollm2, shared_data, tmp_path):
     dense = perplexity(model, tok, "wikitext2", shared_data, 2048, max_windows=1, progress=False)
     assert 5 < dense["ppl"] < 40
 
-    cfg = svdllm.CompressConfig(ratio=0.4, cache_dir=str(tmp_path / "cache"),
+    cfg = svdllm.CompressConfig(preset="paper", ratio=0.4, cache_dir=str(tmp_path / "cache"),
                                 calibration=svdllm.CalibrationConfig(nsamples=4, seqlen=256, data_dir=str(shared_data)))
     res = svdllm.compress(model, tok, cfg, out=tmp_path / "r40", progress=False)[0]
     assert res.params["model_before"] == 134_515_008

@@ -74,7 +74,7 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
-    config = svdllm.CompressConfig(ratio=0.5, cache_dir="",
+    config = svdllm.CompressConfig(preset="paper", ratio=0.5, cache_dir="",
                                    calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
     svdllm.compress(model, tok, config, out=tmp_path / "small", progress=False)
     assert main(["bench", "--model", str(tmp_path / "small"), "--baseline", str(tmp_path / "dense"),
@@ -254,18 +254,20 @@ def test_eval_one_task_at_a_time_adds_up_and_compare_reads_json(tok, data_dir, t
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
-    config = svdllm.CompressConfig(ratio=[0.3, 0.5], cache_dir="",
+    config = svdllm.CompressConfig(preset="paper", ratio=[0.3, 0.5], cache_dir="",
                                    calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
     svdllm.compress(model, tok, config, out=tmp_path / "run", progress=False)
     files = []
     for name, path in [("dense", tmp_path / "dense"), ("r3", tmp_path / "run" / "ratio-0.3"),
                        ("r5", tmp_path / "run" / "ratio-0.5")]:
         for what in (["--tasks", "piqa"], ["--tasks", "arc_easy"], ["--ppl", "wikitext2"]):
-            args = what if what[0] == "--ppl" else what + ["--ppl", "none", "--limit", "4"]
+            args = what if what[0] == "--ppl" else what + ["--limit", "4"]
             assert main(["eval", "--model", str(path), *args, "--seqlen", "64", "--max-windows", "2", "--data-dir",
                          str(data_dir), "--json", "-q"]) == 0
             files.append(tmp_path / f"{name}-{what[1]}.json")
             files[-1].write_text(capsys.readouterr().out.strip().splitlines()[-1])
+            if what[0] == "--tasks":  # tasks asked, no --ppl: no perplexity scored
+                assert json.loads(files[-1].read_text())["ppl"] == {}
     kept = json.loads((tmp_path / "run" / "ratio-0.5" / "svdllm_eval.json").read_text())["zero_shot[limit=4]"]
     assert set(kept["tasks"]) == {"piqa", "arc_easy"}
     assert kept["average_acc"] == pytest.approx((kept["tasks"]["piqa"]["acc"] + kept["tasks"]["arc_easy"]["acc"]) / 2)

@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a dense or compressed model by the protocol")
     _add_model_args(e)
-    e.add_argument("--ppl", type=_csv, default=["wikitext2"],
-                   help="perplexity test sets, comma-separated: wikitext2,ptb,c4 (none: skip)")
+    e.add_argument("--ppl", type=_csv, default=None,
+                   help="perplexity test sets, comma-separated: wikitext2,ptb,c4 (none: skip; default wikitext2, "
+                        "or none when --tasks is given)")
     e.add_argument("--tasks", type=_csv, default=[],
                    help="zero-shot tasks scored by lm-eval on the local data, comma-separated, or 'paper' for the seven "
                         "of the SVD-LLM paper: openbookqa,arc_easy,arc_challenge,winogrande,hellaswag,piqa,mathqa")
@@ -298,60 +299,31 @@ def _load(args):
     return model, tok
 
 
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def _adjust_best(args, named: set[str], gram_bytes: int) -> bool:
-    """Apply config.resolve_best to the parsed arguments; True if the preset's choice changed."""
-    from .config import resolve_best
-
-    chosen = {"method": args.method, "alloc": args.alloc}
-    out, reason = resolve_best(chosen, named, gram_bytes, _available_memory(), args.layerwise)
-    if reason is None:
-        return False
-    args.method, args.alloc = out["method"], out["alloc"]
-    logging.getLogger("svdllm").warning("--preset best: %s, so this run uses --method %s --alloc %s.", reason,
-                                        args.method, args.alloc)
-    return True
-
-
 def cmd_compress(args) -> dict:
-    from .config import BEST_CLOSED_FORM_FROM, PRESETS, CalibrationConfig, CompressConfig
+    from .config import CalibrationConfig, CompressConfig
 
-    named = {key for key in PRESETS[args.preset] if getattr(args, key) is not None}
-    if args.method_arg:  # options are for the preset's method: keep it whatever happens below
-        named.add("method")
-    for key, value in PRESETS[args.preset].items():  # the preset fills what was not named
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.preset == "best" and args.layerwise:  # known before loading: no gradient pass
-        _adjust_best(args, named, gram_bytes=0)
     from .io.checkpoint import check_out_dir
     from .pipeline import compress, summarize
 
+    # the arguments map onto the config one to one; the library resolves the preset (svdllm.compress does the same)
     config = CompressConfig(
-        ratio=args.ratio, method=args.method, method_options=dict(args.method_arg), alloc=args.alloc,
-        update=args.update,
-        alloc_options=dict(args.alloc_arg), rank_multiple=args.rank_multiple,
+        ratio=args.ratio, preset=args.preset, method=args.method, method_options=dict(args.method_arg),
+        alloc=args.alloc, update=args.update, alloc_options=dict(args.alloc_arg), rank_multiple=args.rank_multiple,
         calibration=CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen,
                                       seed=args.seed, batch_size=args.batch_size, mode=args.calib_mode,
                                       data_dir=args.data_dir, grad_samples=args.grad_samples),
         cache_dir="" if args.no_cache else args.cache_dir,
     )
-    if args.update.endswith("lora"):
+    if (args.update or "").endswith("lora"):
         config.finetune = _finetune_config(args, args.device)
     config.validate()  # fail on bad input before loading the model
+    plan = config.resolve(layerwise=args.layerwise)  # (memory is checked again once the model is loaded)
     from .allocation import get_allocator
 
-    get_allocator(config.alloc, **config.alloc_options)  # unknown options too
+    get_allocator(plan.alloc, **config.alloc_options)  # unknown options too
     from .factorization import get_method
 
-    get_method(config.method, **config.method_options)
+    get_method(plan.method, **config.method_options)
     if len(config.ratios) == 1:
         check_out_dir(args.out, args.overwrite)
     from .calibration import distributed
@@ -360,30 +332,23 @@ def cmd_compress(args) -> dict:
     if device and not args.device:
         args.device = device
     model, tok = _load(args)
-    if args.preset == "best" and config.method == "kfac-svd" and "method" not in named:
-        from .pipeline import output_gram_bytes
-
-        if _adjust_best(args, named, output_gram_bytes(model)):
-            config.method, config.alloc = args.method, args.alloc
-    if (args.preset == "best" and "update" not in named and (config.method, config.alloc) == ("kfac-svd", "global")
-            and max(config.ratios) >= BEST_CLOSED_FORM_FROM):
-        config.update = args.update = "closed-form"
-        logging.getLogger("svdllm").info("--preset best at R >= %g: with the closed-form update (one more calibration "
-                                         "pass per ratio; --update none skips it).", BEST_CLOSED_FORM_FROM)
     results = compress(model, tok, config, out=args.out, overwrite=args.overwrite,
                        progress=not args.quiet and distributed.is_main())
     rows = summarize(results)
     if not distributed.is_main():
         return {"command": "compress", "rank": distributed.rank()}
-    for row in rows:
-        print(f"ratio {row['ratio']:.2f}: parameters {row['model_before']:,} → {row['model_after']:,} "
-              f"({100 * row['achieved_ratio']:.2f}% of the compressed linears removed); saved to {row['out']}")
+    for row, res in zip(rows, results):
+        m = res.manifest
+        print(f"ratio {row['ratio']:.2f} ({m['method']} + {m['alloc']}, update {m['update']}): parameters "
+              f"{row['model_before']:,} → {row['model_after']:,} ({100 * row['achieved_ratio']:.2f}% of the compressed "
+              f"linears removed); saved to {row['out']}")
     t = results[0].timings
     print(f"calibration {t['calibration_s']:.1f} s, factorization {t['factorization_s']:.1f} s, "
           f"peak RSS {t['peak_rss_mb']:.0f} MB")
     if "gradient_pass_s" in t:
         print(f"gradient pass {t['gradient_pass_s']:.1f} s, peak RSS by its end {t['peak_rss_after_gradients_mb']:.0f} MB")
-    return {"command": "compress", "model": args.model, "method": args.method, "results": rows}
+    return {"command": "compress", "model": args.model, "preset": args.preset,
+            "method": results[0].manifest["method"], "results": rows}
 
 
 def cmd_finetune(args) -> dict:
@@ -479,6 +444,8 @@ def cmd_eval(args) -> dict:
     from .models.loading import cache_root
 
     tasks = PAPER_TASKS if args.tasks == ["paper"] else args.tasks
+    if args.ppl is None:  # a user asking for tasks expects tasks, not 12 minutes of WikiText-2 first
+        args.ppl = [] if tasks else ["wikitext2"]
     ppl_sets = [] if args.ppl in (["none"], []) else args.ppl
     if tasks:  # fail on a missing task file before loading the model
         from .evaluation.zeroshot import local_task_file

@@ -10,9 +10,9 @@ from .errors import SvdllmError
 
 CALIBRATION_MODES = ("original", "sequential")
 
-# What `svdllm compress` does when no method/allocation/update is named. "best" is the lowest WikiText-2
-# perplexity for the size measured so far on SmolLM2-135M (BENCHMARKS.md: kfac-svd with the global allocator);
-# "paper" is SVD-LLM (W) as the paper evaluates it.
+# What a compression does when no method/allocation/update is named, in the library and the CLI alike. "best" is
+# the lowest WikiText-2 perplexity for the size measured so far on SmolLM2-135M (BENCHMARKS.md: kfac-svd with the
+# global allocator); "paper" is SVD-LLM (W) as the paper evaluates it.
 PRESETS = {
     "best": {"method": "kfac-svd", "alloc": "global", "update": "none"},
     "paper": {"method": "svd-llm", "alloc": "uniform", "update": "none"},
@@ -21,10 +21,19 @@ PRESETS = {
 BEST_WITHOUT_OUTPUT_GRAMS = {"method": "svd-llm", "alloc": "global"}  # the next best in BENCHMARKS.md
 BEST_LAYERWISE = {"method": "svd-llm", "alloc": "lorap"}  # no gradient pass: the best allocator without one
 # "best" from this ratio up also takes the closed-form update: on kfac-svd + global it changes nothing at R = 0.2 and
-# 0.4 (+0.7%, +0.3%) but takes 15% off at R = 0.6 (154.84 → 132.39), where the inputs drift most; it costs one more
-# calibration pass per ratio (BENCHMARKS.md, KFAC-SVD, full protocol)
+# 0.4 but takes 15% off at R = 0.6, where the inputs drift most; it costs one more calibration pass per ratio
+# (BENCHMARKS.md, "The default, measured"). Decided per ratio: the ratios below share one pass.
 BEST_CLOSED_FORM_FROM = 0.5
 GRAM_MEMORY_FRACTION = 1 / 3  # the rest of memory is for the model and its backward pass
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def resolve_best(chosen: dict, named: set[str], gram_bytes: int, available_bytes: int | None,
@@ -46,6 +55,24 @@ def resolve_best(chosen: dict, named: set[str], gram_bytes: int, available_bytes
         return out, (f"kfac-svd's output-gradient Grams need {gram_bytes / 2**30:.1f} GiB, more than a third of the "
                      f"{available_bytes / 2**30:.1f} GiB of available memory")
     return out, None
+
+
+@dataclass
+class Plan:
+    """What a CompressConfig resolves to for one model: the method and allocator, the update of each ratio, and
+    why the preset's first choice was changed (None: it was not)."""
+
+    method: str
+    alloc: str
+    updates: dict  # ratio -> update
+    reason: str | None = None
+
+    def groups(self) -> list[tuple[str, list[float]]]:
+        """(update, ratios) in the order the ratios were given: ratios with the same update share a run."""
+        out: dict[str, list[float]] = {}
+        for r, u in self.updates.items():
+            out.setdefault(u, []).append(r)
+        return list(out.items())
 
 
 @dataclass
@@ -90,12 +117,14 @@ class CompressConfig:
     """One compression job. `ratio` may list several ratios: one calibration pass then serves all of them."""
 
     ratio: float | list[float] = 0.4
-    method: str = "svd-llm"
+    # "best" (default) or "paper": fills the method, allocator and update that are left None (resolve())
+    preset: str = "best"
+    method: str | None = None
     method_options: dict = field(default_factory=dict)  # e.g. {"shrink_outputs": 0.2} for kfac-svd
-    alloc: str = "uniform"
+    alloc: str | None = None
     alloc_options: dict = field(default_factory=dict)  # e.g. {"attn_keep": 0.5} for lorap
     rank_multiple: int = 1  # round every rank to a multiple of this (8/16/32 suit fast kernels)
-    update: str = "none"
+    update: str | None = None
     finetune: object | None = None  # an update.lora.FinetuneConfig for --update lora (None: the preset for the device)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     cache_dir: str | None = None  # None: $SVDLLM_CACHE_DIR or ~/.cache/svdllm; "" disables the statistics cache
@@ -104,7 +133,32 @@ class CompressConfig:
     def ratios(self) -> list[float]:
         return list(self.ratio) if isinstance(self.ratio, (list, tuple)) else [self.ratio]
 
+    def resolve(self, gram_bytes: int = 0, available_bytes: int | None = None, layerwise: bool = False) -> Plan:
+        """The preset applied: what was not named comes from it. `best` falls back where kfac-svd cannot run
+        (resolve_best) and takes the closed-form update for the ratios from BEST_CLOSED_FORM_FROM up, when its
+        method and allocator are kfac-svd + global and no update was named."""
+        if self.preset not in PRESETS:
+            raise SvdllmError(f"Unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
+        base = PRESETS[self.preset]
+        named = {k for k in ("method", "alloc") if getattr(self, k) is not None}
+        if self.method_options:  # options are for the preset's method: keep it whatever happens below
+            named.add("method")
+        chosen = {k: getattr(self, k) or base[k] for k in ("method", "alloc")}
+        reason = None
+        if self.preset == "best":
+            chosen, reason = resolve_best(chosen, named, gram_bytes, available_bytes, layerwise)
+        ratios = [float(r) for r in self.ratios]
+        if self.update is not None:
+            updates = {r: self.update for r in ratios}
+        elif self.preset == "best" and (chosen["method"], chosen["alloc"]) == ("kfac-svd", "global"):
+            updates = {r: "closed-form" if r >= BEST_CLOSED_FORM_FROM else "none" for r in ratios}
+        else:
+            updates = {r: base["update"] for r in ratios}
+        return Plan(chosen["method"], chosen["alloc"], updates, reason)
+
     def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise SvdllmError(f"Unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
         if not self.ratios:
             raise SvdllmError("No compression ratio given; pass --ratio, e.g. --ratio 0.4.")
         for r in self.ratios:

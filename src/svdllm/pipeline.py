@@ -23,7 +23,7 @@ from .allocation import MatrixInfo, Spectrum, get_allocator, param_counts
 from .calibration import distributed
 from .calibration import (AllocationRecord, LinearStats, PartialFactors, StatsCache, calibrate_layers, gradient_stats,
                           model_fingerprint)
-from .config import CompressConfig
+from .config import CompressConfig, available_memory
 from .data import CORPORA, calibration_set, check_token_ids
 from .data.texts import split_sources
 from .errors import SvdllmError
@@ -56,6 +56,17 @@ def matrices_of(model: nn.Module) -> list[MatrixInfo]:
             lin = layer.get_submodule(name)
             out.append(MatrixInfo(f"model.layers.{i}.{name}", lin.out_features, lin.in_features))
     return out
+
+
+def environment() -> dict:
+    """The versions and thread count a model was made with: float32 forward passes differ in their last bits
+    between library versions, and the global allocator's measured secants carry such differences into the ranks."""
+    import platform
+
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads()}
 
 
 def output_gram_bytes(model) -> int:
@@ -121,40 +132,70 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
              overwrite: bool = False, progress: bool = True) -> list[CompressionResult]:
     """Compress `model` by `config`; returns one CompressionResult per ratio (saved under `out` if given).
 
+    The config's preset ("best" unless told otherwise) fills what it leaves None, for this model (memory, a
+    layer-wise model), exactly as `svdllm compress` does: the same arguments give the same model by either road.
     With one ratio the model is left compressed in place; with several, `out` is required (one sub-directory
     `ratio-<R>` each) and the model is left dense.
     """
     config = config or CompressConfig()
     config.validate()
     family_of(model)
-    method = get_method(config.method, **config.method_options)
-    if config.update not in UPDATES:
-        raise SvdllmError(f"Unknown update {config.update!r}; available: {', '.join(UPDATES)}.")
     ratios = [float(r) for r in config.ratios]
     if len(ratios) > 1 and out is None:
         raise SvdllmError("Several ratios need an output directory (--out): each ratio's model is saved there.")
+    plan = config.resolve(output_gram_bytes(model), available_memory(), is_lazy(model))
+    if plan.reason:
+        log.warning("--preset best: %s, so this run uses --method %s --alloc %s.", plan.reason, plan.method,
+                    plan.alloc)
+    for update in plan.updates.values():
+        if update not in UPDATES:
+            raise SvdllmError(f"Unknown update {update!r}; available: {', '.join(UPDATES)}.")
+    get_method(plan.method, **config.method_options)
+    get_allocator(plan.alloc, **config.alloc_options)
     outs = {r: None if out is None else Path(out) if len(ratios) == 1 else Path(out) / f"ratio-{r:g}" for r in ratios}
     for o in outs.values():
         if o is not None:
             check_out_dir(o, overwrite)
+    groups = plan.groups()
+    if len(groups) > 1:
+        log.info("Updates per ratio: %s (the ratios without one share a calibration pass).",
+                 ", ".join(f"R = {r:g}: {u}" for r, u in plan.updates.items()))
+    shared = {"ratios": ratios}  # every ratio's ranks, allocated once for the whole run (spectral allocators)
+    results = []
+    for update, rs in groups:
+        concrete = dataclasses.replace(config, method=plan.method, alloc=plan.alloc, update=update,
+                                       ratio=rs if len(rs) > 1 else rs[0])
+        got = _compress_concrete(model, tokenizer, concrete, {r: outs[r] for r in rs}, overwrite, progress, shared)
+        if len(ratios) > 1 and len(rs) == 1:  # a group of one leaves its model in place; the run leaves it dense
+            swap_back(model, got[0].originals)
+        results += got
+    order = {r: k for k, r in enumerate(ratios)}
+    return sorted(results, key=lambda res: order[res.ratio])
+
+
+def _compress_concrete(model, tokenizer, config: CompressConfig, outs: dict, overwrite: bool, progress: bool,
+                       shared: dict) -> list[CompressionResult]:
+    """One method, allocator and update (all named) for the ratios of `outs`."""
+    method = get_method(config.method, **config.method_options)
+    ratios = [float(r) for r in config.ratios]
     if base_update(config.update) != config.update:
-        return _compress_then_finetune(model, tokenizer, config, out, overwrite, progress)
+        return _compress_then_finetune(model, tokenizer, config, outs, overwrite, progress, shared)
     if _ratio_dependent(config) and len(ratios) > 1:
         log.info("Sequential calibration and the closed-form update depend on the ratio: one pass per ratio.")
         results = []
         for r in ratios:
-            one = CompressConfig(**{**config.__dict__, "ratio": r})
-            results += compress(model, tokenizer, one, outs[r], overwrite, progress)
+            one = dataclasses.replace(config, ratio=r)
+            results += _compress_concrete(model, tokenizer, one, {r: outs[r]}, overwrite, progress, shared)
             swap_back(model, results[-1].originals)
         return results
     try:
-        return _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress)
+        return _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress, shared)
     except BaseException:
         abort_open_writers()  # a layer-wise save leaves no partial directory behind
         raise
 
 
-def _compress_then_finetune(model, tokenizer, config, out, overwrite, progress):
+def _compress_then_finetune(model, tokenizer, config, outs, overwrite, progress, shared):
     """Truncate (and closed-form update) as asked, then the sequential LoRA fine-tuning of each ratio's model."""
     if distributed.active():
         raise SvdllmError("--update lora runs in one process: compress under torchrun, then `svdllm finetune`.")
@@ -163,8 +204,8 @@ def _compress_then_finetune(model, tokenizer, config, out, overwrite, progress):
 
     ft = config.finetune or default_config(next(model.parameters()).device, data_dir=config.calibration.data_dir)
     ft.validate()
-    results = compress(model, tokenizer, dataclasses.replace(config, update=base_update(config.update)), out,
-                       overwrite, progress)
+    results = _compress_concrete(model, tokenizer, dataclasses.replace(config, update=base_update(config.update)),
+                                 outs, overwrite, progress, shared)
     for res in results:
         # several ratios leave the model dense and each compressed one on disk; one ratio leaves it compressed here
         target = model if len(results) == 1 else load(res.out)
@@ -174,7 +215,7 @@ def _compress_then_finetune(model, tokenizer, config, out, overwrite, progress):
     return results
 
 
-def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress):
+def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress, shared):
     cal = config.calibration
     matrices = matrices_of(model)
     shapes = {m.name: m for m in matrices}
@@ -258,21 +299,30 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
 
                 scratch = tempfile.TemporaryDirectory(prefix="svdllm-stats-")
                 spectra_cache = _stats_cache(model, config, windows, root=Path(scratch.name))
-            if not spectra_cache.has_all(num_layers):  # (resuming from any layers an earlier run left)
-                for i, stats in calibrate_layers(model, windows, cal.batch_size, progress=progress,
-                                                 cached=spectra_cache.load_if_present):
-                    if not spectra_cache.has(i):
-                        spectra_cache.save(i, stats)
-            timings["calibration_s"] += time.perf_counter() - t
         # the allocation depends on the statistics and on what is decided here, not on the update: kept beside the
         # statistics, it serves the same configuration with another update, and an interrupted run
         alloc_file = AllocationRecord(spectra_cache, {
             "method": config.method, "method_options": config.method_options, "alloc": config.alloc,
             # every option's value, defaults included, so that a changed default is not served an old allocation
-            "alloc_options": alloc_options, "ratios": ratios, "rank_multiple": config.rank_multiple,
+            "alloc_options": alloc_options, "rank_multiple": config.rank_multiple,
             "grad_samples": cal.grad_samples, "dtype": str(next(model.parameters()).dtype), "version": __version__,
         }) if needs_inputs and config.cache_dir != "" else None
-        known = alloc_file.load() if alloc_file is not None else None
+        # one spectra phase allocates every ratio of the run (several updates run in turn); each ratio's ranks depend
+        # on that ratio alone, so a record made with other ratios beside it serves it too
+        alloc_ratios = [r for r in shared.get("ratios", ratios) if r not in shared.get("rank_maps", {})] or ratios
+        known = None
+        if all(r in shared.get("rank_maps", {}) for r in ratios):
+            known = shared["rank_maps"], shared["alloc_info"]
+        elif alloc_file is not None:
+            known = alloc_file.load(ratios)
+        # the dense statistics serve the spectra and, without an update, the factorization; the closed-form update
+        # gathers its own in its pass through the compressed model
+        if needs_inputs and (known is None or not _ratio_dependent(config)) and not spectra_cache.has_all(num_layers):
+            for i, stats in calibrate_layers(model, windows, cal.batch_size, progress=progress,
+                                             cached=spectra_cache.load_if_present):  # resumes from any layers left
+                if not spectra_cache.has(i):
+                    spectra_cache.save(i, stats)
+        timings["calibration_s"] += time.perf_counter() - t
         spectra = None
         if known is None:
             t = time.perf_counter()
@@ -298,23 +348,31 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         spectra, alloc_file, known = None, None, None
     if known is not None:
         rank_maps, alloc_info = known
-        log.info("Ranks from an earlier run's allocation (%s): the spectra are not recomputed.", alloc_file.path)
-    else:
-        alloc_info = {}
+        if "rank_maps" not in shared or any(r not in shared["rank_maps"] for r in ratios):
+            log.info("Ranks from an earlier run's allocation (%s): the spectra are not recomputed.", alloc_file.path)
+    elif spectra is not None:
         n_check = int(getattr(allocator, "calibrate", 0) or 0)
-        if spectra is not None and n_check and any(sp.loss is not None for sp in spectra.values()):
+        if n_check and any(sp.loss is not None for sp in spectra.values()):
             t = time.perf_counter()
             stats_of = (lambda i: spectra_cache.load(i)) if needs_inputs else (lambda i: None)
             rank_maps, alloc_info = _refined_allocation(
-                model, matrices, spectra, stats_of, stats_for, decompose, windows[:n_check], ratios, allocator,
+                model, matrices, spectra, stats_of, stats_for, decompose, windows[:n_check], alloc_ratios, allocator,
                 config.rank_multiple, int(getattr(allocator, "refine", 0) or 0))
             timings["loss_scale_s"] = time.perf_counter() - t
         else:
             t = time.perf_counter()
-            rank_maps = {r: allocator.allocate(matrices, r, spectra, config.rank_multiple) for r in ratios}
+            rank_maps = {r: allocator.allocate(matrices, r, spectra, config.rank_multiple) for r in alloc_ratios}
+            alloc_info = {r: {} for r in alloc_ratios}
             timings["allocation_s"] = time.perf_counter() - t
         if alloc_file is not None:
             alloc_file.save(rank_maps, alloc_info)
+        shared.setdefault("rank_maps", {}).update(rank_maps)
+        shared.setdefault("alloc_info", {}).update(alloc_info)
+    else:
+        t = time.perf_counter()
+        rank_maps = {r: allocator.allocate(matrices, r, None, config.rank_multiple) for r in ratios}
+        alloc_info = {r: {} for r in ratios}
+        timings["allocation_s"] = time.perf_counter() - t
 
     # the closed-form update needs the compressed model's activations, which no cache can hold
     use_cache = needs_inputs and not closed_form and cache is not None and cache.has_all(num_layers)
@@ -458,12 +516,13 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             "base_model": getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
             "model_type": model.config.model_type,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "preset": config.preset,
             "method": config.method,
             "method_options": dict(config.method_options),
             "ratio": r,
             "alloc": config.alloc,
             "alloc_options": alloc_options,
-            "allocation": alloc_info,
+            "allocation": alloc_info.get(r, {}),
             "rank_multiple": config.rank_multiple,
             "update": config.update,
             "calibration": dict(cal.__dict__, used=needs_data, from_cache=use_cache),
@@ -475,6 +534,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
             "whitening_jitter": jitters,
             "update_error_reduction": update_gain,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": environment(),
         }
         result = CompressionResult(r, rank_maps[r], counts, losses[r], dict(timings), outs[r], manifest, originals)
         if lazy:
@@ -627,8 +687,8 @@ def _refined_allocation(model, matrices, spectra, stats_of, stats_for, decompose
             at[r] = allocator.allocate(matrices, r, scaled, multiple)
             rounds[str(r)][-1]["allocation_predicted"] = sum(
                 float(scaled[m.name].loss[at[r][m.name]:].sum()) for m in matrices if at[r][m.name] is not None)
-    info = {"loss_scales": {str(r): rounds[str(r)][best[r][1]]["scales"] for r in ratios},
-            "base_loss": base, "chosen_round": {str(r): best[r][1] for r in ratios}, "rounds": rounds}
+    info = {r: {"loss_scales": rounds[str(r)][best[r][1]]["scales"] if rounds[str(r)] else None, "base_loss": base,
+                "chosen_round": best[r][1], "rounds": rounds[str(r)]} for r in ratios}
     return {r: best[r][2] for r in ratios}, info
 
 

@@ -35,6 +35,10 @@ CORPORA = {
                  ("allenai/c4", "en", "text")),
 }
 C4_DOCS = 256  # PROTOCOL.md: the first 256 documents, joined with a space
+# Calibration on c4 reads the documents after those 256, so that no window of it is ever scored by `--ppl c4`
+# (locally: documents 256–1999 of the 2,000-document sample; from the hub: the next 1,744 of its validation split).
+C4_CALIBRATION_DOCS = (C4_DOCS, 2000)
+C4_SPLITS = {"test": (0, C4_DOCS), "validation": C4_CALIBRATION_DOCS}
 
 
 def split_sources(text: str) -> list[str]:
@@ -69,15 +73,17 @@ def _rows_ptb(path: Path) -> list[str]:
     return [" ".join(line.split()) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _docs_c4(path: Path) -> list[str]:
+def _docs_c4(path: Path, split: str = "test") -> list[str]:
+    """The documents of a C4 split: the test set is the first C4_DOCS, calibration the ones after them."""
+    start, stop = C4_SPLITS[split]
     docs = []
     with path.open(encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 docs.append(json.loads(line)["text"])
-            if len(docs) == C4_DOCS:
+            if len(docs) == stop:
                 break
-    return docs
+    return docs[start:]
 
 
 def load_text(name: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> str:
@@ -97,7 +103,7 @@ def load_text(name: str, split: str = "test", data_dir: str | os.PathLike | None
             return "\n\n".join(_rows_wikitext(path))
         if name == "ptb":
             return "\n\n".join(_rows_ptb(path))
-        return " ".join(_docs_c4(path))
+        return " ".join(_docs_c4(path, split))
     return _load_hub_text(c, split)
 
 
@@ -129,7 +135,8 @@ def _load_hub_text(c: Corpus, split: str) -> str:
     try:
         if c.name == "c4":
             ds = datasets.load_dataset(dataset, config, split="validation", streaming=True)
-            return " ".join(row[field] for row, _ in zip(ds, range(C4_DOCS)))
+            start, stop = C4_SPLITS[split]
+            return " ".join(row[field] for k, row in zip(range(stop), ds) if k >= start)
         ds = datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # the hub raises many types (connection, auth, missing config)
         raise SvdllmError(

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The default, measured as it is: `svdllm compress` with no method, allocator or update named (--preset best) on
+# SmolLM2-135M at R = 0.2, 0.4, 0.6 in one run, at the full protocol (64 × 2048 tokens of WikiText-2 validation,
+# seed 0, 8 gradient windows), from an empty statistics cache; each model's WikiText-2 perplexity (all 148
+# windows); then, from those same models (the same ranks: the allocation is read back from the run's cache), the
+# rows the preset does not build: the closed-form update at R = 0.2 and 0.4, no update at R = 0.6, and SVD-LLM's
+# LoRA stage (`svdllm finetune --preset cpu`) on each default model.
+# Resumable: a step whose JSON exists is skipped. Raw results: OUT/*.json; README/BENCHMARKS quote them.
+# Usage: bash benchmarks/best_smollm2.sh [OUT_DIR]   (the default run about 25 min alone on 2 cores, each full
+# evaluation 15–25 min, each LoRA stage pair about 15 min)
+set -euo pipefail
+OUT=${1:-runs/best}
+RUNS=${RUNS:-runs/best-models}  # the models (large; not committed)
+SVDLLM=${SVDLLM:-svdllm}
+export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+CACHE="$RUNS/cache"  # a cache of this run's own: empty the first time, whatever ~/.cache/svdllm holds
+mkdir -p "$OUT" "$RUNS"
+nproc > "$OUT/machine.txt"; lscpu | grep -E "Model name|^CPU\(s\)" >> "$OUT/machine.txt" || true
+
+step() {  # step NAME COMMAND...: run once, keep the last stdout line (the command's --json) as OUT/NAME.json
+  local name=$1; shift
+  [ -s "$OUT/$name.json" ] && return 0
+  local t0=$SECONDS
+  "$@" --json -q > "$OUT/$name.out" 2> "$OUT/$name.log"
+  tail -1 "$OUT/$name.out" > "$OUT/$name.json.tmp" && mv "$OUT/$name.json.tmp" "$OUT/$name.json"
+  rm -f "$OUT/$name.out"
+  echo "$name: $((SECONDS - t0)) s" >> "$OUT/wall.txt"
+}
+
+# 1. the default, three ratios, one run
+step compress-best $SVDLLM compress --model smollm2-135m --ratio 0.2,0.4,0.6 --cache-dir "$CACHE" \
+  --out "$RUNS/best" --overwrite
+for r in 0.2 0.4 0.6; do
+  cp "$RUNS/best/ratio-$r/svdllm_manifest.json" "$OUT/manifest-best-r$r.json"
+  step eval-best-r$r $SVDLLM eval --model "$RUNS/best/ratio-$r" --ppl wikitext2
+done
+# 2. the update the preset does not apply at each ratio, on the same ranks
+step compress-closed-form $SVDLLM compress --model smollm2-135m --ratio 0.2,0.4 --update closed-form \
+  --cache-dir "$CACHE" --out "$RUNS/closed-form" --overwrite
+step compress-none-r0.6 $SVDLLM compress --model smollm2-135m --ratio 0.6 --update none --cache-dir "$CACHE" \
+  --out "$RUNS/none-r0.6" --overwrite
+step eval-none-r0.6 $SVDLLM eval --model "$RUNS/none-r0.6" --ppl wikitext2
+for r in 0.2 0.4; do
+  step eval-closed-form-r$r $SVDLLM eval --model "$RUNS/closed-form/ratio-$r" --ppl wikitext2
+done
+# 3. SVD-LLM's LoRA stage on each default model
+for r in 0.4 0.2 0.6; do
+  step finetune-best-r$r $SVDLLM finetune "$RUNS/best/ratio-$r" --out "$RUNS/lora-r$r" --preset cpu --overwrite
+  step eval-lora-r$r $SVDLLM eval --model "$RUNS/lora-r$r" --ppl wikitext2
+done

@@ -1,0 +1,93 @@
+"""One default: the CLI and the library build the same model from the same arguments, and the model at a ratio
+depends on that ratio alone (not on the ratios beside it, the thread count or what the cache holds)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import svdllm
+from svdllm.cli import main
+from tiny import tiny_model
+
+CAL = dict(nsamples=3, seqlen=48, grad_samples=2)
+
+
+def _tensors(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _same_model(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    ma = json.loads((a / "svdllm_manifest.json").read_text())
+    mb = json.loads((b / "svdllm_manifest.json").read_text())
+    assert ma["ranks"] == mb["ranks"]
+    for key in ("preset", "method", "alloc", "update", "ratio", "params"):
+        assert ma[key] == mb[key], key
+    return ma
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _api(model_dir, data_dir, ratio, out, cache):
+    model, tok = svdllm.load_model(str(model_dir))
+    cal = svdllm.CalibrationConfig(data_dir=str(data_dir), **CAL)
+    return svdllm.compress(model, tok, svdllm.CompressConfig(ratio=ratio, calibration=cal, cache_dir=cache), out=out,
+                           progress=False)
+
+
+def test_cli_and_library_build_the_same_default_model(model_dir, data_dir, tmp_path):
+    cli_out, api_out = tmp_path / "cli", tmp_path / "api"
+    assert main(["compress", "--model", str(model_dir), "--ratio", "0.3,0.6", "--nsamples", "3", "--seqlen", "48",
+                 "--grad-samples", "2", "--data-dir", str(data_dir), "--no-cache", "--out", str(cli_out), "-q"]) == 0
+    _api(model_dir, data_dir, [0.3, 0.6], api_out, "")
+    for r, update in (("0.3", "none"), ("0.6", "closed-form")):
+        m = _same_model(cli_out / f"ratio-{r}", api_out / f"ratio-{r}")
+        # the preset, resolved per ratio: kfac-svd + global, the closed-form update from R = 0.5 only
+        assert (m["preset"], m["method"], m["alloc"], m["update"]) == ("best", "kfac-svd", "global", update)
+
+
+def test_the_model_at_a_ratio_depends_on_that_ratio_alone(model_dir, data_dir, tmp_path):
+    cache = str(tmp_path / "cache")
+    _api(model_dir, data_dir, [0.2, 0.3, 0.6], tmp_path / "three", "")  # no cache: everything computed here
+    _api(model_dir, data_dir, 0.3, tmp_path / "alone", cache)  # alone, filling a cache
+    _same_model(tmp_path / "three" / "ratio-0.3", tmp_path / "alone")
+    _api(model_dir, data_dir, 0.3, tmp_path / "cached", cache)  # alone again, every statistic from the cache
+    _same_model(tmp_path / "alone", tmp_path / "cached")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _api(model_dir, data_dir, [0.6, 0.3], tmp_path / "one-thread", "")
+    finally:
+        torch.set_num_threads(threads)
+    _same_model(tmp_path / "three" / "ratio-0.3", tmp_path / "one-thread" / "ratio-0.3")
+    _same_model(tmp_path / "three" / "ratio-0.6", tmp_path / "one-thread" / "ratio-0.6")
+
+
+def test_ratios_without_an_update_share_one_calibration_pass(model_dir, data_dir, tmp_path, monkeypatch):
+    import svdllm.pipeline as pipeline
+
+    passes = []
+    real = pipeline.calibrate_layers
+
+    def counting(*args, **kw):
+        passes.append(kw.get("paired", False))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "calibrate_layers", counting)
+    results = _api(model_dir, data_dir, [0.2, 0.3, 0.6], tmp_path / "r", "")
+    assert [r.manifest["update"] for r in results] == ["none", "none", "closed-form"]
+    # one pass for the statistics of every ratio, one through the compressed model for R = 0.6's update
+    assert passes == [False, True]
