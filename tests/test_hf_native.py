@@ -54,3 +54,22 @@ def test_eval_writes_measured_perplexity_into_the_model_card(tok, data_dir, tmp_
                  "--data-dir", str(data_dir), "-q"]) == 0
     card = (tmp_path / "m" / "README.md").read_text()
     assert "perplexity, wikitext2" in card
+
+
+def test_model_card_front_matter_is_what_the_hub_reads(tok, data_dir, tmp_path, capsys):
+    import yaml
+
+    model = tiny_model("llama")
+    model.config.name_or_path = "smollm2-135m"  # as the built-in loader names it
+    cal = svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir), dataset="wikitext2")
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, calibration=cal), out=tmp_path / "m",
+                    progress=False)
+    assert main(["eval", "--model", str(tmp_path / "m"), "--ppl", "wikitext2", "--seqlen", "64",
+                 "--data-dir", str(data_dir), "--json", "-q"]) == 0
+    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]["wikitext2"]["ppl"]
+    card = (tmp_path / "m" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "text-generation" and meta["datasets"] == ["Salesforce/wikitext"]
+    metric = meta["model-index"][0]["results"][0]["metrics"][0]
+    assert metric["type"] == "perplexity" and metric["value"] == round(measured, 2)

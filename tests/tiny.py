@@ -59,3 +59,10 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **kw):
                 for p in (layer.self_attn.q_proj.bias, layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias):
                     p.normal_(0, 0.1)
     return model.eval()
+
+
+def saved_tiny(directory, family: str, tokenizer):
+    """A tiny model and its tokenizer written as a Hugging Face directory, as a user's checkpoint would be."""
+    tiny_model(family).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -245,9 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compress a built-in model and show perplexity and generations before/after")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--ratio", type=float, default=0.4)
+    d.add_argument("--calib-dataset", default="wikitext2,alpaca",
+                   help="calibration text (default wikitext2,alpaca: chat turns keep an instruct model answering)")
     d.add_argument("--nsamples", type=int, default=16)
     d.add_argument("--seqlen", type=int, default=1024)
+    d.add_argument("--grad-samples", type=int, default=4)
     d.add_argument("--max-windows", type=int, default=8)
+    d.add_argument("--max-new-tokens", type=int, default=40)
     d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     d.add_argument("--out", default="runs/demo")
     _add_data_args(d)
@@ -520,34 +524,56 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
+    """Dense, SVD-LLM as published and svdllm's default at the same parameter count, on the same test windows,
+    with one reply each: what the product does, in about 10 minutes on 2 CPU cores."""
     from .config import CalibrationConfig, CompressConfig
     from .evaluation import generate, perplexity
     from .models import load_model
-    from .pipeline import compress
+    from pathlib import Path
+
+    from .pipeline import compress, swap_back
 
     progress = not args.quiet
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     print(f"[demo] loaded {args.model} in {time.perf_counter() - t0:.0f} s")
-    before = perplexity(model, tok, "wikitext2", args.data_dir, 2048, args.max_windows, progress=progress)
-    gen_before = generate(model, tok, args.prompt, 40)
-    config = CompressConfig(ratio=args.ratio, method="svd-llm", calibration=CalibrationConfig(
-        nsamples=args.nsamples, seqlen=args.seqlen, data_dir=args.data_dir))
-    res = compress(model, tok, config, out=args.out, overwrite=True, progress=progress)[0]
-    after = perplexity(model, tok, "wikitext2", args.data_dir, 2048, args.max_windows, progress=progress)
-    gen_after = generate(model, tok, args.prompt, 40)
-    note = (f"demo settings: calibration {args.nsamples} × {args.seqlen} tokens (protocol: 64 × 2048), "
-            f"WikiText-2 test on the first {before['windows']} of {before['total_windows']} windows of 2048")
+
+    def measure(label: str, params: int, seconds: float | None, achieved: float = 0.0) -> dict:
+        ppl = perplexity(model, tok, "wikitext2", args.data_dir, 2048, args.max_windows, progress=progress)
+        reply = generate(model, tok, args.prompt, args.max_new_tokens)
+        return {"model": label, "params": params, "achieved_ratio": achieved, "ppl": ppl["ppl"], "windows": ppl["windows"],
+                "total_windows": ppl["total_windows"], "reply": reply, "compress_s": seconds}
+
+    rows = [measure("dense", sum(p.numel() for p in model.parameters()), None)]
+    cal = CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen,
+                            grad_samples=args.grad_samples, data_dir=args.data_dir)
+    for label, preset in (("SVD-LLM (--preset paper)", "paper"), ("svdllm default (--preset best)", "best")):
+        t = time.perf_counter()
+        res = compress(model, tok, CompressConfig(ratio=args.ratio, preset=preset, calibration=cal),
+                       out=Path(args.out) / preset, overwrite=True, progress=progress)[0]
+        m = res.manifest
+        rows.append(measure(f"{label}: {m['method']} + {m['alloc']}", res.params["model_after"],
+                            time.perf_counter() - t, res.params["achieved_ratio"]))
+        swap_back(model, res.originals)  # dense again for the next one
+    note = (f"R = {args.ratio}; demo settings: calibration {args.nsamples} × {args.seqlen} tokens of "
+            f"{args.calib_dataset}, {args.grad_samples} gradient windows (protocol: 64 × 2048 of wikitext2, 8); "
+            f"WikiText-2 test perplexity on the first {rows[0]['windows']} of {rows[0]['total_windows']} windows "
+            "of 2048 (protocol: all)")
     print()
-    print(f"SmolLM2 demo ({args.model}), svd-llm, ratio {args.ratio}   [{note}]")
-    print(f"  parameters:           {res.params['model_before']:,} → {res.params['model_after']:,}")
-    print(f"  WikiText-2 perplexity: dense {before['ppl']:.2f} → compressed {after['ppl']:.2f}")
-    print(f"  prompt: {args.prompt}")
-    print(f"  dense:      {gen_before}")
-    print(f"  compressed: {gen_after}")
-    print(f"  saved to {args.out}; total {time.perf_counter() - t0:.0f} s")
-    return {"command": "demo", "ppl_dense": before, "ppl_compressed": after, "generation_dense": gen_before,
-            "generation_compressed": gen_after, "params": res.params, "note": note}
+    print(f"{args.model} compressed by {100 * args.ratio:.0f}% of its projection weights   [{note}]")
+    print()
+    print("| model | parameters | of the projections removed | WikiText-2 ppl | compression time |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        secs = f"{r['compress_s']:.0f} s" if r["compress_s"] is not None else ""
+        print(f"| {r['model']} | {r['params']:,} | {100 * r['achieved_ratio']:.1f}% | {r['ppl']:.2f} | {secs} |")
+    print()
+    print(f"prompt: {args.prompt}")
+    for r in rows:
+        print(f"  {r['model']}:\n    {r['reply']}")
+    print(f"\nmodels saved under {args.out}; total {time.perf_counter() - t0:.0f} s")
+    return {"command": "demo", "note": note, "ratio": args.ratio, "prompt": args.prompt, "rows": rows,
+            "wall_s": time.perf_counter() - t0}
 
 
 def cmd_bench(args) -> dict:

@@ -31,7 +31,7 @@ from .factorization import LowRankLinear, get_method
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
 from .models.lazy import is_lazy, release, resident, resident_bytes
 from .models.families import LINEAR_NAMES, family_of, set_submodule
-from .models.loading import cache_root
+from .models.loading import cache_root, source_metadata
 from .update import DRIFT_GROUPS, UPDATES, base_update, closed_form_w_u
 
 log = logging.getLogger(__name__)
@@ -514,6 +514,8 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         manifest = {
             "svdllm_version": __version__,
             "base_model": getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
+            "source_model": source_metadata(getattr(model.config, "name_or_path", None)
+                                      or getattr(model.config, "_name_or_path", None)),
             "model_type": model.config.model_type,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "preset": config.preset,

@@ -72,14 +72,51 @@ def strip_native(config) -> None:
             delattr(config, attr)
 
 
+# the hub datasets a calibration source came from (a user's own file has none)
+CALIBRATION_DATASETS = {"wikitext2": "Salesforce/wikitext", "ptb": "ptb-text-only/ptb_text_only", "c4": "allenai/c4",
+                        "alpaca": "tatsu-lab/alpaca"}
+PPL_DATASETS = {"wikitext2": ("WikiText-2 (test)", "Salesforce/wikitext"), "ptb": ("PTB (test)", "ptb_text_only"),
+                "c4": ("C4 (validation, first 256 documents)", "allenai/c4")}
+
+
+def _front_matter(manifest: dict, results: dict | None) -> list[str]:
+    """The model card's YAML header as the Hub reads it: base model, license, task, calibration datasets, and the
+    perplexities `svdllm eval` measured as model-index results."""
+    low_rank = manifest.get("method") not in (None, "dense")
+    source = manifest.get("source_model") or {}
+    lines = ["library_name: transformers", "pipeline_tag: text-generation"]
+    if source.get("hub_id"):
+        lines.append(f"base_model: {source['hub_id']}")
+    if source.get("license"):
+        lines.append(f"license: {source['license']}")
+    cal = manifest.get("calibration") or {}
+    datasets = [CALIBRATION_DATASETS[s.strip()] for s in str(cal.get("dataset") or "").split(",")
+                if cal.get("used") and s.strip() in CALIBRATION_DATASETS]
+    if datasets:
+        lines += ["datasets:", *(f"- {d}" for d in dict.fromkeys(datasets))]
+    lines += ["tags:", "- svdllm", *(["- low-rank"] if low_rank else []),
+              *(["- quantized"] if manifest.get("quantization") else []), "- compressed"]
+    ppl = {k: r for k, r in ((results or {}).get("ppl") or {}).items() if k.split("[")[0] in PPL_DATASETS}
+    if ppl:
+        title = f"{source.get('hub_id') or manifest.get('base_model') or 'model'} (svdllm, R = {manifest.get('ratio')})"
+        lines += ["model-index:", f"- name: \"{title}\"", "  results:"]
+        for key, r in sorted(ppl.items()):
+            label, hub = PPL_DATASETS[key.split("[")[0]]
+            partial = "" if r.get("windows") == r.get("total_windows") else f", first {r.get('windows')} windows"
+            lines += ["  - task:", "      type: text-generation", "    dataset:", f"      name: \"{label}\"",
+                      f"      type: {hub}", "    metrics:", "    - type: perplexity",
+                      f"      value: {round(float(r['ppl']), 2)}",
+                      f"      name: \"perplexity ({r.get('seqlen')}-token windows{partial})\""]
+    return lines
+
+
 def model_card(manifest: dict, results: dict | None = None) -> str:
     """A README.md in the Hugging Face model-card layout, from the manifest and any measured results."""
     p = manifest.get("params", {})
     q = manifest.get("quantization") or {}
     low_rank = manifest.get("method") not in (None, "dense")
     name = manifest.get("base_model") or manifest.get("model_type", "model")
-    lines = ["---", "library_name: transformers", "tags:", "- svdllm", *(["- low-rank"] if low_rank else []),
-             *(["- quantized"] if q else []), "- compressed", "---", ""]
+    lines = ["---", *_front_matter(manifest, results), "---", ""]
     if low_rank:
         lines += [f"# {name}, compressed by svdllm", "",
                   f"Low-rank factorization of every compressed linear layer (W ≈ W_u·W_v) by svdllm "

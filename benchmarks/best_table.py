@@ -1,0 +1,57 @@
+"""The default's table from benchmarks/best_smollm2.sh's raw results: each ratio's model (parameters, achieved
+ratio, update, WikiText-2 perplexity), against SVD-LLM as published on the same protocol, and the rows built from
+the same models (the other update, LoRA). Prints markdown and writes it to OUT/table.md.
+
+Usage: python benchmarks/best_table.py [OUT]   (default benchmarks/results/best_smollm2)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
+
+
+def _ppl(path: Path) -> str:
+    d = _json(path)
+    if d is None:
+        return "not run"
+    r = d["ppl"]["wikitext2"]
+    partial = "" if r["windows"] == r["total_windows"] else f" ({r['windows']}/{r['total_windows']} windows)"
+    return f"{r['ppl']:.2f}{partial}"
+
+
+def main(out: Path) -> str:
+    compress = _json(out / "compress-best.json")
+    paper = {r["ratio"]: r for r in _json(ROOT / "benchmarks/results/protocol_smollm2/compress.json")["results"]}
+    rows = ["| R | parameters (achieved R) | update | WikiText-2 ppl | SVD-LLM (`--preset paper`) | "
+            "with the other update | + LoRA (`finetune --preset cpu`) |", "|---|---|---|---|---|---|---|"]
+    for res in compress["results"]:
+        r = res["ratio"]
+        manifest = _json(out / f"manifest-best-r{r:g}.json")
+        update = manifest["update"]
+        other = (f"none: {_ppl(out / f'eval-none-r{r:g}.json')}" if update != "none"
+                 else f"closed-form: {_ppl(out / f'eval-closed-form-r{r:g}.json')}")
+        svd = _json(ROOT / f"benchmarks/results/protocol_smollm2/eval-r{r:g}.json")["ppl"]["wikitext2"]["ppl"]
+        best = _json(out / f"eval-best-r{r:g}.json")
+        vs = (f" ({100 * (best['ppl']['wikitext2']['ppl'] / svd - 1):+.0f}%)".replace("-", "−")
+              if best else "")
+        rows.append(f"| {r:g} | {res['model_after']:,} ({res['achieved_ratio']:.4f}) | {update} | "
+                    f"**{_ppl(out / f'eval-best-r{r:g}.json')}**{vs} | {svd:.2f} ({paper[r]['model_after']:,}) | "
+                    f"{other} | {_ppl(out / f'eval-lora-r{r:g}.json')} |")
+    t = compress["results"][0]
+    rows += ["", f"Compression of the three ratios in one run: {compress['wall_s'] / 60:.1f} min wall "
+             f"(gradient pass {t.get('gradient_pass_s', 0):.0f} s, allocation with its measurements "
+             f"{t.get('loss_scale_s', 0):.0f} s), peak RSS {max(r['peak_rss_mb'] for r in compress['results']) / 1024:.2f} GB."]
+    text = "\n".join(rows) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    print(main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "benchmarks/results/best_smollm2"), end="")
