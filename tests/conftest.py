@@ -26,8 +26,11 @@ def tok():
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("data"))
+
+
+def make_data_dir(root: Path) -> Path:
     """A small data directory with the shared data layout (synthetic text, real file formats)."""
-    root = tmp_path_factory.mktemp("data")
     (root / "wikitext2_raw").mkdir()
     lines = []
     for i in range(60):

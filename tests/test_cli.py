@@ -116,3 +116,4 @@ def test_demo_shows_dense_paper_and_default_at_the_same_size(model_dir, data_dir
     assert 0.4 <= best["achieved_ratio"] <= paper["achieved_ratio"] < 0.45
     assert all(r["windows"] == 1 and r["ppl"] > 1 for r in res["rows"])
     assert "| model | parameters | of the projections removed | WikiText-2 ppl |" in out
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"] == res["rows"]

@@ -571,9 +571,13 @@ def cmd_demo(args) -> dict:
     print(f"prompt: {args.prompt}")
     for r in rows:
         print(f"  {r['model']}:\n    {r['reply']}")
-    print(f"\nmodels saved under {args.out}; total {time.perf_counter() - t0:.0f} s")
-    return {"command": "demo", "note": note, "ratio": args.ratio, "prompt": args.prompt, "rows": rows,
-            "wall_s": time.perf_counter() - t0}
+    result = {"command": "demo", "model": args.model, "note": note, "ratio": args.ratio, "prompt": args.prompt,
+              "rows": rows, "wall_s": time.perf_counter() - t0}
+    from .io.atomic import atomic_write_text
+
+    atomic_write_text(Path(args.out) / "demo.json", json.dumps(result, indent=1))
+    print(f"\nmodels and demo.json (these figures) saved under {args.out}; total {result['wall_s']:.0f} s")
+    return result
 
 
 def cmd_bench(args) -> dict:

@@ -1,0 +1,86 @@
+"""The same arguments keep giving the same model: every method × allocator × update on a tiny model, against a
+record written by the code before a refactor (ranks exactly; each saved tensor's sum and sum of squares to 1e-9).
+
+A change that is meant to alter the models rewrites the record, and says so in its commit:
+    python tests/test_reference_models.py --write
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+RECORD = Path(__file__).parent / "data" / "reference_models.json"
+METHODS = ["svd", "svd-llm", "svd-llm-v2", "asvd", "fwsvd", "dipsvd", "kfac-svd"]
+ALLOCATORS = ["uniform", "v2", "lorap", "dipsvd", "global"]
+UPDATES = ["none", "closed-form", "closed-form-drift"]
+COMBOS = [f"{m}:{a}:{u}" for m in METHODS for a in ALLOCATORS for u in UPDATES]
+
+
+def build(combo: str, data_dir, cache: str, out: Path) -> dict:
+    """The saved model of one combination, summarised: its ranks and each tensor's (sum, sum of squares)."""
+    import svdllm
+    from tiny import byte_tokenizer, tiny_model
+
+    method, alloc, update = combo.split(":")
+    cal = svdllm.CalibrationConfig(nsamples=3, seqlen=32, grad_samples=2, data_dir=str(data_dir))
+    config = svdllm.CompressConfig(ratio=0.5, method=method, alloc=alloc, update=update, calibration=cal,
+                                   cache_dir=cache)
+    svdllm.compress(tiny_model("llama"), byte_tokenizer(), config, out=out, progress=False)
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    manifest = json.loads((out / "svdllm_manifest.json").read_text())
+    return {"ranks": manifest["ranks"],
+            "tensors": {k: [float(t.double().sum()), float(t.double().pow(2).sum())] for k, t in sorted(tensors.items())
+                        if k.startswith("model.layers.")}}
+
+
+@pytest.fixture(scope="module")
+def record():
+    if not RECORD.is_file():
+        pytest.skip(f"no reference record at {RECORD}")
+    return json.loads(RECORD.read_text())
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))  # one calibration serves every combination
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_same_model_as_recorded(combo, record, data_dir, shared_cache, tmp_path):
+    got, want = build(combo, data_dir, shared_cache, tmp_path / "m"), record["models"][combo]
+    assert got["ranks"] == want["ranks"]
+    assert got["tensors"].keys() == want["tensors"].keys()
+    for k, (s, q) in got["tensors"].items():
+        assert s == pytest.approx(want["tensors"][k][0], rel=1e-9, abs=1e-9), k
+        assert q == pytest.approx(want["tensors"][k][1], rel=1e-9), k
+
+
+def _write() -> None:
+    import tempfile
+
+    import transformers
+    from conftest import make_data_dir
+
+    models = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "data").mkdir()
+        data = make_data_dir(tmp / "data")
+        for combo in COMBOS:
+            models[combo] = build(combo, data, str(tmp / "cache"), tmp / "out" / combo.replace(":", "-"))
+            print(combo, flush=True)
+    RECORD.parent.mkdir(exist_ok=True)
+    RECORD.write_text(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
+                                  "models": models}, indent=0, sort_keys=True))
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    torch.set_num_threads(2)
+    _write()
