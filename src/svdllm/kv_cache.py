@@ -25,7 +25,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .errors import SvdllmError
-from .factorization.lowrank import LowRankLinear
+from .modules import LowRankLinear
 from .models.families import family_of
 
 

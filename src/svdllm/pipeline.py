@@ -27,10 +27,11 @@ from .config import CompressConfig, available_memory
 from .data import CORPORA, calibration_set, check_token_ids
 from .data.texts import split_sources
 from .errors import SvdllmError
-from .factorization import LowRankLinear, get_method
+from .factorization import get_method
+from .modules import LowRankLinear
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
 from .models.lazy import is_lazy, release, resident, resident_bytes
-from .models.families import LINEAR_NAMES, family_of, set_submodule
+from .models.families import LINEAR_NAMES, family_of, layer_index, layer_prefix, set_submodule
 from .models.loading import cache_root, source_metadata
 from .update import DRIFT_GROUPS, UPDATES, base_update, closed_form_w_u
 
@@ -51,10 +52,11 @@ class CompressionResult:
 
 def matrices_of(model: nn.Module) -> list[MatrixInfo]:
     out = []
-    for i, layer in enumerate(family_of(model).decoder_layers(model)):
+    family = family_of(model)
+    for i, layer in enumerate(family.decoder_layers(model)):
         for name in LINEAR_NAMES:
             lin = layer.get_submodule(name)
-            out.append(MatrixInfo(f"model.layers.{i}.{name}", lin.out_features, lin.in_features))
+            out.append(MatrixInfo(family.linear_name(i, name), lin.out_features, lin.in_features))
     return out
 
 
@@ -334,7 +336,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                     for k, name in enumerate(LINEAR_NAMES):
                         if not distributed.mine(i * len(LINEAR_NAMES) + k):  # round-robin across ranks (torchrun)
                             continue
-                        full = f"model.layers.{i}.{name}"
+                        full = layer_prefix(i) + name
                         lin = layer.get_submodule(name)
                         linear_stats = stats_for(full, name, stats)
                         spectra[full] = _spectrum(lin.weight, decompose(full, lin, linear_stats), linear_stats, grads,
@@ -416,10 +418,9 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         t = time.perf_counter()
         # under torchrun each rank factorizes every world_size-th matrix; the results are gathered on all ranks
         done = distributed.gather_merge({
-            f"model.layers.{i}.{name}": factorize_one(f"model.layers.{i}.{name}", name, layer.get_submodule(name),
-                                                      stats)
+            layer_prefix(i) + name: factorize_one(layer_prefix(i) + name, name, layer.get_submodule(name), stats)
             for k, name in enumerate(LINEAR_NAMES) if name in names and distributed.mine(i * len(LINEAR_NAMES) + k)})
-        for full in (f"model.layers.{i}.{name}" for name in names):
+        for full in (layer_prefix(i) + name for name in names):
             one = done[full]
             if one["jitter"]:
                 jitters[full] = one["jitter"]
@@ -429,7 +430,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
                 factors[r][full] = pair
                 losses[r][full] = one["losses"][r]
         timings["factorization_s"] += time.perf_counter() - t
-        prefix = f"model.layers.{i}."
+        prefix = layer_prefix(i)
         if sequential:
             applied.update(swap_in(model, {f"{prefix}{n}": factors[ratios[0]][f"{prefix}{n}"] for n in names
                                            if f"{prefix}{n}" in factors[ratios[0]]}))
@@ -444,7 +445,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         return sequential
 
     def write_layer(i: int, layer: nn.Module) -> None:
-        prefix = f"model.layers.{i}."
+        prefix = layer_prefix(i)
         if lazy:  # written now, so the compressed model is never whole in memory
             for r in ratios:
                 writers[r].add(f"model-layer-{i:05d}.safetensors", _layer_tensors(layer, prefix, factors[r]))
@@ -480,7 +481,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         resume = cache.load_if_present if cache is not None and cal.mode == "original" else None
         if partial is not None and partial.has(0):
             log.info("Resuming the closed-form pass from the layers an earlier run finished (%s).", partial.dir)
-        release_layer = (lambda i, layer: release(model, f"model.layers.{i}.")) if lazy else None  # noqa: E731
+        release_layer = (lambda i, layer: release(model, layer_prefix(i))) if lazy else None  # noqa: E731
         for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,
                                          paired=closed_form, drift_groups=DRIFT_GROUPS.get(config.update, ()),
                                          cached=resume, on_exit=release_layer,
@@ -542,7 +543,7 @@ def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progres
         if lazy:
             tied = getattr(model.config, "tie_word_embeddings", False)
             rest = {k: v for k, v in model.state_dict().items()
-                    if not k.startswith("model.layers.") and not (tied and k == "lm_head.weight")}
+                    if layer_index(k) is None and not (tied and k == "lm_head.weight")}
             writers[r].finish(model, tokenizer, manifest, rest)
         elif outs[r] is not None and distributed.is_main():  # written once, by rank 0
             save(model, tokenizer, outs[r], manifest, overwrite)

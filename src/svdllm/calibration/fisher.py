@@ -41,7 +41,8 @@ def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = Tru
 
     windows = distributed.shard(windows)  # under torchrun: this rank's windows; sums all-reduced at the end
     layers = family_of(model).decoder_layers(model)
-    modules = {f"model.layers.{i}.{n}": layer.get_submodule(n) for i, layer in enumerate(layers) for n in LINEAR_NAMES}
+    family = family_of(model)
+    modules = {family.linear_name(i, n): layer.get_submodule(n) for i, layer in enumerate(layers) for n in LINEAR_NAMES}
     previous = {p: p.requires_grad for p in model.parameters()}
     device = next(model.parameters()).device
     rows = {name: torch.zeros(m.out_features, dtype=torch.float64) for name, m in modules.items()}

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SvdllmError
 from . import distributed
-from ..models.families import GROUP_OF, INPUT_GROUPS, family_of
+from ..models.families import GROUP_OF, INPUT_GROUPS, family_of, layer_prefix
 from ..models.lazy import is_lazy, materialize
 
 log = logging.getLogger(__name__)
@@ -346,8 +346,8 @@ def calibrate_layers(
     attention = INPUT_GROUPS["attn_out"][0].rsplit(".", 1)[0]
     for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
         if is_lazy(model):
-            materialize(model, f"model.layers.{i}.")
-        kwargs, where = layer_kwargs[i], f"model.layers.{i}"
+            materialize(model, layer_prefix(i))
+        kwargs, where = layer_kwargs[i], layer_prefix(i).rstrip(".")
         stats = cached(i) if cached is not None else None
         if not dense_stream:  # (the layer's outputs are the compressed stream's, set below)
             if stats is None:

@@ -111,7 +111,7 @@ def kv_cache_bytes(model, lengths=(2048,), batch: int = 1, seed: int = 0) -> lis
     from transformers import DynamicCache
 
     from ..kv_cache import CACHE_KW, cache_nbytes, low_rank_kv_cache
-    from ..factorization.lowrank import LowRankLinear
+    from ..modules import LowRankLinear
 
     device = next(model.parameters()).device
     low_rank = any(isinstance(m, LowRankLinear) for n, m in model.named_modules() if n.endswith(("k_proj", "v_proj")))

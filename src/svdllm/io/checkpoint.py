@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import SvdllmError
-from ..factorization.lowrank import LowRankLinear
-from ..models.families import family_of, set_submodule
+from ..modules import LowRankLinear
+from ..models.families import family_of, layer_index, set_submodule
 from ..quantization import flatten_state, is_quantized, unflatten_state
 from .atomic import readable_as_usual
 from .hf_native import MODELING_FILE, model_card, modeling_source, native_config, strip_native
@@ -230,7 +230,7 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int | None], dtype=None, devi
 def _check_config_against_weights(config, state: dict, path: Path) -> None:
     """The sizes that decide how big a model gets built must agree with the weights, before anything is built."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    layers = {i for i in map(layer_index, state) if i is not None}
     embed = state.get("model.embed_tokens.weight")
     checks = [("num_hidden_layers", getattr(text, "num_hidden_layers", None), len(layers))]
     if embed is not None:

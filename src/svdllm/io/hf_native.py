@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..factorization.lowrank import LowRankLinear
+from ..modules import LowRankLinear
 from ..models.families import set_submodule
 
 MODELING_FILE = "modeling_svdllm.py"

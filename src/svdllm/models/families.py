@@ -32,6 +32,24 @@ LINEAR_NAMES: tuple[str, ...] = tuple(n for names in INPUT_GROUPS.values() for n
 GROUP_OF: dict[str, str] = {n: g for g, names in INPUT_GROUPS.items() for n in names}
 
 
+# Where every supported family keeps its decoder layers; the one place that names the path (`layer_prefix`).
+LAYERS_PATH = "model.layers"
+
+
+def layer_prefix(i: int) -> str:
+    """The state-dict prefix of decoder layer i, e.g. "model.layers.3."."""
+    return f"{LAYERS_PATH}.{i}."
+
+
+def layer_index(name: str) -> int | None:
+    """Which decoder layer a parameter or module name belongs to (None: not in a decoder layer)."""
+    head = LAYERS_PATH + "."
+    if not name.startswith(head):
+        return None
+    i = name[len(head):].split(".", 1)[0]
+    return int(i) if i.isdigit() else None
+
+
 def supported_list() -> str:
     return ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
 
@@ -41,7 +59,11 @@ class Family:
     model_type: str
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
+        return model.get_submodule(LAYERS_PATH)
+
+    def linear_name(self, i: int, linear: str) -> str:
+        """The full module name of a compressible linear, e.g. "model.layers.3.self_attn.q_proj"."""
+        return layer_prefix(i) + linear
 
 
 def family_of(model_or_config) -> Family:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import SvdllmError
-from .families import family_of
+from .families import LAYERS_PATH, family_of, layer_prefix
 
-LAYER_PREFIX = "model.layers."
+LAYER_PREFIX = LAYERS_PATH + "."
 
 
 class LazyCheckpoint:
@@ -92,7 +92,7 @@ def resident(model: nn.Module, i: int):
     if not is_lazy(model):
         yield
         return
-    prefix = f"{LAYER_PREFIX}{i}."
+    prefix = layer_prefix(i)
     was_meta = any(p.is_meta for n, p in model.named_parameters() if n.startswith(prefix))
     materialize(model, prefix)
     try:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data.instructions import IGNORE, collate, load_items
 from ..errors import SvdllmError
-from ..factorization.lowrank import LowRankLinear
+from ..modules import LowRankLinear
 from ..io.atomic import atomic_path, atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""LowRankLinear: the module that replaces a dense nn.Linear by two thin ones, y = W_u (W_v x) + b."""
+"""The modules svdllm puts into a model: LowRankLinear replaces a dense nn.Linear by two thin ones, y = W_u (W_v x) + b.
+Every part that builds, saves, loads, caches or times a compressed model imports it from here."""
 from __future__ import annotations
 
 import torch
