@@ -141,7 +141,7 @@ def test_predicted_loss_of_components_matches_kfac_expression(method, tok, data_
     """Σ_{k≥r} loss_k = tr(diag(G)·ΔW·XᵀX·ΔWᵀ) for a truncation-aware method, computed from the dense matrices."""
     from svdllm.calibration import LinearStats
     from svdllm.factorization import METHODS
-    from svdllm.pipeline import _spectrum
+    from svdllm.allocation.spectra import spectrum
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(12, 20, generator=g, dtype=torch.float64)
@@ -153,7 +153,7 @@ def test_predicted_loss_of_components_matches_kfac_expression(method, tok, data_
         rows, outputs, windows = {"m": stats.fisher_rows}, {"m": out}, 1
 
     dec = METHODS[method].decompose(w, stats)
-    sp = _spectrum(w, dec, stats, Grads, "m")
+    sp = spectrum(w, dec, stats, Grads, "m")
     r = 5
     w_u, w_v = dec.factors(r, dtype=torch.float64)
     dw = w - w_u @ w_v
@@ -197,11 +197,11 @@ def test_spectral_allocation_with_the_closed_form_update(tok, data_dir, tmp_path
 def test_allocation_is_kept_beside_the_statistics_and_reused_across_updates(tok, data_dir, tmp_path, monkeypatch):
     """The spectra and global's measured loss scales are computed once; the same configuration with another update
     reads the ranks back (identical) instead of recomputing them, and a changed option computes them anew."""
-    import svdllm.pipeline as pipeline
+    import svdllm.factorization.spectra as spectra
 
     calls = []
-    real = pipeline._spectrum
-    monkeypatch.setattr(pipeline, "_spectrum", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = spectra.spectrum
+    monkeypatch.setattr(spectra, "spectrum", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def config(update="none", **opts):
         return svdllm.CompressConfig(preset="paper", ratio=0.4, method="kfac-svd", alloc="global", update=update,

@@ -88,3 +88,42 @@ def test_ratios_without_an_update_share_one_calibration_pass(model_dir, data_dir
     assert [r.manifest["update"] for r in results] == ["none", "none", "closed-form"]
     # one pass for the statistics of every ratio, one through the compressed model for R = 0.6's update
     assert passes == [False, True]
+
+
+def test_each_matrix_is_decomposed_once_per_run(model_dir, data_dir, tmp_path, monkeypatch):
+    """The spectra phase's decompositions serve the allocation's measured truncations (refine=1: three rounds), the
+    factorization of R = 0.2 and 0.3, and R = 0.6's closed-form pass: one decomposition per matrix in all."""
+    from svdllm.factorization.methods import KFACSVD
+    from svdllm.factorization.store import DecompositionStore
+
+    calls, stores = [], []
+    real, real_init = KFACSVD.decompose, DecompositionStore.__init__
+    monkeypatch.setattr(KFACSVD, "decompose", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(DecompositionStore, "__init__", lambda self, *a: real_init(self, *a) or stores.append(self))
+    results = _api(model_dir, data_dir, [0.2, 0.3, 0.6], tmp_path / "r", "")
+    assert results[0].manifest["allocation"]["rounds"]  # the measured refinement ran
+    assert len(calls) == len(results[0].ranks) == 14  # 2 layers × 7 linears
+    assert len(stores) == 1 and not stores[0].dir.exists()  # the run's store is gone with the run
+
+
+def test_a_stored_decomposition_gives_the_same_factors(tmp_path):
+    from svdllm.calibration import LinearStats
+    from svdllm.factorization import METHODS
+    from svdllm.factorization.store import DecompositionStore
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    x = torch.randn(100, 20, generator=g, dtype=torch.float64)
+    dec = METHODS["svd-llm"].decompose(w, LinearStats(x.T @ x, x.abs().sum(0), 100))
+    store = DecompositionStore(tmp_path)
+    store.put("m", dec, keep=7)  # 12·20 / (12 + 20) = 7.5: rank 7 is the largest worth storing
+    back = store.get("m")
+    for r in (1, 7):
+        for a, b in zip(dec.factors(r, torch.float64), back.factors(r, torch.float64)):
+            assert torch.equal(a, b)
+    assert back.truncation_loss(3) == dec.truncation_loss(3) and back.info == dec.info
+    with pytest.raises(ValueError, match="keeps 7"):
+        back.factors(8)
+    assert store.get("other") is None
+    store.close()
+    assert not store.dir.exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .models.families import set_submodule
+
 
 class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, device=None, dtype=None):
@@ -48,3 +50,19 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def swap_in(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, nn.Module]:
+    """Replace each named linear by LowRankLinear(W_u, W_v); returns the replaced modules for `swap_back`."""
+    originals = {}
+    for name, (w_u, w_v) in factors.items():
+        dense = model.get_submodule(name)
+        bias = dense.bias.detach() if dense.bias is not None else None
+        set_submodule(model, name, LowRankLinear.from_factors(w_u, w_v, bias))
+        originals[name] = dense
+    return originals
+
+
+def swap_back(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    for name, module in originals.items():
+        set_submodule(model, name, module)

@@ -1,8 +1,25 @@
-"""The orchestrator: calibration → factorization (a method) → allocation (ranks) → update → save.
+"""The orchestrator. `compress(model, tokenizer, config)` swaps the compressible linears of `model` for LowRankLinear
+modules in place, like torchao's quantize_ or peft's get_peft_model.
 
-`compress(model, tokenizer, config)` swaps the compressible linears of `model` for LowRankLinear modules in
-place, like torchao's quantize_ or peft's get_peft_model. With several ratios, one calibration pass and one
-decomposition of each matrix serve all of them: each ratio's model is written to its own directory and the
+The config's preset resolves into a plan (config.py): a method, an allocator and an update per ratio. The ratios
+that share an update share one run of these phases over a `Run` (what each reads → what it writes):
+
+1. windows        tokenizer, config.calibration            → run.windows, run.cache (the statistics' cache entry)
+2. gradients      model, windows                           → run.grads: row Fisher, output-gradient diagonals and,
+                                                              for kfac-svd, Grams (calibration/fisher.py)
+3. record         the cache                                → run.ranks if this allocation was made before
+4. statistics     model, windows                           → every layer's input Grams, in run.dense (a forward pass
+                                                              layer by layer: calibration/layerwise.py)
+5. spectra        weights, run.dense, run.grads            → run.spectra; each decomposition kept in the run's store
+                                                              (factorization/spectra.py, factorization/store.py)
+6. allocation     run.spectra, measure(ranks) → loss        → run.ranks, run.alloc_info (allocation/, refine.py)
+7. factorization  the store (or weights and statistics),    → factors of every ratio, with the closed-form update in
+                  run.ranks                                   a pass through the compressed model (factorization/apply.py)
+8. save           the factors                              → one directory per ratio (io/)
+
+Each matrix is decomposed once per compress(): the spectra phase's decompositions serve the allocation's
+measurements, the factorization of every ratio, and the update groups after the first. With several ratios, one
+calibration pass serves all those without an update; each ratio's model is written to its own directory and the
 model is handed back dense.
 """
 from __future__ import annotations
@@ -19,21 +36,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .allocation import MatrixInfo, Spectrum, get_allocator, param_counts
+from .allocation import Allocator, MatrixInfo, get_allocator, param_counts
 from .calibration import distributed
-from .calibration import (AllocationRecord, LinearStats, PartialFactors, StatsCache, calibrate_layers, gradient_stats,
-                          model_fingerprint)
+from .calibration import (AllocationRecord, PartialFactors, StatsCache, calibrate_layers, gradient_stats,
+                          linear_stats, model_fingerprint)
 from .config import CompressConfig, available_memory
 from .data import CORPORA, calibration_set, check_token_ids
 from .data.texts import split_sources
 from .errors import SvdllmError
-from .factorization import get_method
-from .modules import LowRankLinear
+from .factorization import Method, get_method
+from .factorization.apply import LayerFactorizer
+from .factorization.spectra import decompose, spectra
+from .factorization.store import DecompositionStore
+from .modules import swap_back, swap_in
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
 from .models.lazy import is_lazy, release, resident, resident_bytes
-from .models.families import LINEAR_NAMES, family_of, layer_index, layer_prefix, set_submodule
+from .models.families import LINEAR_NAMES, family_of, layer_index, layer_prefix
 from .models.loading import cache_root, source_metadata
-from .update import DRIFT_GROUPS, UPDATES, base_update, closed_form_w_u
+from .update import DRIFT_GROUPS, UPDATES, base_update
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +105,6 @@ def peak_rss_mb() -> float:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
-
-
-def swap_in(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, nn.Module]:
-    """Replace each named linear by LowRankLinear(W_u, W_v); returns the replaced modules for `swap_back`."""
-    originals = {}
-    for name, (w_u, w_v) in factors.items():
-        dense = model.get_submodule(name)
-        bias = dense.bias.detach() if dense.bias is not None else None
-        set_submodule(model, name, LowRankLinear.from_factors(w_u, w_v, bias))
-        originals[name] = dense
-    return originals
-
-
-def swap_back(model: nn.Module, originals: dict[str, nn.Module]) -> None:
-    for name, module in originals.items():
-        set_submodule(model, name, module)
 
 
 @torch.no_grad()
@@ -162,15 +166,20 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     if len(groups) > 1:
         log.info("Updates per ratio: %s (the ratios without one share a calibration pass).",
                  ", ".join(f"R = {r:g}: {u}" for r, u in plan.updates.items()))
-    shared = {"ratios": ratios}  # every ratio's ranks, allocated once for the whole run (spectral allocators)
+    # what the update groups share: every ratio's ranks, allocated once, and the decompositions of every matrix
+    shared = {"ratios": ratios}
     results = []
-    for update, rs in groups:
-        concrete = dataclasses.replace(config, method=plan.method, alloc=plan.alloc, update=update,
-                                       ratio=rs if len(rs) > 1 else rs[0])
-        got = _compress_concrete(model, tokenizer, concrete, {r: outs[r] for r in rs}, overwrite, progress, shared)
-        if len(ratios) > 1 and len(rs) == 1:  # a group of one leaves its model in place; the run leaves it dense
-            swap_back(model, got[0].originals)
-        results += got
+    try:
+        for update, rs in groups:
+            concrete = dataclasses.replace(config, method=plan.method, alloc=plan.alloc, update=update,
+                                           ratio=rs if len(rs) > 1 else rs[0])
+            got = _compress_concrete(model, tokenizer, concrete, {r: outs[r] for r in rs}, overwrite, progress, shared)
+            if len(ratios) > 1 and len(rs) == 1:  # a group of one leaves its model in place; the run leaves it dense
+                swap_back(model, got[0].originals)
+            results += got
+    finally:
+        if "store" in shared:
+            shared["store"].close()
     order = {r: k for k, r in enumerate(ratios)}
     return sorted(results, key=lambda res: order[res.ratio])
 
@@ -178,7 +187,6 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
 def _compress_concrete(model, tokenizer, config: CompressConfig, outs: dict, overwrite: bool, progress: bool,
                        shared: dict) -> list[CompressionResult]:
     """One method, allocator and update (all named) for the ratios of `outs`."""
-    method = get_method(config.method, **config.method_options)
     ratios = [float(r) for r in config.ratios]
     if base_update(config.update) != config.update:
         return _compress_then_finetune(model, tokenizer, config, outs, overwrite, progress, shared)
@@ -190,11 +198,16 @@ def _compress_concrete(model, tokenizer, config: CompressConfig, outs: dict, ove
             results += _compress_concrete(model, tokenizer, one, {r: outs[r]}, overwrite, progress, shared)
             swap_back(model, results[-1].originals)
         return results
+    run = Run(model, tokenizer, config, get_method(config.method, **config.method_options),
+              get_allocator(config.alloc, **config.alloc_options), outs, overwrite, progress, shared)
     try:
-        return _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress, shared)
+        return _run_phases(run)
     except BaseException:
         abort_open_writers()  # a layer-wise save leaves no partial directory behind
         raise
+    finally:
+        if run.scratch is not None:
+            run.scratch.cleanup()
 
 
 def _compress_then_finetune(model, tokenizer, config, outs, overwrite, progress, shared):
@@ -217,365 +230,219 @@ def _compress_then_finetune(model, tokenizer, config, outs, overwrite, progress,
     return results
 
 
-def _compress(model, tokenizer, config, method, ratios, outs, overwrite, progress, shared):
-    cal = config.calibration
-    matrices = matrices_of(model)
-    shapes = {m.name: m for m in matrices}
-    allocator = get_allocator(config.alloc, **config.alloc_options)
-    alloc_options = {k: getattr(allocator, k) for k in sorted(allocator.options())}  # defaults included
-    spectral = "spectrum" in allocator.needs  # ranks come from the decompositions, so those come first
-    params_before = count_params(model)
-    closed_form = config.update in DRIFT_GROUPS
-    needs_inputs = "inputs" in method.needs or closed_form or "inputs" in allocator.needs
-    needs_grams = "output_grams" in method.needs
-    needs_grads = "fisher" in method.needs or "gradients" in allocator.needs or needs_grams
-    needs_data = needs_inputs or needs_grads
-    timings = {"calibration_s": 0.0, "factorization_s": 0.0}
-    lazy = is_lazy(model)
+@dataclass
+class Run:
+    """What the phases of one method, allocator and update pass to each other (see the module docstring)."""
+
+    model: nn.Module
+    tokenizer: object
+    config: CompressConfig
+    method: Method
+    allocator: Allocator
+    outs: dict  # ratio -> output directory or None
+    overwrite: bool
+    progress: bool
+    shared: dict  # across the update groups of one compress(): "ratios", "rank_maps", "alloc_info", "store"
+    timings: dict = field(default_factory=lambda: {"calibration_s": 0.0, "factorization_s": 0.0})
+    windows: torch.Tensor | None = None
+    cache: StatsCache | None = None  # the dense statistics the factorization reads (None: its own pass gathers them)
+    dense: StatsCache | None = None  # the dense statistics the spectra read (the cache, or a scratch one)
+    scratch: object = None  # a temporary directory holding `dense` when the statistics cache is off
+    grads: object = None
+    record: AllocationRecord | None = None
+    spectra: dict | None = None
+    ranks: dict | None = None  # ratio -> name -> rank (None: dense)
+    alloc_info: dict | None = None
+
+    def __post_init__(self):
+        self.ratios = [float(r) for r in self.config.ratios]
+        self.matrices = matrices_of(self.model)
+        self.lazy = is_lazy(self.model)
+        self.num_layers = len(family_of(self.model).decoder_layers(self.model))
+        method, allocator = self.method.needs, self.allocator.needs
+        self.closed_form = self.config.update in DRIFT_GROUPS
+        self.spectral = "spectrum" in allocator  # ranks come from the decompositions, so those come first
+        self.needs_inputs = "inputs" in method or self.closed_form or "inputs" in allocator
+        self.needs_grams = "output_grams" in method
+        self.needs_grads = "fisher" in method or "gradients" in allocator or self.needs_grams
+
+    @property
+    def store(self) -> DecompositionStore | None:
+        return self.shared.get("store")
+
+
+def _run_phases(run: Run) -> list[CompressionResult]:
+    cal, config = run.config.calibration, run.config
     writers = {}
-    if lazy:
-        if needs_grads:
+    if run.lazy:
+        if run.needs_grads:
             raise SvdllmError(f"--layerwise cannot run the gradient pass that {config.method} / {config.alloc} need "
                               "(it back-propagates through the whole model); use svd-llm, svd-llm-v2, asvd, dipsvd "
                               "or svd with uniform, v2 or lorap allocation, or load the model whole.")
-        if any(o is None for o in outs.values()):
+        if any(o is None for o in run.outs.values()):
             raise SvdllmError("--layerwise writes each layer as it is compressed: give an output directory.")
-        writers = {r: LayerwiseWriter(outs[r], overwrite) for r in ratios}
-        timings["peak_resident_weight_mb"] = resident_bytes(model) / 2**20
-
-    windows, cache, scratch = None, None, None
-    if needs_data:
-        windows = calibration_set(tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
-        if getattr(tokenizer, "chat_template", None) and all(s in CORPORA for s in split_sources(cal.dataset)):
-            log.warning("This model has a chat template, and the calibration text (%s) has no conversations: "
-                        "compressed on plain text alone, an instruct model tends to end its turn at once (SmolLM2, "
-                        "--preset best at R = 0.4: 70%% of replies empty). --calib-dataset %s,alpaca keeps it "
-                        "answering (BENCHMARKS.md, 'Instruct models').", cal.dataset, cal.dataset)
-        check_token_ids(windows, model)
-        cache = _stats_cache(model, config, windows)
-    num_layers = len(family_of(model).decoder_layers(model))
-
+        writers = {r: LayerwiseWriter(run.outs[r], run.overwrite) for r in run.ratios}
+        run.timings["peak_resident_weight_mb"] = resident_bytes(run.model) / 2**20
+    params_before = count_params(run.model)
     t0 = time.perf_counter()
-    grads = None
-    if needs_grads:
-        n_grad = min(cal.grad_samples or cal.nsamples, cal.nsamples)
-        grads = cache.load_gradients(n_grad, needs_grams) if cache is not None else None
-        if grads is None:
-            grads = gradient_stats(model, windows[:n_grad], progress, output_grams=needs_grams)
-            if cache is not None:
-                cache.save_gradients(grads)
-                if needs_grams:  # from here on, read each Gram from disk when its layer comes
-                    grads = cache.load_gradients(n_grad, needs_grams)
-        timings["gradient_pass_s"] = time.perf_counter() - t0
-        # ru_maxrss only grows: read after each phase, it tells which phase set the process's peak
-        timings["peak_rss_after_gradients_mb"] = peak_rss_mb()
-
-    def stats_for(full: str, name: str, stats) -> LinearStats:
-        linear_stats = stats.for_linear(name) if stats is not None else LinearStats()
-        if grads is not None:
-            linear_stats.fisher_rows = grads.rows[full]
-            if grads.output_grams is not None:
-                linear_stats.output_gram = grads.output_grams[full]
-        return linear_stats
-
-    def decompose(full: str, lin: nn.Module, linear_stats: LinearStats):
-        if not torch.isfinite(lin.weight).all():
-            raise SvdllmError(f"The weight of {full} contains NaN or inf: the checkpoint is damaged.")
-        try:
-            return method.decompose(lin.weight.detach().to(torch.float64), linear_stats)
-        except ValueError as e:
-            raise SvdllmError(f"Factorizing {full} failed: {e}") from e
-
-    if spectral:
-        # Phase 1: decompose every matrix on the dense model's statistics and keep only its spectrum; allocate;
-        # phase 2 below decomposes again at the allocated ranks. Holding every decomposition instead would cost
-        # about twice the model's size; recomputing costs one more round of SVDs.
+    _windows(run)
+    _gradients(run)
+    if run.spectral:
+        _recorded_allocation(run)
+        _dense_statistics(run)
+        if run.ranks is None:
+            _spectra(run)
+        _allocation(run)
+    else:
         t = time.perf_counter()
-        if needs_inputs:
-            spectra_cache = None
-            if config.cache_dir != "":  # the dense model's statistics, whatever the mode: cacheable
-                root = Path(config.cache_dir) if config.cache_dir else cache_root()
-                spectra_cache = _stats_cache(model, config, windows, root=root)
-            else:  # statistics cache off or sequential mode: a scratch cache for this run
-                import tempfile
+        run.ranks = {r: run.allocator.allocate(run.matrices, r, None, config.rank_multiple) for r in run.ratios}
+        run.alloc_info = {r: {} for r in run.ratios}
+        run.timings["allocation_s"] = time.perf_counter() - t
+    factorizer, from_cache = _factorization(run, writers)
+    run.timings["total_s"] = time.perf_counter() - t0
+    run.timings["peak_rss_mb"] = peak_rss_mb()
+    if factorizer.jitters:
+        worst = max(factorizer.jitters, key=factorizer.jitters.get)
+        log.warning("%d Gram matrices were not positive definite and needed a jitter (largest %.3g, at %s).",
+                    len(factorizer.jitters), factorizer.jitters[worst], worst)
+    return _save(run, factorizer, writers, params_before, from_cache)
 
-                scratch = tempfile.TemporaryDirectory(prefix="svdllm-stats-")
-                spectra_cache = _stats_cache(model, config, windows, root=Path(scratch.name))
+
+def _windows(run: Run) -> None:
+    """Phase 1: the calibration token windows, and the cache entry of the statistics they give on these weights."""
+    if not (run.needs_inputs or run.needs_grads):
+        return
+    cal = run.config.calibration
+    run.windows = calibration_set(run.tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
+    if getattr(run.tokenizer, "chat_template", None) and all(s in CORPORA for s in split_sources(cal.dataset)):
+        log.warning("This model has a chat template, and the calibration text (%s) has no conversations: "
+                    "compressed on plain text alone, an instruct model tends to end its turn at once (SmolLM2, "
+                    "--preset best at R = 0.4: 70%% of replies empty). --calib-dataset %s,alpaca keeps it "
+                    "answering (BENCHMARKS.md, 'Instruct models').", cal.dataset, cal.dataset)
+    check_token_ids(run.windows, run.model)
+    run.cache = _stats_cache(run.model, run.config, run.windows)
+
+
+def _gradients(run: Run) -> None:
+    """Phase 2: the gradient statistics (from the cache when this model and these windows gave them before)."""
+    if not run.needs_grads:
+        return
+    t0 = time.perf_counter()
+    cal = run.config.calibration
+    n = min(cal.grad_samples or cal.nsamples, cal.nsamples)
+    grads = run.cache.load_gradients(n, run.needs_grams) if run.cache is not None else None
+    if grads is None:
+        grads = gradient_stats(run.model, run.windows[:n], run.progress, output_grams=run.needs_grams)
+        if run.cache is not None:
+            run.cache.save_gradients(grads)
+            if run.needs_grams:  # from here on, read each Gram from disk when its layer comes
+                grads = run.cache.load_gradients(n, run.needs_grams)
+    run.grads = grads
+    run.timings["gradient_pass_s"] = time.perf_counter() - t0
+    # ru_maxrss only grows: read after each phase, it tells which phase set the process's peak
+    run.timings["peak_rss_after_gradients_mb"] = peak_rss_mb()
+
+
+def _recorded_allocation(run: Run) -> None:
+    """Phase 3: the ranks of this run's ratios if this compress() or an earlier run already allocated them."""
+    config = run.config
+    if run.needs_inputs:
+        if config.cache_dir != "":  # the dense model's statistics, whatever the mode: cacheable
+            run.dense = run.cache or _stats_cache(run.model, config, run.windows,
+                                                  root=Path(config.cache_dir or cache_root()))
+        else:  # statistics cache off: a scratch cache for this run
+            import tempfile
+
+            run.scratch = tempfile.TemporaryDirectory(prefix="svdllm-stats-")
+            run.dense = _stats_cache(run.model, config, run.windows, root=Path(run.scratch.name))
+    if run.needs_inputs and config.cache_dir != "":
         # the allocation depends on the statistics and on what is decided here, not on the update: kept beside the
         # statistics, it serves the same configuration with another update, and an interrupted run
-        alloc_file = AllocationRecord(spectra_cache, {
+        run.record = AllocationRecord(run.dense, {
             "method": config.method, "method_options": config.method_options, "alloc": config.alloc,
             # every option's value, defaults included, so that a changed default is not served an old allocation
-            "alloc_options": alloc_options, "rank_multiple": config.rank_multiple,
-            "grad_samples": cal.grad_samples, "dtype": str(next(model.parameters()).dtype), "version": __version__,
-        }) if needs_inputs and config.cache_dir != "" else None
-        # one spectra phase allocates every ratio of the run (several updates run in turn); each ratio's ranks depend
-        # on that ratio alone, so a record made with other ratios beside it serves it too
-        alloc_ratios = [r for r in shared.get("ratios", ratios) if r not in shared.get("rank_maps", {})] or ratios
-        known = None
-        if all(r in shared.get("rank_maps", {}) for r in ratios):
-            known = shared["rank_maps"], shared["alloc_info"]
-        elif alloc_file is not None:
-            known = alloc_file.load(ratios)
-        # the dense statistics serve the spectra and, without an update, the factorization; the closed-form update
-        # gathers its own in its pass through the compressed model
-        if needs_inputs and (known is None or not _ratio_dependent(config)) and not spectra_cache.has_all(num_layers):
-            for i, stats in calibrate_layers(model, windows, cal.batch_size, progress=progress,
-                                             cached=spectra_cache.load_if_present):  # resumes from any layers left
-                if not spectra_cache.has(i):
-                    spectra_cache.save(i, stats)
-        timings["calibration_s"] += time.perf_counter() - t
-        spectra = None
-        if known is None:
-            t = time.perf_counter()
-            spectra = {}
-            layers = family_of(model).decoder_layers(model)
-            for i, layer in enumerate(tqdm(layers, desc="spectra", unit="layer", disable=not progress)):
-                stats = spectra_cache.load(i) if needs_inputs else None
-                with resident(model, i):
-                    for k, name in enumerate(LINEAR_NAMES):
-                        if not distributed.mine(i * len(LINEAR_NAMES) + k):  # round-robin across ranks (torchrun)
-                            continue
-                        full = layer_prefix(i) + name
-                        lin = layer.get_submodule(name)
-                        linear_stats = stats_for(full, name, stats)
-                        spectra[full] = _spectrum(lin.weight, decompose(full, lin, linear_stats), linear_stats, grads,
-                                                  full)
-            spectra = distributed.gather_merge(spectra)
-            timings["spectra_s"] = time.perf_counter() - t
-            timings["peak_rss_after_spectra_mb"] = peak_rss_mb()
-        if needs_inputs and not _ratio_dependent(config):
-            cache = spectra_cache  # phase 2 reads the statistics back instead of running the pass again
-    else:
-        spectra, alloc_file, known = None, None, None
-    if known is not None:
-        rank_maps, alloc_info = known
-        if "rank_maps" not in shared or any(r not in shared["rank_maps"] for r in ratios):
-            log.info("Ranks from an earlier run's allocation (%s): the spectra are not recomputed.", alloc_file.path)
-    elif spectra is not None:
-        n_check = int(getattr(allocator, "calibrate", 0) or 0)
-        if n_check and any(sp.loss is not None for sp in spectra.values()):
-            t = time.perf_counter()
-            stats_of = (lambda i: spectra_cache.load(i)) if needs_inputs else (lambda i: None)
-            rank_maps, alloc_info = _refined_allocation(
-                model, matrices, spectra, stats_of, stats_for, decompose, windows[:n_check], alloc_ratios, allocator,
-                config.rank_multiple, int(getattr(allocator, "refine", 0) or 0))
-            timings["loss_scale_s"] = time.perf_counter() - t
-        else:
-            t = time.perf_counter()
-            rank_maps = {r: allocator.allocate(matrices, r, spectra, config.rank_multiple) for r in alloc_ratios}
-            alloc_info = {r: {} for r in alloc_ratios}
-            timings["allocation_s"] = time.perf_counter() - t
-        if alloc_file is not None:
-            alloc_file.save(rank_maps, alloc_info)
-        shared.setdefault("rank_maps", {}).update(rank_maps)
-        shared.setdefault("alloc_info", {}).update(alloc_info)
-    else:
-        t = time.perf_counter()
-        rank_maps = {r: allocator.allocate(matrices, r, None, config.rank_multiple) for r in ratios}
-        alloc_info = {r: {} for r in ratios}
-        timings["allocation_s"] = time.perf_counter() - t
+            "alloc_options": _alloc_options(run.allocator), "rank_multiple": config.rank_multiple,
+            "grad_samples": config.calibration.grad_samples, "dtype": str(next(run.model.parameters()).dtype),
+            "version": __version__})
+    shared = run.shared.get("rank_maps", {})
+    if all(r in shared for r in run.ratios):
+        run.ranks, run.alloc_info = shared, run.shared["alloc_info"]
+    elif run.record is not None:
+        known = run.record.load(run.ratios)
+        if known is not None:
+            run.ranks, run.alloc_info = known
+            log.info("Ranks from an earlier run's allocation (%s): the spectra are not recomputed.", run.record.path)
 
-    # the closed-form update needs the compressed model's activations, which no cache can hold
-    use_cache = needs_inputs and not closed_form and cache is not None and cache.has_all(num_layers)
-    partial = PartialFactors(cache, {"method": config.method, "method_options": config.method_options,
-                                     "update": config.update, "mode": cal.mode, "ranks": rank_maps[ratios[0]],
-                                     "dtype": str(next(model.parameters()).dtype), "version": __version__},
-                             ) if closed_form and cache is not None else None
 
-    factors = {r: {} for r in ratios}
-    losses = {r: {} for r in ratios}
-    jitters: dict[str, float] = {}
-    sequential = cal.mode == "sequential" or closed_form  # each layer is swapped in as soon as it is done
-    applied: dict[str, nn.Module] = {}
-    update_gain: dict[str, float] = {}
-
-    def factorize_one(full: str, name: str, lin: nn.Module, stats) -> dict:
-        """Every ratio's factors of one matrix, and what the manifest records about it."""
-        linear_stats = stats_for(full, name, stats)
-        whiten_stats = linear_stats
-        if closed_form and cal.mode == "sequential":  # whiten on the compressed model's own inputs
-            whiten_stats = dataclasses.replace(linear_stats, gram=linear_stats.gram_compressed)
-        dec = decompose(full, lin, whiten_stats)
-        out = {"jitter": dec.info.get("whitening_jitter"), "factors": {}, "losses": {}, "gain": None}
-        for r in ratios:
-            rank = rank_maps[r][full]
-            if rank is None:
-                continue
-            w_u, w_v = dec.factors(rank, dtype=torch.float64)
-            if closed_form:
-                w = lin.weight.detach().to(torch.float64)
-                before = _output_error(w, w_u, w_v, linear_stats)
-                w_u = closed_form_w_u(w, w_v, linear_stats.gram_compressed, linear_stats.cross)
-                # relative reduction of the squared output error on the calibration data
-                out["gain"] = 1.0 - _output_error(w, w_u, w_v, linear_stats) / max(before, 1e-300)
-            out["factors"][r] = (w_u.to(lin.weight.dtype).contiguous(), w_v.to(lin.weight.dtype).contiguous())
-            out["losses"][r] = dec.truncation_loss(rank)
-        return out
-
-    def process_layer(i: int, layer: nn.Module, stats, names=LINEAR_NAMES) -> bool:
-        """Factorize `names` of layer i (with the closed-form update, one input group at a time)."""
-        t = time.perf_counter()
-        # under torchrun each rank factorizes every world_size-th matrix; the results are gathered on all ranks
-        done = distributed.gather_merge({
-            layer_prefix(i) + name: factorize_one(layer_prefix(i) + name, name, layer.get_submodule(name), stats)
-            for k, name in enumerate(LINEAR_NAMES) if name in names and distributed.mine(i * len(LINEAR_NAMES) + k)})
-        for full in (layer_prefix(i) + name for name in names):
-            one = done[full]
-            if one["jitter"]:
-                jitters[full] = one["jitter"]
-            if one["gain"] is not None:
-                update_gain[full] = one["gain"]
-            for r, pair in one["factors"].items():
-                factors[r][full] = pair
-                losses[r][full] = one["losses"][r]
-        timings["factorization_s"] += time.perf_counter() - t
-        prefix = layer_prefix(i)
-        if sequential:
-            applied.update(swap_in(model, {f"{prefix}{n}": factors[ratios[0]][f"{prefix}{n}"] for n in names
-                                           if f"{prefix}{n}" in factors[ratios[0]]}))
-        if names[-1] != LINEAR_NAMES[-1]:  # the closed-form update: more groups of this layer to come
-            return sequential
-        if partial is not None:  # the layer is finished: an interrupted pass resumes after it
-            done_here = {k: v for k, v in factors[ratios[0]].items() if k.startswith(prefix)}
-            partial.save(i, done_here, {"loss": {k: losses[ratios[0]][k] for k in done_here},
-                                        "gain": {k: update_gain[k] for k in done_here if k in update_gain},
-                                        "jitter": {k: jitters[k] for k in done_here if k in jitters}})
-        write_layer(i, layer)
-        return sequential
-
-    def write_layer(i: int, layer: nn.Module) -> None:
-        prefix = layer_prefix(i)
-        if lazy:  # written now, so the compressed model is never whole in memory
-            for r in ratios:
-                writers[r].add(f"model-layer-{i:05d}.safetensors", _layer_tensors(layer, prefix, factors[r]))
-            timings["peak_resident_weight_mb"] = max(timings["peak_resident_weight_mb"], resident_bytes(model) / 2**20)
-            for r in ratios:
-                for k in [k for k in factors[r] if k.startswith(prefix)]:
-                    del factors[r][k]
-
-    def restore_layer(i: int, layer: nn.Module) -> bool:
-        """Layer i's factors from an interrupted closed-form pass, swapped in as if just computed."""
-        got = partial.load(i)
-        if got is None:
-            return False
-        pairs, info = got
-        for full, pair in pairs.items():
-            factors[ratios[0]][full] = pair
-            losses[ratios[0]][full] = info["loss"][full]
-        update_gain.update(info["gain"])
-        jitters.update(info["jitter"])
-        applied.update(swap_in(model, pairs))
-        write_layer(i, layer)
-        return True
-
+def _dense_statistics(run: Run) -> None:
+    """Phase 4: every layer's input Grams on the dense model, into `run.dense` (resuming from any layers left). They
+    serve the spectra and, without an update, the factorization; the closed-form update gathers its own in its pass
+    through the compressed model."""
+    if not run.needs_inputs:
+        return
     t = time.perf_counter()
-    if not needs_inputs or use_cache:  # no calibration pass: factorize from the cache (or from the weights alone)
-        if use_cache:
-            log.info("Calibration statistics found in the cache (%s): skipping the calibration pass.", cache.dir)
-        layers = family_of(model).decoder_layers(model)
-        for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not progress)):
-            with resident(model, i):
-                process_layer(i, layer, cache.load(i) if use_cache else None)
-    else:
-        resume = cache.load_if_present if cache is not None and cal.mode == "original" else None
-        if partial is not None and partial.has(0):
-            log.info("Resuming the closed-form pass from the layers an earlier run finished (%s).", partial.dir)
-        release_layer = (lambda i, layer: release(model, layer_prefix(i))) if lazy else None  # noqa: E731
-        for i, stats in calibrate_layers(model, windows, cal.batch_size, on_layer=process_layer, progress=progress,
-                                         paired=closed_form, drift_groups=DRIFT_GROUPS.get(config.update, ()),
-                                         cached=resume, on_exit=release_layer,
-                                         restore=restore_layer if partial is not None else None,
-                                         dense_cached=resume is not None and cache.has_all(num_layers)):
-            if cache is not None and cal.mode == "original" and not cache.has(i):
-                cache.save(i, stats)
-        timings["calibration_s"] += time.perf_counter() - t - timings["factorization_s"]
-    if scratch is not None:
-        scratch.cleanup()
-    timings["total_s"] = time.perf_counter() - t0
-    timings["peak_rss_mb"] = peak_rss_mb()
-
-    if jitters:
-        log.warning("%d Gram matrices were not positive definite and needed a jitter (largest %.3g, at %s).",
-                    len(jitters), max(jitters.values()), max(jitters, key=jitters.get))
-
-    results = []
-    probe = windows[:1, : min(128, cal.seqlen)] if windows is not None else torch.tensor([[1, 2, 3, 4]])
-    # (the probe only checks that the compressed model's logits are finite before anything is saved)
-    for r in ratios:
-        counts = param_counts(matrices, rank_maps[r])
-        if lazy:  # the layers were written one by one; the model here is a shell
-            originals = {}
-            counts.update(model_before=params_before,
-                          model_after=params_before - counts["linear_dense"] + counts["linear_kept"])
-        else:
-            originals = applied if sequential else swap_in(model, factors[r])
-            counts.update(model_before=params_before, model_after=count_params(model))
-            check_finite_outputs(model, probe)
-        manifest = {
-            "svdllm_version": __version__,
-            "base_model": getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
-            "source_model": source_metadata(getattr(model.config, "name_or_path", None)
-                                      or getattr(model.config, "_name_or_path", None)),
-            "model_type": model.config.model_type,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "preset": config.preset,
-            "method": config.method,
-            "method_options": dict(config.method_options),
-            "ratio": r,
-            "alloc": config.alloc,
-            "alloc_options": alloc_options,
-            "allocation": alloc_info.get(r, {}),
-            "rank_multiple": config.rank_multiple,
-            "update": config.update,
-            "calibration": dict(cal.__dict__, used=needs_data, from_cache=use_cache),
-            "params": counts,
-            "timings": timings,
-            "ranks": rank_maps[r],
-            "shapes": {k: [v.out_features, v.in_features] for k, v in shapes.items()},
-            "truncation_loss": losses[r],
-            "whitening_jitter": jitters,
-            "update_error_reduction": update_gain,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "environment": environment(),
-        }
-        result = CompressionResult(r, rank_maps[r], counts, losses[r], dict(timings), outs[r], manifest, originals)
-        if lazy:
-            tied = getattr(model.config, "tie_word_embeddings", False)
-            rest = {k: v for k, v in model.state_dict().items()
-                    if layer_index(k) is None and not (tied and k == "lm_head.weight")}
-            writers[r].finish(model, tokenizer, manifest, rest)
-        elif outs[r] is not None and distributed.is_main():  # written once, by rank 0
-            save(model, tokenizer, outs[r], manifest, overwrite)
-        if len(ratios) > 1:
-            swap_back(model, originals)
-        results.append(result)
-        log.info("ratio %.2f: %d → %d parameters (%.1f%% of the compressed linears removed)", r, params_before,
-                 counts["model_after"], 100 * counts["achieved_ratio"])
-    if partial is not None:  # the models are saved: nothing left to resume
-        partial.clear()
-    distributed.barrier()  # no rank returns before rank 0 has written the models
-    return results
+    cal = run.config.calibration
+    if (run.ranks is None or not _ratio_dependent(run.config)) and not run.dense.has_all(run.num_layers):
+        for i, stats in calibrate_layers(run.model, run.windows, cal.batch_size, progress=run.progress,
+                                         cached=run.dense.load_if_present):
+            if not run.dense.has(i):
+                run.dense.save(i, stats)
+    if not _ratio_dependent(run.config):
+        run.cache = run.dense  # the factorization reads the statistics back instead of running the pass again
+    run.timings["calibration_s"] += time.perf_counter() - t
 
 
-def _spectrum(weight: torch.Tensor, dec, stats: LinearStats, grads, name: str) -> Spectrum:
-    """What allocators may read off one decomposition W = Σ_k u_k s_k ṽ_kᵀ (u_k, ṽ_k the un-whitened factors).
+def _spectra(run: Run) -> None:
+    """Phase 5: every matrix decomposed on the dense statistics; spectra to the allocator, decompositions kept."""
+    t = time.perf_counter()
+    if "store" not in run.shared:
+        base = None if run.config.cache_dir == "" else Path(run.config.cache_dir or cache_root()) / "scratch"
+        run.shared["store"] = DecompositionStore(base)
+    stats_of = run.dense.load if run.needs_inputs else (lambda i: None)
+    run.spectra = spectra(run.model, run.method, stats_of, run.grads, run.store, run.progress)
+    run.timings["spectra_s"] = time.perf_counter() - t
+    run.timings["peak_rss_after_spectra_mb"] = peak_rss_mb()
 
-    With gradients and inputs, the predicted loss increase of dropping component k is s_k²·(ṽ_kᵀ XᵀX ṽ_k)·(u_kᵀ G u_k):
-    the KFAC estimate ½·tr(G·ΔW·XᵀX·ΔWᵀ) of the loss, split over components (up to the constant ½). For the
-    truncation-aware methods the ṽ_k are XᵀX-orthonormal, so the split is exact and the middle factor is 1."""
-    s = dec.s.detach().to(torch.float64).cpu()
-    loss = grad_norm = None
-    if grads is not None:
-        grad_norm = math.sqrt(float(grads.rows[name].sum()) / max(grads.windows, 1))
-        if dec.info.get("kfac_loss"):  # two-sided whitening: s_k² already is the component's KFAC loss, full G
-            loss = s.pow(2)
-        elif stats.gram is not None:
-            right, left = dec.right.to(torch.float64), dec.left.to(torch.float64)
-            in_energy = ((right @ stats.gram.to(torch.float64)) * right).sum(1)
-            out_weight = (left.pow(2) * grads.outputs[name].to(torch.float64)[:, None]).sum(0)
-            loss = (s.pow(2) * in_energy.cpu() * out_weight.cpu()).clamp_min(0)
-    return Spectrum(s, loss, grad_norm, float(weight.detach().double().norm()))
+
+def _allocation(run: Run) -> None:
+    """Phase 6: the allocator's search over every ratio of the compress() call (each ratio's ranks depend on that
+    ratio alone), measuring the model's loss where it asks to."""
+    if run.ranks is not None:
+        return
+    t = time.perf_counter()
+    ratios = [r for r in run.shared["ratios"] if r not in run.shared.get("rank_maps", {})] or run.ratios
+    n = run.allocator.measurement_windows
+    measure = _measure(run, run.windows[:n]) if n and run.windows is not None else None
+    ranks, info = run.allocator.search(run.matrices, ratios, run.spectra, run.config.rank_multiple, measure)
+    measured = measure is not None and any(i for i in info.values())
+    run.timings["loss_scale_s" if measured else "allocation_s"] = time.perf_counter() - t
+    if run.record is not None:
+        run.record.save(ranks, info)
+    run.shared.setdefault("rank_maps", {}).update(ranks)
+    run.shared.setdefault("alloc_info", {}).update(info)
+    run.ranks, run.alloc_info = run.shared["rank_maps"], run.shared["alloc_info"]
+
+
+def _measure(run: Run, windows: torch.Tensor):
+    """measure(ranks) -> the model's mean loss on `windows` with the named matrices truncated at those ranks, the
+    factors read off the spectra phase's decompositions."""
+    def factors_of(name: str, rank: int):
+        lin = run.model.get_submodule(name)
+        dec = run.store.get(name, lin.weight.device) if run.store is not None else None
+        if dec is None:  # under torchrun another rank decomposed it: decompose it here too
+            i = layer_index(name)
+            stats = run.dense.load(i) if run.needs_inputs else None
+            dec = decompose(run.method, name, lin, linear_stats(stats, run.grads, name, name.split(".", 3)[3]))
+        return dec.factors(rank, dtype=lin.weight.dtype)
+
+    def measure(ranks: dict[str, int]) -> float:
+        originals = swap_in(run.model, {name: factors_of(name, rank) for name, rank in ranks.items()})
+        try:
+            return _mean_nll(run.model, windows)
+        finally:
+            swap_back(run.model, originals)
+
+    return measure
 
 
 @torch.no_grad()
@@ -590,144 +457,112 @@ def _mean_nll(model, windows: torch.Tensor) -> float:
     return nll
 
 
-def _truncated_factors(model, matrices, stats_of, stats_for, decompose, ranks: dict) -> dict:
-    """(ratio, kind) -> name -> (W_u, W_v): every matrix truncated at ranks[ratio][name] (None: left dense)."""
-    factors: dict[tuple, dict] = {}
-    by_layer: dict[int, list[MatrixInfo]] = {}
-    for m in matrices:
-        by_layer.setdefault(m.layer, []).append(m)
-    for i, group in by_layer.items():
-        stats = stats_of(i)
-        for m in group:
-            if all(ranks[r][m.name] is None for r in ranks):
-                continue
-            lin = model.get_submodule(m.name)
-            dec = decompose(m.name, lin, stats_for(m.name, m.name.split(".", 3)[3], stats))
-            for r in ranks:
-                if ranks[r][m.name] is not None:
-                    factors.setdefault((r, m.kind), {})[m.name] = dec.factors(ranks[r][m.name], dtype=lin.weight.dtype)
-    return factors
+def _factorization(run: Run, writers: dict) -> tuple[LayerFactorizer, bool]:
+    """Phase 7: each layer's factors for every ratio, from the cached statistics, from the weights alone, or in a
+    calibration pass of their own (the sequential mode; the closed-form update, through the compressed model)."""
+    cal, model = run.config.calibration, run.model
+    # the closed-form update needs the compressed model's activations, which no cache can hold
+    from_cache = run.needs_inputs and not run.closed_form and run.cache is not None and run.cache.has_all(run.num_layers)
+    partial = PartialFactors(run.cache, {
+        "method": run.config.method, "method_options": run.config.method_options, "update": run.config.update,
+        "mode": cal.mode, "ranks": run.ranks[run.ratios[0]], "dtype": str(next(model.parameters()).dtype),
+        "version": __version__}) if run.closed_form and run.cache is not None else None
+    factorizer = LayerFactorizer(model, run.method, run.ratios, run.ranks, run.grads, run.store, run.closed_form,
+                                 cal.mode == "sequential", run.timings, writers, partial)
+    t = time.perf_counter()
+    if not run.needs_inputs or from_cache:  # no calibration pass: factorize from the cache (or the weights alone)
+        if from_cache:
+            log.info("Calibration statistics found in the cache (%s): skipping the calibration pass.", run.cache.dir)
+        layers = family_of(model).decoder_layers(model)
+        for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not run.progress)):
+            with resident(model, i):
+                factorizer.layer(i, layer, run.cache.load(i) if from_cache else None)
+    else:
+        resume = run.cache.load_if_present if run.cache is not None and cal.mode == "original" else None
+        if partial is not None and partial.has(0):
+            log.info("Resuming the closed-form pass from the layers an earlier run finished (%s).", partial.dir)
+        release_layer = (lambda i, layer: release(model, layer_prefix(i))) if run.lazy else None  # noqa: E731
+        for i, stats in calibrate_layers(model, run.windows, cal.batch_size, on_layer=factorizer.layer,
+                                         progress=run.progress, paired=run.closed_form,
+                                         drift_groups=DRIFT_GROUPS.get(run.config.update, ()), cached=resume,
+                                         on_exit=release_layer,
+                                         restore=factorizer.restore if partial is not None else None,
+                                         dense_cached=resume is not None and run.cache.has_all(run.num_layers)):
+            if run.cache is not None and cal.mode == "original" and not run.cache.has(i):
+                run.cache.save(i, stats)
+        run.timings["calibration_s"] += time.perf_counter() - t - run.timings["factorization_s"]
+    return factorizer, from_cache
 
 
-def _measured_losses(model, matrices, spectra, factors, ranks, windows, base: float, types: bool, joint: bool) -> dict:
-    """Per ratio: each matrix type's measured loss increase when that type alone is truncated at `ranks` and the
-    KFAC prediction for it (sum of the discarded components' losses), and with `joint` the increase when every
-    matrix is truncated at once."""
-    out = {}
-    for r in ranks:
-        by_type = {}
-        for kind in sorted({m.kind for m in matrices}) if types else []:
-            predicted = sum(float(spectra[m.name].loss[ranks[r][m.name]:].sum()) for m in matrices
-                            if m.kind == kind and ranks[r][m.name] is not None)
-            if (r, kind) not in factors or predicted <= 0:
-                continue
-            originals = swap_in(model, factors[r, kind])
-            try:
-                by_type[kind] = {"measured": _mean_nll(model, windows) - base, "predicted": predicted}
-            finally:
-                swap_back(model, originals)
-        out[r] = {"types": by_type}
-        if joint:
-            originals = swap_in(model, {n: f for (ratio, _), d in factors.items() if ratio == r for n, f in d.items()})
-            try:
-                out[r]["joint"] = _mean_nll(model, windows) - base
-            finally:
-                swap_back(model, originals)
-    return out
+def _save(run: Run, factorizer: LayerFactorizer, writers: dict, params_before: int,
+          from_cache: bool) -> list[CompressionResult]:
+    """Phase 8: each ratio's model swapped in, checked and saved with its manifest (then swapped out again when the
+    run has several ratios)."""
+    model, config, cal = run.model, run.config, run.config.calibration
+    results = []
+    probe = run.windows[:1, : min(128, cal.seqlen)] if run.windows is not None else torch.tensor([[1, 2, 3, 4]])
+    # (the probe only checks that the compressed model's logits are finite before anything is saved)
+    shapes = {m.name: [m.out_features, m.in_features] for m in run.matrices}
+    for r in run.ratios:
+        counts = param_counts(run.matrices, run.ranks[r])
+        if run.lazy:  # the layers were written one by one; the model here is a shell
+            originals = {}
+            counts.update(model_before=params_before,
+                          model_after=params_before - counts["linear_dense"] + counts["linear_kept"])
+        else:
+            originals = factorizer.applied if factorizer.sequential else swap_in(model, factorizer.factors[r])
+            counts.update(model_before=params_before, model_after=count_params(model))
+            check_finite_outputs(model, probe)
+        name = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        manifest = {
+            "svdllm_version": __version__,
+            "base_model": name,
+            "source_model": source_metadata(name),
+            "model_type": model.config.model_type,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "preset": config.preset,
+            "method": config.method,
+            "method_options": dict(config.method_options),
+            "ratio": r,
+            "alloc": config.alloc,
+            "alloc_options": _alloc_options(run.allocator),
+            "allocation": run.alloc_info.get(r, {}),
+            "rank_multiple": config.rank_multiple,
+            "update": config.update,
+            "calibration": dict(cal.__dict__, used=run.needs_inputs or run.needs_grads, from_cache=from_cache),
+            "params": counts,
+            "timings": run.timings,
+            "ranks": run.ranks[r],
+            "shapes": shapes,
+            "truncation_loss": factorizer.losses[r],
+            "whitening_jitter": factorizer.jitters,
+            "update_error_reduction": factorizer.update_gain,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": environment(),
+        }
+        result = CompressionResult(r, run.ranks[r], counts, factorizer.losses[r], dict(run.timings), run.outs[r],
+                                   manifest, originals)
+        if run.lazy:
+            tied = getattr(model.config, "tie_word_embeddings", False)
+            rest = {k: v for k, v in model.state_dict().items()
+                    if layer_index(k) is None and not (tied and k == "lm_head.weight")}
+            writers[r].finish(model, run.tokenizer, manifest, rest)
+        elif run.outs[r] is not None and distributed.is_main():  # written once, by rank 0
+            save(model, run.tokenizer, run.outs[r], manifest, run.overwrite)
+        if len(run.ratios) > 1:
+            swap_back(model, originals)
+        results.append(result)
+        log.info("ratio %.2f: %d → %d parameters (%.1f%% of the compressed linears removed)", r, params_before,
+                 counts["model_after"], 100 * counts["achieved_ratio"])
+    if factorizer.partial is not None:  # the models are saved: nothing left to resume
+        factorizer.partial.clear()
+    distributed.barrier()  # no rank returns before rank 0 has written the models
+    return results
 
 
-def _type_scales(types: dict, kinds) -> dict[str, float]:
-    """measured / predicted per type, normalised to a geometric mean of 1 (only the relative scale between types
-    matters to the allocation); a type whose measured change is at or below zero (noise on few windows), or that
-    was not truncated, keeps its prediction as it is."""
-    scales = {k: (types[k]["measured"] / types[k]["predicted"] if k in types and types[k]["measured"] > 0 else 1.0)
-              for k in kinds}
-    g = math.exp(sum(math.log(v) for v in scales.values()) / len(scales))
-    return {k: v / g for k, v in scales.items()}
-
-
-def _refined_allocation(model, matrices, spectra, stats_of, stats_for, decompose, windows, ratios, allocator,
-                        multiple: int, refine: int) -> tuple[dict, dict]:
-    """Global allocation with the KFAC predictions rescaled per matrix type by measured truncations.
-
-    The quadratic (KFAC) model is a tangent: exact for small errors, but at high compression the nonlinearities
-    after some projections (softmax after q/k, the SiLU gate) make it under- or over-state the damage, and by
-    matrix type. A secant per type corrects it: the model's measured loss increase when every matrix of the type is
-    truncated, over the prediction for the same truncation. Round 0 measures it at the uniform ranks. The
-    allocation then moves far from uniform (q_proj cut to a tenth, v_proj kept almost whole), where the secant may
-    differ: each of `refine` further rounds measures it again at the previous allocation's own ranks and allocates
-    anew; every allocation's loss increase with all its matrices truncated at once is measured too, and the one
-    with the lowest is kept. Cost per round: one decomposition of every matrix and (types + 1) forward passes over
-    `windows` per ratio, and one more of each at the end."""
-    from .allocation import ALLOCATORS
-
-    kinds = sorted({m.kind for m in matrices})
-    base = _mean_nll(model, windows)
-    at = {r: ALLOCATORS["uniform"]().allocate(matrices, r) for r in ratios}
-    rounds: dict[str, list] = {str(r): [] for r in ratios}
-    best: dict[float, tuple] = {}
-    for k in range(refine + 2):
-        last = k == refine + 1  # the last allocation's own loss only
-        if last and refine == 0:  # one allocation, from the secant at the uniform ranks, not measured
-            best = {r: (None, 0, at[r]) for r in ratios}
-            break
-        factors = _truncated_factors(model, matrices, stats_of, stats_for, decompose, at)
-        measured = _measured_losses(model, matrices, spectra, factors, at, windows, base, types=not last, joint=k > 0)
-        del factors
-        for r in ratios:
-            if k > 0:  # `at` is the allocation round k - 1's scales made: keep the best by its measured loss
-                rounds[str(r)][-1]["allocation_loss"] = measured[r]["joint"]
-                if measured[r]["joint"] < best.get(r, (math.inf,))[0]:
-                    best[r] = (measured[r]["joint"], k - 1, at[r])
-            if last:
-                continue
-            scale = _type_scales(measured[r]["types"], kinds)
-            rounds[str(r)].append({"measured_at": "uniform ranks" if k == 0 else f"round {k - 1}'s allocation",
-                                   "types": measured[r]["types"], "scales": scale})
-            log.info("ratio %.2f, round %d: measured/predicted loss per matrix type: %s", r, k,
-                     ", ".join(f"{t} {v:.3g}" for t, v in scale.items()))
-            scaled = _rescaled(spectra, matrices, scale)
-            at[r] = allocator.allocate(matrices, r, scaled, multiple)
-            rounds[str(r)][-1]["allocation_predicted"] = sum(
-                float(scaled[m.name].loss[at[r][m.name]:].sum()) for m in matrices if at[r][m.name] is not None)
-    info = {r: {"loss_scales": rounds[str(r)][best[r][1]]["scales"] if rounds[str(r)] else None, "base_loss": base,
-                "chosen_round": best[r][1], "rounds": rounds[str(r)]} for r in ratios}
-    return {r: best[r][2] for r in ratios}, info
-
-
-def _rescaled(spectra: dict, matrices, scale: dict) -> dict:
-    kind = {m.name: m.kind for m in matrices}
-    return {name: dataclasses.replace(sp, loss=sp.loss * scale[kind[name]]) for name, sp in spectra.items()}
-
-
-def _layer_tensors(layer: nn.Module, prefix: str, factors: dict) -> dict[str, torch.Tensor]:
-    """Decoder layer's tensors as the saved model names them: each factorized linear as its u/v factors."""
-    out = {}
-    for name, t in layer.state_dict().items():
-        # the linear may still be dense or already swapped for ratio[0]'s LowRankLinear (closed-form update)
-        linear = next((n for n in LINEAR_NAMES if name.startswith(n + ".")), None)
-        pair = factors.get(prefix + linear) if linear else None
-        if pair is None:
-            out[prefix + name] = t
-            continue
-        out[f"{prefix}{linear}.u.weight"], out[f"{prefix}{linear}.v.weight"] = pair
-        if name.endswith("bias"):  # a linear's bias goes with W_u
-            out[f"{prefix}{linear}.u.bias"] = t
-    for k, v in out.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise SvdllmError(f"{k} contains NaN or inf after factorization; nothing was written.")
-    return out
-
-
-def _output_error(w, w_u, w_v, stats) -> float:
-    """‖W·X − W_u·W_v·X′‖_F² from the moments, without the activations:
-    tr(W XᵀX Wᵀ) − 2 tr(W XᵀX′ (W_u W_v)ᵀ) + tr(W_u W_v X′ᵀX′ (W_u W_v)ᵀ)."""
-    wp = w_u @ w_v
-    if stats.cross is None:  # the target is W·X′
-        d = w - wp
-        return float(((d @ stats.gram_compressed) * d).sum())
-    return float(((w @ stats.gram) * w).sum() - 2 * ((w @ stats.cross) * wp).sum()
-                 + ((wp @ stats.gram_compressed) * wp).sum())
+def _alloc_options(allocator: Allocator) -> dict:
+    """Every option's value, defaults included."""
+    return {k: getattr(allocator, k) for k in sorted(allocator.options())}
 
 
 def summarize(results: list[CompressionResult]) -> list[dict]:

@@ -54,6 +54,18 @@ class Allocator:
                  multiple: int = 1) -> dict[str, int | None]:
         raise NotImplementedError
 
+    @property
+    def measurement_windows(self) -> int:
+        """How many calibration windows `search` measures the model's loss on (0: it never measures)."""
+        return 0
+
+    def search(self, matrices: list[MatrixInfo], ratios: list[float], spectra: dict[str, Spectrum] | None = None,
+               multiple: int = 1, measure=None) -> tuple[dict, dict]:
+        """(ratio -> ranks, ratio -> what the allocator reports) for every ratio of a run. `measure(ranks) -> loss`,
+        if given, is the model's mean loss on `measurement_windows` windows with the named matrices truncated at
+        those ranks (allocation/refine.py); an allocator that only reads spectra ignores it."""
+        return {r: self.allocate(matrices, r, spectra, multiple) for r in ratios}, {r: {} for r in ratios}
+
     def _spectra(self, matrices, spectra):
         if spectra is None or any(m.name not in spectra for m in matrices):
             raise SvdllmError(f"Allocator {self.name!r} needs every matrix's spectrum (pipeline bug).")
@@ -242,6 +254,17 @@ class Global(Allocator):
             value = getattr(self, key)
             if value < 0 or value != int(value):
                 raise SvdllmError(f"The global allocator's {key} must be a whole number >= 0, got {value:g}.")
+
+    @property
+    def measurement_windows(self) -> int:
+        return int(self.calibrate)
+
+    def search(self, matrices, ratios, spectra=None, multiple=1, measure=None):
+        if not self.calibrate or measure is None or all(sp.loss is None for sp in (spectra or {}).values()):
+            return super().search(matrices, ratios, spectra, multiple)
+        from .refine import refined_allocation
+
+        return refined_allocation(self, matrices, ratios, spectra, multiple, measure, int(self.refine))
 
     def _floor(self, m: MatrixInfo, ratio: float, multiple: int) -> int:
         r = math.ceil(self.min_keep * (1.0 - ratio) * m.dense_params / (m.out_features + m.in_features))

@@ -2,7 +2,9 @@
 a separate backward pass gathers the gradient statistics that FWSVD and the loss-aware allocators need."""
 from .cache import AllocationRecord, PartialFactors, StatsCache, model_fingerprint
 from .fisher import GradientStats, fisher_rows, gradient_stats
-from .layerwise import LayerStats, LinearStats, calibrate_layers, capture_layer_inputs, run_layer
+from .layerwise import (LayerStats, LinearStats, calibrate_layers, capture_layer_inputs, linear_stats,
+                        run_layer)
 
 __all__ = ["AllocationRecord", "GradientStats", "fisher_rows", "gradient_stats", "PartialFactors", "StatsCache",
-           "model_fingerprint", "LayerStats", "LinearStats", "calibrate_layers", "capture_layer_inputs", "run_layer"]
+           "model_fingerprint", "LayerStats", "LinearStats", "calibrate_layers", "capture_layer_inputs", "linear_stats",
+           "run_layer"]

@@ -63,6 +63,17 @@ class LayerStats:
                            cross=(self.cross or {}).get(g))
 
 
+def linear_stats(stats: LayerStats | None, grads, full: str, name: str) -> LinearStats:
+    """Everything known about linear `full` (`name` within its layer): its input statistics from `stats`, and from
+    the gradient statistics `grads` (a GradientStats or None) its row Fisher and output-gradient Gram."""
+    out = stats.for_linear(name) if stats is not None else LinearStats()
+    if grads is not None:
+        out.fisher_rows = grads.rows[full]
+        if grads.output_grams is not None:
+            out.output_gram = grads.output_grams[full]
+    return out
+
+
 class _StopForward(Exception):
     """Raised inside a layer once the input wanted from it is captured: the rest of the forward need not run."""
 

@@ -26,6 +26,8 @@ class Decomposition:
         return int(self.s.numel())
 
     def factors(self, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        if rank > self.left.shape[1]:  # a stored decomposition keeps only the components a factor pair can use
+            raise ValueError(f"rank {rank} asked of a decomposition that keeps {self.left.shape[1]} components")
         root = self.s[:rank].sqrt()
         w_u = self.left[:, :rank] * root
         w_v = root[:, None] * self.right[:rank]

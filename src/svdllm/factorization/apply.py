@@ -1,0 +1,149 @@
+"""The factorization phase: each decoder layer's matrices turned into factor pairs for every ratio of the run,
+as the layer loop reaches the layer, with the closed-form update where asked.
+
+The decomposition comes from the spectra phase's store when that phase ran on the same statistics (read back, not
+recomputed); otherwise the method decomposes the matrix here. With the closed-form update, or in the sequential
+calibration mode, each layer's factors are swapped into the model as soon as they exist, so that the layers after
+it are calibrated on the compressed model's activations.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import nn
+
+from ..calibration import distributed, linear_stats
+from ..errors import SvdllmError
+from ..modules import swap_in
+from ..models.families import LINEAR_NAMES, layer_prefix
+from ..models.lazy import resident_bytes
+from ..update import closed_form_w_u, output_error
+from .base import Method
+from .spectra import decompose
+from .store import DecompositionStore
+
+
+class LayerFactorizer:
+    """What the factorization phase accumulates: per ratio the factors and truncation losses of every matrix, the
+    whitening jitters, the closed-form update's error reductions, and the dense modules swapped out."""
+
+    def __init__(self, model: nn.Module, method: Method, ratios: list[float], ranks: dict, grads,
+                 store: DecompositionStore | None, closed_form: bool, sequential_mode: bool, timings: dict,
+                 writers: dict | None = None, partial=None):
+        self.model, self.method, self.ratios, self.ranks, self.grads = model, method, ratios, ranks, grads
+        self.closed_form, self.sequential_mode = closed_form, sequential_mode
+        # the store holds decompositions made on the dense model's statistics; the sequential mode whitens on others
+        self.store = None if sequential_mode else store
+        self.sequential = sequential_mode or closed_form  # each layer is swapped in as soon as it is done
+        self.timings, self.writers, self.partial = timings, writers or {}, partial
+        self.factors: dict[float, dict] = {r: {} for r in ratios}
+        self.losses: dict[float, dict] = {r: {} for r in ratios}
+        self.jitters: dict[str, float] = {}
+        self.update_gain: dict[str, float] = {}
+        self.applied: dict[str, nn.Module] = {}
+
+    def _one(self, full: str, name: str, lin: nn.Module, stats) -> dict:
+        """Every ratio's factors of one matrix, and what the manifest records about it."""
+        one = linear_stats(stats, self.grads, full, name)
+        whiten = one
+        if self.closed_form and self.sequential_mode:  # whiten on the compressed model's own inputs
+            whiten = dataclasses.replace(one, gram=one.gram_compressed)
+        dec = self.store.get(full, lin.weight.device) if self.store is not None else None
+        if dec is None:
+            dec = decompose(self.method, full, lin, whiten)
+        out = {"jitter": dec.info.get("whitening_jitter"), "factors": {}, "losses": {}, "gain": None}
+        for r in self.ratios:
+            rank = self.ranks[r][full]
+            if rank is None:
+                continue
+            w_u, w_v = dec.factors(rank, dtype=torch.float64)
+            if self.closed_form:
+                w = lin.weight.detach().to(torch.float64)
+                before = output_error(w, w_u, w_v, one)
+                w_u = closed_form_w_u(w, w_v, one.gram_compressed, one.cross)
+                # relative reduction of the squared output error on the calibration data
+                out["gain"] = 1.0 - output_error(w, w_u, w_v, one) / max(before, 1e-300)
+            out["factors"][r] = (w_u.to(lin.weight.dtype).contiguous(), w_v.to(lin.weight.dtype).contiguous())
+            out["losses"][r] = dec.truncation_loss(rank)
+        return out
+
+    def layer(self, i: int, layer: nn.Module, stats, names=LINEAR_NAMES) -> bool:
+        """Factorize `names` of layer i (with the closed-form update, one input group at a time); True if the
+        layer changed in the model (its outputs must then be recomputed)."""
+        t = time.perf_counter()
+        prefix = layer_prefix(i)
+        # under torchrun each rank factorizes every world_size-th matrix; the results are gathered on all ranks
+        done = distributed.gather_merge({
+            prefix + name: self._one(prefix + name, name, layer.get_submodule(name), stats)
+            for k, name in enumerate(LINEAR_NAMES) if name in names and distributed.mine(i * len(LINEAR_NAMES) + k)})
+        for full in (prefix + name for name in names):
+            one = done[full]
+            if one["jitter"]:
+                self.jitters[full] = one["jitter"]
+            if one["gain"] is not None:
+                self.update_gain[full] = one["gain"]
+            for r, pair in one["factors"].items():
+                self.factors[r][full] = pair
+                self.losses[r][full] = one["losses"][r]
+        self.timings["factorization_s"] += time.perf_counter() - t
+        first = self.factors[self.ratios[0]]
+        if self.sequential:
+            self.applied.update(swap_in(self.model, {prefix + n: first[prefix + n] for n in names if prefix + n in first}))
+        if names[-1] != LINEAR_NAMES[-1]:  # the closed-form update: more groups of this layer to come
+            return self.sequential
+        if self.partial is not None:  # the layer is finished: an interrupted pass resumes after it
+            here = {k: v for k, v in first.items() if k.startswith(prefix)}
+            self.partial.save(i, here, {"loss": {k: self.losses[self.ratios[0]][k] for k in here},
+                                        "gain": {k: self.update_gain[k] for k in here if k in self.update_gain},
+                                        "jitter": {k: self.jitters[k] for k in here if k in self.jitters}})
+        self.write(i, layer)
+        return self.sequential
+
+    def write(self, i: int, layer: nn.Module) -> None:
+        """A layer-wise model's layer goes to disk now, so the compressed model is never whole in memory."""
+        if not self.writers:
+            return
+        prefix = layer_prefix(i)
+        for r in self.ratios:
+            self.writers[r].add(f"model-layer-{i:05d}.safetensors", layer_tensors(layer, prefix, self.factors[r]))
+        self.timings["peak_resident_weight_mb"] = max(self.timings["peak_resident_weight_mb"],
+                                                      resident_bytes(self.model) / 2**20)
+        for r in self.ratios:
+            for k in [k for k in self.factors[r] if k.startswith(prefix)]:
+                del self.factors[r][k]
+
+    def restore(self, i: int, layer: nn.Module) -> bool:
+        """Layer i's factors from an interrupted closed-form pass, swapped in as if just computed."""
+        got = self.partial.load(i)
+        if got is None:
+            return False
+        pairs, info = got
+        for full, pair in pairs.items():
+            self.factors[self.ratios[0]][full] = pair
+            self.losses[self.ratios[0]][full] = info["loss"][full]
+        self.update_gain.update(info["gain"])
+        self.jitters.update(info["jitter"])
+        self.applied.update(swap_in(self.model, pairs))
+        self.write(i, layer)
+        return True
+
+
+def layer_tensors(layer: nn.Module, prefix: str, factors: dict) -> dict[str, torch.Tensor]:
+    """Decoder layer's tensors as the saved model names them: each factorized linear as its u/v factors."""
+    out = {}
+    for name, t in layer.state_dict().items():
+        # the linear may still be dense or already swapped for ratio[0]'s LowRankLinear (closed-form update)
+        linear = next((n for n in LINEAR_NAMES if name.startswith(n + ".")), None)
+        pair = factors.get(prefix + linear) if linear else None
+        if pair is None:
+            out[prefix + name] = t
+            continue
+        out[f"{prefix}{linear}.u.weight"], out[f"{prefix}{linear}.v.weight"] = pair
+        if name.endswith("bias"):  # a linear's bias goes with W_u
+            out[f"{prefix}{linear}.u.bias"] = t
+    for k, v in out.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise SvdllmError(f"{k} contains NaN or inf after factorization; nothing was written.")
+    return out

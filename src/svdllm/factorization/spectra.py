@@ -1,0 +1,52 @@
+"""The spectra phase: every matrix decomposed once, on the dense model's statistics; its spectrum goes to the
+allocator and the decomposition to the store, where the allocation's measurements and the factorization find it."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..allocation.spectra import spectrum
+from ..calibration import distributed, linear_stats
+from ..errors import SvdllmError
+from ..models.families import LINEAR_NAMES, family_of, layer_prefix
+from ..models.lazy import resident
+from .base import Decomposition, Method
+from .store import DecompositionStore
+
+
+def decompose(method: Method, full: str, lin: nn.Module, stats) -> Decomposition:
+    """`method`'s decomposition of linear `full` (float64), with the damage named if the weight or the method fails."""
+    if not torch.isfinite(lin.weight).all():
+        raise SvdllmError(f"The weight of {full} contains NaN or inf: the checkpoint is damaged.")
+    try:
+        return method.decompose(lin.weight.detach().to(torch.float64), stats)
+    except ValueError as e:
+        raise SvdllmError(f"Factorizing {full} failed: {e}") from e
+
+
+def usable_rank(lin: nn.Module) -> int:
+    """The largest rank at which a factor pair is still smaller than the dense matrix: no allocation goes beyond."""
+    m, n = lin.weight.shape
+    return (m * n - 1) // (m + n)
+
+
+def spectra(model: nn.Module, method: Method, stats_of, grads, store: DecompositionStore | None,
+            progress: bool = True) -> dict:
+    """name -> Spectrum for every compressible linear; `stats_of(i)` gives layer i's input statistics (or None)."""
+    out = {}
+    layers = family_of(model).decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="spectra", unit="layer", disable=not progress)):
+        stats = stats_of(i)
+        with resident(model, i):
+            for k, name in enumerate(LINEAR_NAMES):
+                if not distributed.mine(i * len(LINEAR_NAMES) + k):  # round-robin across ranks (torchrun)
+                    continue
+                full = layer_prefix(i) + name
+                lin = layer.get_submodule(name)
+                one = linear_stats(stats, grads, full, name)
+                dec = decompose(method, full, lin, one)
+                out[full] = spectrum(lin.weight, dec, one, grads, full)
+                if store is not None:
+                    store.put(full, dec, usable_rank(lin))
+    return distributed.gather_merge(out)
