@@ -14,8 +14,8 @@ import sys
 import torch
 
 from svdllm.data import resolve_data_dir
-from svdllm.io.atomic import atomic_write_text
-from svdllm.models import load_model
+from svdllm.atomic import atomic_write_text
+from svdllm import load_model
 
 
 def prompts(n: int) -> list[str]:

@@ -26,7 +26,7 @@ def smollm_like(layers=6, seed=0):
     for i in range(layers):
         for kind, (m, n) in KINDS.items():
             name = f"model.layers.{i}.{kind}"
-            mats.append(MatrixInfo(name, m, n))
+            mats.append(MatrixInfo(name, m, n, i))
             k = min(m, n)
             decay = 0.5 + 3 * torch.rand(1, generator=g).item()
             s = (torch.arange(k, dtype=torch.float64) + 1).pow(-decay / 2) * (1 + 10 * torch.rand(1, generator=g).item())

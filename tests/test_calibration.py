@@ -174,7 +174,8 @@ def test_interrupted_closed_form_pass_resumes_bit_identical(family, tok, data_di
     """The closed-form pass killed after layer 0 was finished resumes after it (layer 0's factors read back, no
     moments recomputed for it) and gives the uninterrupted run's model; the resume state is removed at the end."""
     import svdllm
-    from svdllm.calibration import PartialFactors, layerwise
+    from svdllm.update import closed_form
+    from svdllm.update.closed_form import PartialFactors
 
     def config(cache):
         return svdllm.CompressConfig(preset="paper", ratio=0.4, update="closed-form-drift", cache_dir=str(cache),
@@ -197,8 +198,8 @@ def test_interrupted_closed_form_pass_resumes_bit_identical(family, tok, data_di
     assert len(list((tmp_path / "c2").glob("stats/*/partial_*/layer_*.safetensors"))) == 1
 
     moments = []
-    real_moments = layerwise._paired_moments
-    monkeypatch.setattr(layerwise, "_paired_moments",
+    real_moments = closed_form._paired_moments
+    monkeypatch.setattr(closed_form, "_paired_moments",
                         lambda *a, **k: moments.append(a[-1]) or real_moments(*a, **k))
     resumed = tiny_model(family)
     svdllm.compress(resumed, tok, config(tmp_path / "c2"), progress=False)

@@ -77,17 +77,16 @@ def test_ratios_without_an_update_share_one_calibration_pass(model_dir, data_dir
     import svdllm.pipeline as pipeline
 
     passes = []
-    real = pipeline.calibrate_layers
+    for name in ("calibrate_layers", "paired_layers"):
+        def counting(*args, real=getattr(pipeline, name), name=name, **kw):
+            passes.append(name)
+            return real(*args, **kw)
 
-    def counting(*args, **kw):
-        passes.append(kw.get("paired", False))
-        return real(*args, **kw)
-
-    monkeypatch.setattr(pipeline, "calibrate_layers", counting)
+        monkeypatch.setattr(pipeline, name, counting)
     results = _api(model_dir, data_dir, [0.2, 0.3, 0.6], tmp_path / "r", "")
     assert [r.manifest["update"] for r in results] == ["none", "none", "closed-form"]
     # one pass for the statistics of every ratio, one through the compressed model for R = 0.6's update
-    assert passes == [False, True]
+    assert passes == ["calibrate_layers", "paired_layers"]
 
 
 def test_each_matrix_is_decomposed_once_per_run(model_dir, data_dir, tmp_path, monkeypatch):

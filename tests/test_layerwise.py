@@ -7,7 +7,7 @@ import torch
 
 import svdllm
 from svdllm.errors import SvdllmError
-from svdllm.models import load_model
+from svdllm import load_model
 from tiny import tiny_model
 
 

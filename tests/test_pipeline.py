@@ -207,7 +207,7 @@ def test_closed_form_pass_skips_the_dense_stream_when_cached_and_replays_the_att
     the replayed attention is what each MLP linear really receives."""
     import contextlib
 
-    from svdllm.calibration import layerwise
+    from svdllm.update import closed_form
     from transformers.models.llama.modeling_llama import LlamaAttention
 
     calls = []
@@ -240,7 +240,7 @@ def test_closed_form_pass_skips_the_dense_stream_when_cached_and_replays_the_att
         finally:
             handle.remove()
 
-    monkeypatch.setattr(layerwise, "_attention_from_cores", computing)
+    monkeypatch.setattr(closed_form, "_attention_from_cores", computing)
     full = tiny_model("llama")
     svdllm.compress(full, tok, cfg, progress=False)
     assert len(calls) - n_cold - n_warm == layers * (3 * windows + 2)

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .models import load_model
+    from .loader import load_model
 
     model, tok = load_model(args.model, args.dtype, layerwise=getattr(args, "layerwise", False))
     if getattr(args, "device", None):
@@ -384,6 +384,7 @@ def cmd_quantize(args) -> dict:
     from pathlib import Path
 
     from .io.checkpoint import check_out_dir, read_manifest, save
+    from .io.manifest import Manifest
     from .quantization import quantization_report, quantize_model
 
     check_out_dir(args.out, args.overwrite)
@@ -399,9 +400,9 @@ def cmd_quantize(args) -> dict:
         from . import __version__
 
         n = sum(p.numel() for p in model.parameters())
-        manifest = {"svdllm_version": __version__, "base_model": args.model, "model_type": model.config.model_type,
-                    "method": "dense", "ratio": 0.0, "alloc": None, "update": "none", "ranks": {},
-                    "params": {"model_before": n, "model_after": n, "achieved_ratio": 0.0}}
+        manifest = Manifest(svdllm_version=__version__, base_model=args.model, model_type=model.config.model_type,
+                            method="dense", ratio=0.0, ranks={},
+                            params={"model_before": n, "model_after": n, "achieved_ratio": 0.0}).to_dict()
     info = quantize_model(model, args.scheme, args.group_size)
     info.update(quantization_report(model, args.scheme))
     manifest.update(quantization=info, dtype="float32", source=str(args.model))
@@ -528,7 +529,7 @@ def cmd_demo(args) -> dict:
     with one reply each: what the product does, in about 10 minutes on 2 CPU cores."""
     from .config import CalibrationConfig, CompressConfig
     from .evaluation import generate, perplexity
-    from .models import load_model
+    from .loader import load_model
     from pathlib import Path
 
     from .pipeline import compress, swap_back
@@ -573,7 +574,7 @@ def cmd_demo(args) -> dict:
         print(f"  {r['model']}:\n    {r['reply']}")
     result = {"command": "demo", "model": args.model, "note": note, "ratio": args.ratio, "prompt": args.prompt,
               "rows": rows, "wall_s": time.perf_counter() - t0}
-    from .io.atomic import atomic_write_text
+    from .atomic import atomic_write_text
 
     atomic_write_text(Path(args.out) / "demo.json", json.dumps(result, indent=1))
     print(f"\nmodels and demo.json (these figures) saved under {args.out}; total {result['wall_s']:.0f} s")

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .allocation import Allocator, MatrixInfo, get_allocator, param_counts
 from .calibration import distributed
-from .calibration import (AllocationRecord, PartialFactors, StatsCache, calibrate_layers, gradient_stats,
-                          linear_stats, model_fingerprint)
+from .calibration import (AllocationRecord, StatsCache, calibrate_layers, gradient_stats, linear_stats,
+                          model_fingerprint)
 from .config import CompressConfig, available_memory
 from .data import CORPORA, calibration_set, check_token_ids
 from .data.texts import split_sources
@@ -50,10 +50,12 @@ from .factorization.spectra import decompose, spectra
 from .factorization.store import DecompositionStore
 from .modules import swap_back, swap_in
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
-from .models.lazy import is_lazy, release, resident, resident_bytes
-from .models.families import LINEAR_NAMES, family_of, layer_index, layer_prefix
+from .io.manifest import Manifest
+from .models.lazy import is_lazy, resident, resident_bytes
+from .models.families import LINEAR_NAMES, family_of, layer_index
 from .models.loading import cache_root, source_metadata
 from .update import DRIFT_GROUPS, UPDATES, base_update
+from .update.closed_form import PartialFactors, paired_layers
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def matrices_of(model: nn.Module) -> list[MatrixInfo]:
     for i, layer in enumerate(family.decoder_layers(model)):
         for name in LINEAR_NAMES:
             lin = layer.get_submodule(name)
-            out.append(MatrixInfo(family.linear_name(i, name), lin.out_features, lin.in_features))
+            out.append(MatrixInfo(family.linear_name(i, name), lin.out_features, lin.in_features, i))
     return out
 
 
@@ -272,7 +274,7 @@ class Run:
 
 
 def _run_phases(run: Run) -> list[CompressionResult]:
-    cal, config = run.config.calibration, run.config
+    config = run.config
     writers = {}
     if run.lazy:
         if run.needs_grads:
@@ -463,34 +465,42 @@ def _factorization(run: Run, writers: dict) -> tuple[LayerFactorizer, bool]:
     cal, model = run.config.calibration, run.model
     # the closed-form update needs the compressed model's activations, which no cache can hold
     from_cache = run.needs_inputs and not run.closed_form and run.cache is not None and run.cache.has_all(run.num_layers)
-    partial = PartialFactors(run.cache, {
+    partial = PartialFactors(run.cache.dir, {
         "method": run.config.method, "method_options": run.config.method_options, "update": run.config.update,
         "mode": cal.mode, "ranks": run.ranks[run.ratios[0]], "dtype": str(next(model.parameters()).dtype),
         "version": __version__}) if run.closed_form and run.cache is not None else None
     factorizer = LayerFactorizer(model, run.method, run.ratios, run.ranks, run.grads, run.store, run.closed_form,
                                  cal.mode == "sequential", run.timings, writers, partial)
+    layers = family_of(model).decoder_layers(model)
     t = time.perf_counter()
     if not run.needs_inputs or from_cache:  # no calibration pass: factorize from the cache (or the weights alone)
         if from_cache:
             log.info("Calibration statistics found in the cache (%s): skipping the calibration pass.", run.cache.dir)
-        layers = family_of(model).decoder_layers(model)
         for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not run.progress)):
             with resident(model, i):
                 factorizer.layer(i, layer, run.cache.load(i) if from_cache else None)
-    else:
-        resume = run.cache.load_if_present if run.cache is not None and cal.mode == "original" else None
-        if partial is not None and partial.has(0):
+        return factorizer, from_cache
+    resume = run.cache.load_if_present if run.cache is not None and cal.mode == "original" else None
+    keep = (lambda i, stats: run.cache.save(i, stats)  # noqa: E731
+            if run.cache is not None and cal.mode == "original" and not run.cache.has(i) else None)
+    if run.closed_form:
+        restored = frozenset(i for i in range(run.num_layers) if partial is not None and partial.has(i))
+        if restored:
             log.info("Resuming the closed-form pass from the layers an earlier run finished (%s).", partial.dir)
-        release_layer = (lambda i, layer: release(model, layer_prefix(i))) if run.lazy else None  # noqa: E731
-        for i, stats in calibrate_layers(model, run.windows, cal.batch_size, on_layer=factorizer.layer,
-                                         progress=run.progress, paired=run.closed_form,
-                                         drift_groups=DRIFT_GROUPS.get(run.config.update, ()), cached=resume,
-                                         on_exit=release_layer,
-                                         restore=factorizer.restore if partial is not None else None,
-                                         dense_cached=resume is not None and run.cache.has_all(run.num_layers)):
-            if run.cache is not None and cal.mode == "original" and not run.cache.has(i):
-                run.cache.save(i, stats)
-        run.timings["calibration_s"] += time.perf_counter() - t - run.timings["factorization_s"]
+        for step in paired_layers(model, run.windows, cal.batch_size, run.progress, DRIFT_GROUPS[run.config.update],
+                                  resume, restored, dense_cached=resume is not None and run.cache.has_all(run.num_layers)):
+            if step.restore:
+                factorizer.restore(step.i, step.layer)
+            elif step.names:
+                factorizer.layer(step.i, step.layer, step.stats, step.names)
+            else:
+                keep(step.i, step.stats)
+    else:
+        for i, stats in calibrate_layers(model, run.windows, cal.batch_size, run.progress, cached=resume,
+                                         sequential=cal.mode == "sequential"):
+            factorizer.layer(i, layers[i], stats)
+            keep(i, stats)
+    run.timings["calibration_s"] += time.perf_counter() - t - run.timings["factorization_s"]
     return factorizer, from_cache
 
 
@@ -514,32 +524,17 @@ def _save(run: Run, factorizer: LayerFactorizer, writers: dict, params_before: i
             counts.update(model_before=params_before, model_after=count_params(model))
             check_finite_outputs(model, probe)
         name = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-        manifest = {
-            "svdllm_version": __version__,
-            "base_model": name,
-            "source_model": source_metadata(name),
-            "model_type": model.config.model_type,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "preset": config.preset,
-            "method": config.method,
-            "method_options": dict(config.method_options),
-            "ratio": r,
-            "alloc": config.alloc,
-            "alloc_options": _alloc_options(run.allocator),
-            "allocation": run.alloc_info.get(r, {}),
-            "rank_multiple": config.rank_multiple,
-            "update": config.update,
-            "calibration": dict(cal.__dict__, used=run.needs_inputs or run.needs_grads, from_cache=from_cache),
-            "params": counts,
-            "timings": run.timings,
-            "ranks": run.ranks[r],
-            "shapes": shapes,
-            "truncation_loss": factorizer.losses[r],
-            "whitening_jitter": factorizer.jitters,
-            "update_error_reduction": factorizer.update_gain,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "environment": environment(),
-        }
+        manifest = Manifest(
+            svdllm_version=__version__, base_model=name, source_model=source_metadata(name),
+            model_type=model.config.model_type, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            preset=config.preset, method=config.method, method_options=dict(config.method_options), ratio=r,
+            alloc=config.alloc, alloc_options=_alloc_options(run.allocator), allocation=run.alloc_info.get(r, {}),
+            rank_multiple=config.rank_multiple, update=config.update,
+            calibration=dict(cal.__dict__, used=run.needs_inputs or run.needs_grads, from_cache=from_cache),
+            params=counts, timings=run.timings, ranks=run.ranks[r], shapes=shapes,
+            truncation_loss=factorizer.losses[r], whitening_jitter=factorizer.jitters,
+            update_error_reduction=factorizer.update_gain, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            environment=environment()).to_dict()
         result = CompressionResult(r, run.ranks[r], counts, factorizer.losses[r], dict(run.timings), run.outs[r],
                                    manifest, originals)
         if run.lazy:

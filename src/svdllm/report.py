@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .errors import SvdllmError
-from .io.atomic import atomic_write_text, save_figure
+from .atomic import atomic_write_text, save_figure
 from .io.checkpoint import MANIFEST_NAME as MANIFEST
 
 

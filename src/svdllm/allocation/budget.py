@@ -16,9 +16,10 @@ TOLERANCE = 0.005  # allowed |kept − budget| as a fraction of the compressed m
 
 @dataclass(frozen=True)
 class MatrixInfo:
-    name: str  # e.g. model.layers.3.self_attn.q_proj
+    name: str  # the linear's module name in the model
     out_features: int
     in_features: int
+    layer: int = 0  # the index of its decoder layer
 
     @property
     def dense_params(self) -> int:
@@ -29,11 +30,6 @@ class MatrixInfo:
         """The matrix type across layers, e.g. self_attn.q_proj."""
         parts = self.name.split(".")
         return ".".join(parts[-2:]) if len(parts) >= 2 else self.name
-
-    @property
-    def layer(self) -> int:
-        parts = self.name.split(".")
-        return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
 
     @property
     def is_attention(self) -> bool:

@@ -9,14 +9,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io.atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path, atomic_write_text
 from ..models.families import family_of
 from .fisher import GradientStats
 from . import distributed
@@ -150,47 +149,6 @@ class StatsCache:
         tensors = load_file(path)
         pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         return LayerStats(pick("gram."), pick("abs_sum."), tokens)
-
-
-class PartialFactors:
-    """The factors of the layers a sequential pass (the closed-form update's) has finished, one atomic file per
-    layer beside the statistics they came from: the same command, interrupted, resumes after the last finished
-    layer instead of starting over. Keyed by everything the factors depend on besides the statistics."""
-
-    def __init__(self, cache: StatsCache, key: dict):
-        self.key = key
-        self.dir = cache.dir / f"partial_{_digest(key, 16)}"
-
-    def _path(self, i: int) -> Path:
-        return self.dir / f"layer_{i:04d}.safetensors"
-
-    def save(self, i: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict) -> None:
-        if not distributed.is_main():  # every rank holds the same gathered factors
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{k}.{part}": t.contiguous() for k, pair in factors.items() for part, t in zip("uv", pair)}
-        with atomic_path(self._path(i)) as tmp:
-            save_file(tensors, tmp, metadata={"info": json.dumps(info), "key": json.dumps(self.key, sort_keys=True)})
-
-    def has(self, i: int) -> bool:
-        """Whether layer i was finished, on every rank alike."""
-        return distributed.all_agree(self._path(i).exists())
-
-    def load(self, i: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict] | None:
-        """Layer i's factors and info if a finished layer was left, else None."""
-        if not self.has(i):
-            return None
-        from safetensors import safe_open
-
-        with safe_open(self._path(i), framework="pt") as f:
-            info = json.loads(f.metadata()["info"])
-        t = load_file(self._path(i))
-        names = {k.rsplit(".", 1)[0] for k in t}
-        return {n: (t[f"{n}.u"], t[f"{n}.v"]) for n in names}, info
-
-    def clear(self) -> None:
-        if distributed.is_main():
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class AllocationRecord:

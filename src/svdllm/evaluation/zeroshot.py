@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import SvdllmError
-from ..io.atomic import atomic_path
+from ..atomic import atomic_path
 from .resume import weights_fingerprint
 
 log = logging.getLogger(__name__)

@@ -69,9 +69,9 @@ class LayerFactorizer:
             out["losses"][r] = dec.truncation_loss(rank)
         return out
 
-    def layer(self, i: int, layer: nn.Module, stats, names=LINEAR_NAMES) -> bool:
-        """Factorize `names` of layer i (with the closed-form update, one input group at a time); True if the
-        layer changed in the model (its outputs must then be recomputed)."""
+    def layer(self, i: int, layer: nn.Module, stats, names=LINEAR_NAMES) -> None:
+        """Factorize `names` of layer i (with the closed-form update, one input group at a time); in a sequential
+        pass they replace the dense linears in the model at once."""
         t = time.perf_counter()
         prefix = layer_prefix(i)
         # under torchrun each rank factorizes every world_size-th matrix; the results are gathered on all ranks
@@ -92,14 +92,13 @@ class LayerFactorizer:
         if self.sequential:
             self.applied.update(swap_in(self.model, {prefix + n: first[prefix + n] for n in names if prefix + n in first}))
         if names[-1] != LINEAR_NAMES[-1]:  # the closed-form update: more groups of this layer to come
-            return self.sequential
+            return
         if self.partial is not None:  # the layer is finished: an interrupted pass resumes after it
             here = {k: v for k, v in first.items() if k.startswith(prefix)}
             self.partial.save(i, here, {"loss": {k: self.losses[self.ratios[0]][k] for k in here},
                                         "gain": {k: self.update_gain[k] for k in here if k in self.update_gain},
                                         "jitter": {k: self.jitters[k] for k in here if k in self.jitters}})
         self.write(i, layer)
-        return self.sequential
 
     def write(self, i: int, layer: nn.Module) -> None:
         """A layer-wise model's layer goes to disk now, so the compressed model is never whole in memory."""
@@ -114,12 +113,9 @@ class LayerFactorizer:
             for k in [k for k in self.factors[r] if k.startswith(prefix)]:
                 del self.factors[r][k]
 
-    def restore(self, i: int, layer: nn.Module) -> bool:
+    def restore(self, i: int, layer: nn.Module) -> None:
         """Layer i's factors from an interrupted closed-form pass, swapped in as if just computed."""
-        got = self.partial.load(i)
-        if got is None:
-            return False
-        pairs, info = got
+        pairs, info = self.partial.load(i)
         for full, pair in pairs.items():
             self.factors[self.ratios[0]][full] = pair
             self.losses[self.ratios[0]][full] = info["loss"][full]
@@ -127,7 +123,6 @@ class LayerFactorizer:
         self.jitters.update(info["jitter"])
         self.applied.update(swap_in(self.model, pairs))
         self.write(i, layer)
-        return True
 
 
 def layer_tensors(layer: nn.Module, prefix: str, factors: dict) -> dict[str, torch.Tensor]:

@@ -20,12 +20,11 @@ from ..errors import SvdllmError
 from ..modules import LowRankLinear
 from ..models.families import family_of, layer_index, set_submodule
 from ..quantization import flatten_state, is_quantized, unflatten_state
-from .atomic import readable_as_usual
+from ..atomic import readable_as_usual
 from .hf_native import MODELING_FILE, model_card, modeling_source, native_config, strip_native
+from .manifest import MANIFEST_NAME, read_manifest, stamped
 
 log = logging.getLogger(__name__)
-MANIFEST_NAME = "svdllm_manifest.json"
-FORMAT_VERSION = 1
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -87,7 +86,7 @@ def _write_beside_weights(tmp: Path, model: nn.Module, tokenizer, manifest: dict
     config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    manifest = dict(manifest, format="svdllm", format_version=FORMAT_VERSION)
+    manifest = stamped(manifest)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     (tmp / "README.md").write_text(model_card(manifest))
 
@@ -154,33 +153,6 @@ def abort_open_writers() -> None:
     """Remove the partial output of every unfinished layer-wise save (after an error or an interruption)."""
     for writer in list(_OPEN_WRITERS):
         writer.abort()
-
-
-def read_manifest(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    mpath = path / MANIFEST_NAME
-    if not mpath.is_file():
-        raise SvdllmError(f"{path} is not a model saved by svdllm: {MANIFEST_NAME} is missing.")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SvdllmError(f"The manifest {mpath} is not valid JSON ({e}); the directory is damaged.") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != "svdllm" or not isinstance(manifest.get("ranks"), dict):
-        raise SvdllmError(f"The manifest {mpath} is not an svdllm manifest (no format/ranks entries).")
-    version = manifest.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise SvdllmError(f"The manifest {mpath} has a format_version that is not an integer ({version!r}).")
-    if version > FORMAT_VERSION:
-        raise SvdllmError(f"{mpath} was written by a newer svdllm (format {version}); upgrade svdllm.")
-    for name, rank in manifest["ranks"].items():
-        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-            raise SvdllmError(f"The manifest {mpath} gives {name} the rank {rank!r}; a rank is a positive integer "
-                              "(or null for a matrix kept dense). The directory is damaged.")
-    if not isinstance(manifest.get("dtype", "float32"), str):
-        raise SvdllmError(f"The manifest {mpath} has a dtype that is not a name ({manifest['dtype']!r}).")
-    if not isinstance(manifest.get("quantization") or {}, dict):
-        raise SvdllmError(f"The manifest {mpath} has a quantization entry that is not an object.")
-    return manifest
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -169,6 +169,6 @@ def export_dense(model: nn.Module) -> nn.Module:
 
 
 def write_card(directory: str | Path, manifest: dict, results: dict | None = None) -> None:
-    from .atomic import atomic_write_text
+    from ..atomic import atomic_write_text
 
     atomic_write_text(Path(directory) / "README.md", model_card(manifest, results))

@@ -1,5 +1,6 @@
-"""Models: loading (hub id, local directory, GGUF file, bundled built-ins) and the supported architectures."""
+"""Models: the supported architectures, and dense models loaded from a hub id, a local directory, a GGUF file or a
+bundled built-in (`svdllm.load_model` also loads a compressed directory: loader.py)."""
 from .families import INPUT_GROUPS, LINEAR_NAMES, SUPPORTED_FAMILIES, family_of
-from .loading import BUILTIN_MODELS, load_model, parse_dtype
+from .loading import BUILTIN_MODELS, parse_dtype
 
-__all__ = ["INPUT_GROUPS", "LINEAR_NAMES", "SUPPORTED_FAMILIES", "family_of", "BUILTIN_MODELS", "load_model", "parse_dtype"]
+__all__ = ["INPUT_GROUPS", "LINEAR_NAMES", "SUPPORTED_FAMILIES", "family_of", "BUILTIN_MODELS", "parse_dtype"]

@@ -130,7 +130,7 @@ def _load_builtin(name: str, dtype: torch.dtype):
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "svdllm_source.json").write_text(json.dumps({"builtin": name, "gguf": str(gguf)}))
-            from ..io.atomic import readable_as_usual
+            from ..atomic import readable_as_usual
 
             readable_as_usual(tmp)
             os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
@@ -161,50 +161,4 @@ def _load_hf(name_or_path: str, dtype: torch.dtype, display: str | None = None):
     except (OSError, ValueError) as e:
         raise SvdllmError(f"Could not load the model at {name_or_path!r}: {e}") from e
     model.config.name_or_path = display or name_or_path
-    return model, tokenizer
-
-
-def load_model(spec: str, dtype: str | torch.dtype = "float32", layerwise: bool = False):
-    """Return (model, tokenizer) in eval mode for a built-in name, a .gguf file, a directory or a hub id.
-
-    A directory written by ``svdllm compress`` is loaded as the compressed model it holds. With `layerwise`,
-    the decoder layers stay on the meta device and are read one at a time when compression reaches them
-    (models/lazy.py): a built-in name or a local directory of safetensors shards.
-    """
-    dtype = parse_dtype(dtype)
-    path = Path(spec).expanduser()
-    if layerwise:
-        from ..io import MANIFEST_NAME
-        from .lazy import load_lazy
-
-        if spec in BUILTIN_MODELS:
-            target = cache_root() / "models" / spec
-            if not (target / "config.json").exists():
-                _load_builtin(spec, dtype)  # converted from GGUF once (a full load); later runs read shards
-            path = target
-        if not path.is_dir() or (path / MANIFEST_NAME).exists():
-            raise SvdllmError(f"--layerwise reads a dense model's safetensors shards: give a built-in name or a local "
-                              f"model directory, not {spec!r}.")
-        return load_lazy(path, dtype, display=spec if spec in BUILTIN_MODELS else None)
-    if spec in BUILTIN_MODELS:
-        model, tokenizer = _load_builtin(spec, dtype)
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise SvdllmError(f"GGUF file not found: {path}")
-        model, tokenizer = _load_gguf(path, dtype)
-    elif path.is_dir():
-        from ..io import MANIFEST_NAME, load
-
-        if (path / MANIFEST_NAME).exists():
-            return load(path, dtype=dtype, with_tokenizer=True)
-        model, tokenizer = _load_hf(str(path), dtype)
-    elif spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
-        raise SvdllmError(
-            f"Model path {spec!r} does not exist. Give a local model directory, a .gguf file, a hub id "
-            f"such as HuggingFaceTB/SmolLM2-135M-Instruct, or a built-in name ({', '.join(BUILTIN_MODELS)})."
-        )
-    else:
-        model, tokenizer = _load_hf(spec, dtype)
-    family_of(model)
-    model.eval()
     return model, tokenizer

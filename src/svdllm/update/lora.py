@@ -26,7 +26,7 @@ from torch import nn
 from ..data.instructions import IGNORE, collate, load_items
 from ..errors import SvdllmError
 from ..modules import LowRankLinear
-from ..io.atomic import atomic_path, atomic_write_text, save_figure
+from ..atomic import atomic_path, atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
 STATE_NAME = "state.pt"
@@ -352,7 +352,7 @@ def plot_history(history: dict, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4))
-    x, offset, bounds = 0, 0, []
+    offset, bounds = 0, []
     for si in sorted({r["stage"] for r in history["train"]}):
         rows = [r for r in history["train"] if r["stage"] == si]
         xs = [offset + r["step"] for r in rows]
