@@ -8,9 +8,9 @@ def config(kind: str, data_dir: str, cache: str):
     import svdllm
 
     cal = svdllm.CalibrationConfig(nsamples=5, seqlen=32, data_dir=data_dir, grad_samples=3)
-    if kind == "kfac-global":  # gradient pass, output-side Grams, global allocation over two ratios
-        return svdllm.CompressConfig(preset="paper", ratio=[0.3, 0.6], method="kfac-svd", alloc="global",
-                                     alloc_options={"calibrate": 0}, cache_dir=cache, calibration=cal)
+    if kind == "best":  # the default: gradient pass with output-side Grams, the global allocation with its
+        # measured truncations over two ratios, the closed-form update at 0.6
+        return svdllm.CompressConfig(ratio=[0.3, 0.6], cache_dir=cache, calibration=cal)
     # the paired streams of the closed-form update, with cross moments for the attention
     return svdllm.CompressConfig(preset="paper", ratio=[0.3, 0.6], update="closed-form-drift", cache_dir=cache, calibration=cal)
 

@@ -73,21 +73,17 @@ def test_best_preset_adjusts_to_what_the_run_can_do():
 
     best = {k: PRESETS["best"][k] for k in ("method", "alloc")}
     assert best == {"method": "kfac-svd", "alloc": "global"}
-    assert resolve_best(best, set(), 10, 100, False) == (best, None)
-    out, why = resolve_best(best, set(), 60, 100, False)  # Grams above a third of the memory
-    assert out == {"method": "svd-llm", "alloc": "global"} and "Grams" in why
-    assert resolve_best(best, {"method"}, 60, 100, False) == (best, None)  # named by the user: kept
-    assert resolve_best(best, set(), 10**15, None, False) == (best, None)  # memory unknown: not second-guessed
-    out, why = resolve_best(best, set(), 10, 100, True)
-    assert out == {"method": "svd-llm", "alloc": "lorap"} and "layerwise" in why
-    out, _ = resolve_best(best, {"alloc"}, 10, 100, True)
-    assert out == {"method": "svd-llm", "alloc": "global"}  # the user's allocator stays (and fails clearly later)
+    assert resolve_best(best, set(), 10, 100) == (best, None)
+    out, why = resolve_best(best, set(), 60, 100)  # Grams above half of the free disk
+    assert out == {"method": "svd-llm", "alloc": "global"} and "Grams" in why and "disk" in why
+    assert resolve_best(best, {"method"}, 60, 100) == (best, None)  # named by the user: kept
+    assert resolve_best(best, set(), 10**15, None) == (best, None)  # free disk unknown: not second-guessed
 
 
 def test_best_preset_falls_back_when_the_grams_do_not_fit(model_dir, data_dir, tmp_path, capsys, monkeypatch, caplog):
     import svdllm.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 1024)
+    monkeypatch.setattr(pipeline, "free_disk", lambda path: 1024)
     assert main(["compress", "--model", str(model_dir), "--ratio", "0.5", "--nsamples", "2", "--seqlen", "32",
                  "--data-dir", str(data_dir), "--no-cache", "--out", str(tmp_path / "r"), "-q"]) == 0
     manifest = json.loads((tmp_path / "r" / "svdllm_manifest.json").read_text())

@@ -16,7 +16,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind", ["kfac-global", "closed-form-drift"])
+@pytest.mark.parametrize("kind", ["best", "closed-form-drift"])
 def test_two_processes_equal_one(kind, tok, data_dir, tmp_path):
     import dist_worker
 

@@ -11,15 +11,18 @@ from svdllm import load_model
 from tiny import tiny_model
 
 
-def _config(data_dir, tmp_path, **kw):
-    return svdllm.CompressConfig(preset="paper", cache_dir=str(tmp_path / "cache"),
+def _config(data_dir, tmp_path, preset="paper", **kw):
+    return svdllm.CompressConfig(preset=preset, cache_dir=str(tmp_path / "cache"),
                                  calibration=svdllm.CalibrationConfig(nsamples=3, seqlen=32, data_dir=str(data_dir)),
                                  **kw)
 
 
 @pytest.mark.parametrize("family,kw", [("llama", dict(ratio=[0.3, 0.6])),
                                        ("gemma3", dict(ratio=0.4, alloc="lorap")),
-                                       ("qwen3", dict(ratio=0.4, update="closed-form"))])
+                                       ("qwen3", dict(ratio=0.4, update="closed-form")),
+                                       # the default: gradient pass, measured allocation, closed form at 0.6
+                                       ("mistral", dict(ratio=[0.3, 0.6], preset="best")),
+                                       ("gemma3", dict(ratio=0.4, preset="best", method="fwsvd"))])
 def test_layerwise_equals_whole_model(family, kw, tok, data_dir, tmp_path):
     dense = tiny_model(family)
     dense.save_pretrained(tmp_path / "dense")  # sharded like a big checkpoint would be
@@ -39,6 +42,7 @@ def test_layerwise_equals_whole_model(family, kw, tok, data_dir, tmp_path):
         ma = json.loads((sub(tmp_path / "whole") / "svdllm_manifest.json").read_text())
         mb = json.loads((sub(tmp_path / "lazy") / "svdllm_manifest.json").read_text())
         assert ma["ranks"] == mb["ranks"] and ma["params"] == mb["params"]
+        assert (ma["method"], ma["alloc"], ma["update"]) == (mb["method"], mb["alloc"], mb["update"])
         assert (sub(tmp_path / "lazy") / "model.safetensors.index.json").exists()
     assert not list(tmp_path.glob(".*tmp-*"))
 
@@ -59,17 +63,13 @@ def test_resident_weights_do_not_grow_with_depth(tok, data_dir, tmp_path):
     assert peaks[4] == pytest.approx(peaks[32])
 
 
-def test_layerwise_refuses_what_needs_the_whole_model(tok, data_dir, tmp_path):
+def test_layerwise_needs_an_output_directory(tok, data_dir, tmp_path):
     dense = tiny_model("llama")
     dense.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
     lazy, _ = load_model(str(tmp_path / "dense"), layerwise=True)
-    with pytest.raises(SvdllmError, match="gradient pass"):
-        svdllm.compress(lazy, tok, _config(data_dir, tmp_path, ratio=0.4, method="fwsvd"), out=tmp_path / "x",
-                        progress=False)
     with pytest.raises(SvdllmError, match="output directory"):
         svdllm.compress(lazy, tok, _config(data_dir, tmp_path, ratio=0.4), progress=False)
-    assert not (tmp_path / "x").exists()
 
 
 def test_layerwise_device_placement(tok, data_dir, tmp_path):

@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default="best", choices=["best", "paper"],
                    help="best (default): the lowest perplexity for the size measured so far (kfac-svd with the "
                         "global allocator, and the closed-form update from R = 0.5; svd-llm + global where kfac-svd's "
-                        "output Grams would not fit in a third of the available memory, svd-llm + lorap with "
-                        "--layerwise); paper: SVD-LLM (W) as published "
+                        "output Grams would take more than half the free disk under the cache); paper: SVD-LLM (W) "
+                        "as published "
                         "(svd-llm, uniform ranks). --method, --alloc and --update override the preset's choice")
     c.add_argument("--method", default=None, choices=sorted(METHODS))
     c.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-cache", action="store_true", help="neither read nor write cached calibration statistics")
     c.add_argument("--layerwise", action="store_true",
                    help="models bigger than memory: read one decoder layer at a time from the safetensors shards and "
-                        "write each compressed layer at once (peak memory about one layer; no gradient pass)")
+                        "write each compressed layer at once (peak memory about one layer)")
     c.add_argument("--out", required=True, help="output directory (with several ratios: one ratio-<R>/ each)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_finetune_args(c, prefix="ft-")
@@ -321,7 +321,7 @@ def cmd_compress(args) -> dict:
     if (args.update or "").endswith("lora"):
         config.finetune = _finetune_config(args, args.device)
     config.validate()  # fail on bad input before loading the model
-    plan = config.resolve(layerwise=args.layerwise)  # (memory is checked again once the model is loaded)
+    plan = config.resolve()  # (the disk is checked once the model is loaded)
     from .allocation import get_allocator
 
     get_allocator(plan.alloc, **config.alloc_options)  # unknown options too

@@ -19,41 +19,41 @@ PRESETS = {
 }
 # "best" where its first choice cannot run: the next best measured configuration that can
 BEST_WITHOUT_OUTPUT_GRAMS = {"method": "svd-llm", "alloc": "global"}  # the next best in BENCHMARKS.md
-BEST_LAYERWISE = {"method": "svd-llm", "alloc": "lorap"}  # no gradient pass: the best allocator without one
 # "best" from this ratio up also takes the closed-form update: on kfac-svd + global it changes nothing at R = 0.2 and
 # 0.4 but takes 15% off at R = 0.6, where the inputs drift most; it costs one more calibration pass per ratio
 # (BENCHMARKS.md, "The default, measured"). Decided per ratio: the ratios below share one pass.
 BEST_CLOSED_FORM_FROM = 0.5
-GRAM_MEMORY_FRACTION = 1 / 3  # the rest of memory is for the model and its backward pass
+GRAM_DISK_FRACTION = 1 / 2  # the rest of the free disk is for the input statistics and the decompositions
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to this process now (Linux's MemAvailable), or None where it cannot be read."""
+def free_disk(path) -> int | None:
+    """Bytes free on the file system that holds `path` (its nearest existing parent), or None if unknown."""
+    import shutil
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
     try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
+        return shutil.disk_usage(p).free
+    except OSError:
         return None
 
 
-def resolve_best(chosen: dict, named: set[str], gram_bytes: int, available_bytes: int | None,
-                 layerwise: bool) -> tuple[dict, str | None]:
+def resolve_best(chosen: dict, named: set[str], gram_bytes: int, free_bytes: int | None) -> tuple[dict, str | None]:
     """The "best" preset adjusted to what this run can do, and why it was adjusted (None: not adjusted).
 
-    kfac-svd keeps one m × m float64 output-gradient Gram per linear in memory during the gradient pass (1.3 GB for
-    SmolLM2-135M, tens of GB for 7B models); a layer-wise run has no gradient pass at all. Only what came from the
-    preset is replaced: a method or allocator the user named is kept (and fails clearly if it cannot run)."""
+    kfac-svd writes one m × m float64 output-gradient Gram per linear to disk, a layer at a time (1.3 GB for
+    SmolLM2-135M, 110 GiB for a Llama-3-8B), and reads one at a time: memory is never the limit, the disk under the
+    statistics cache may be. Only what came from the preset is replaced: a method or allocator the user named is
+    kept (and fails clearly if it cannot run)."""
     out = dict(chosen)
-    if layerwise:
-        swap = {k: v for k, v in BEST_LAYERWISE.items() if k not in named}
-        if swap:
-            out.update(swap)
-            return out, "--layerwise has no gradient pass"
-    if out["method"] == "kfac-svd" and "method" not in named and available_bytes is not None \
-            and gram_bytes > GRAM_MEMORY_FRACTION * available_bytes:
+    if out["method"] == "kfac-svd" and "method" not in named and free_bytes is not None \
+            and gram_bytes > GRAM_DISK_FRACTION * free_bytes:
         out.update({k: v for k, v in BEST_WITHOUT_OUTPUT_GRAMS.items() if k not in named})
-        return out, (f"kfac-svd's output-gradient Grams need {gram_bytes / 2**30:.1f} GiB, more than a third of the "
-                     f"{available_bytes / 2**30:.1f} GiB of available memory")
+        return out, (f"kfac-svd's output-gradient Grams need {gram_bytes / 2**30:.1f} GiB of disk, more than half "
+                     f"of the {free_bytes / 2**30:.1f} GiB free under the statistics cache (--cache-dir or "
+                     "SVDLLM_CACHE_DIR on a larger disk keeps the default)")
     return out, None
 
 
@@ -133,10 +133,10 @@ class CompressConfig:
     def ratios(self) -> list[float]:
         return list(self.ratio) if isinstance(self.ratio, (list, tuple)) else [self.ratio]
 
-    def resolve(self, gram_bytes: int = 0, available_bytes: int | None = None, layerwise: bool = False) -> Plan:
-        """The preset applied: what was not named comes from it. `best` falls back where kfac-svd cannot run
-        (resolve_best) and takes the closed-form update for the ratios from BEST_CLOSED_FORM_FROM up, when its
-        method and allocator are kfac-svd + global and no update was named."""
+    def resolve(self, gram_bytes: int = 0, free_bytes: int | None = None) -> Plan:
+        """The preset applied: what was not named comes from it. `best` falls back where kfac-svd's Grams do not
+        fit on the disk (resolve_best) and takes the closed-form update for the ratios from BEST_CLOSED_FORM_FROM
+        up, when its method and allocator are kfac-svd + global and no update was named."""
         if self.preset not in PRESETS:
             raise SvdllmError(f"Unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
         base = PRESETS[self.preset]
@@ -146,7 +146,7 @@ class CompressConfig:
         chosen = {k: getattr(self, k) or base[k] for k in ("method", "alloc")}
         reason = None
         if self.preset == "best":
-            chosen, reason = resolve_best(chosen, named, gram_bytes, available_bytes, layerwise)
+            chosen, reason = resolve_best(chosen, named, gram_bytes, free_bytes)
         ratios = [float(r) for r in self.ratios]
         if self.update is not None:
             updates = {r: self.update for r in ratios}

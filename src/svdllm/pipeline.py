@@ -24,6 +24,7 @@ model is handed back dense.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -38,9 +39,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .allocation import Allocator, MatrixInfo, get_allocator, param_counts
 from .calibration import distributed
-from .calibration import (AllocationRecord, StatsCache, calibrate_layers, gradient_stats, linear_stats,
-                          model_fingerprint)
-from .config import CompressConfig, available_memory
+from .calibration import (AllocationRecord, LayerGrams, StatsCache, calibrate_layers, gradient_stats,
+                          layerwise_loss, linear_stats, model_fingerprint)
+from .config import CompressConfig, free_disk
 from .data import CORPORA, calibration_set, check_token_ids
 from .data.texts import split_sources
 from .errors import SvdllmError
@@ -94,7 +95,7 @@ def environment() -> dict:
 
 
 def output_gram_bytes(model) -> int:
-    """Memory of kfac-svd's output-gradient Grams: one m × m float64 matrix per compressed linear."""
+    """Disk taken by kfac-svd's output-gradient Grams: one m × m float64 matrix per compressed linear."""
     return sum(8 * m.out_features ** 2 for m in matrices_of(model))
 
 
@@ -151,7 +152,10 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     ratios = [float(r) for r in config.ratios]
     if len(ratios) > 1 and out is None:
         raise SvdllmError("Several ratios need an output directory (--out): each ratio's model is saved there.")
-    plan = config.resolve(output_gram_bytes(model), available_memory(), is_lazy(model))
+    import tempfile
+
+    stats_root = tempfile.gettempdir() if config.cache_dir == "" else (config.cache_dir or cache_root())
+    plan = config.resolve(output_gram_bytes(model), free_disk(stats_root))
     if plan.reason:
         log.warning("--preset best: %s, so this run uses --method %s --alloc %s.", plan.reason, plan.method,
                     plan.alloc)
@@ -249,7 +253,7 @@ class Run:
     windows: torch.Tensor | None = None
     cache: StatsCache | None = None  # the dense statistics the factorization reads (None: its own pass gathers them)
     dense: StatsCache | None = None  # the dense statistics the spectra read (the cache, or a scratch one)
-    scratch: object = None  # a temporary directory holding `dense` when the statistics cache is off
+    scratch: object = None  # a temporary directory holding `dense` and the Grams when the statistics cache is off
     grads: object = None
     record: AllocationRecord | None = None
     spectra: dict | None = None
@@ -272,15 +276,26 @@ class Run:
     def store(self) -> DecompositionStore | None:
         return self.shared.get("store")
 
+    @property
+    def scratch_root(self) -> Path | None:
+        """Where large temporary files go: under the cache root (a disk, where /tmp may be memory), or the system's
+        temporary directory when the statistics cache is off."""
+        return None if self.config.cache_dir == "" else Path(self.config.cache_dir or cache_root()) / "scratch"
+
+    def scratch_dir(self) -> Path:
+        """A directory of this run's own for what the statistics cache would hold when it is off (removed at the
+        end of the run)."""
+        if self.scratch is None:
+            import tempfile
+
+            self.scratch = tempfile.TemporaryDirectory(prefix="svdllm-run-")
+        return Path(self.scratch.name)
+
 
 def _run_phases(run: Run) -> list[CompressionResult]:
     config = run.config
     writers = {}
     if run.lazy:
-        if run.needs_grads:
-            raise SvdllmError(f"--layerwise cannot run the gradient pass that {config.method} / {config.alloc} need "
-                              "(it back-propagates through the whole model); use svd-llm, svd-llm-v2, asvd, dipsvd "
-                              "or svd with uniform, v2 or lorap allocation, or load the model whole.")
         if any(o is None for o in run.outs.values()):
             raise SvdllmError("--layerwise writes each layer as it is compressed: give an output directory.")
         writers = {r: LayerwiseWriter(run.outs[r], run.overwrite) for r in run.ratios}
@@ -332,13 +347,16 @@ def _gradients(run: Run) -> None:
     t0 = time.perf_counter()
     cal = run.config.calibration
     n = min(cal.grad_samples or cal.nsamples, cal.nsamples)
-    grads = run.cache.load_gradients(n, run.needs_grams) if run.cache is not None else None
-    if grads is None:
-        grads = gradient_stats(run.model, run.windows[:n], run.progress, output_grams=run.needs_grams)
+    grads = run.cache.load_gradients(n, run.num_layers, run.needs_grams) if run.cache is not None else None
+    if grads is None:  # each layer's Grams to disk as the pass leaves it; read back when the layer's turn comes
+        grams = None
+        if run.needs_grams:
+            grams = run.cache.layer_grams(n) if run.cache is not None else LayerGrams(run.scratch_dir() / "grams")
+        grads = gradient_stats(run.model, run.windows[:n], run.progress, output_grams=run.needs_grams,
+                               sink=grams.write if grams is not None else None, scratch=run.scratch_root)
+        grads.output_grams = grams
         if run.cache is not None:
             run.cache.save_gradients(grads)
-            if run.needs_grams:  # from here on, read each Gram from disk when its layer comes
-                grads = run.cache.load_gradients(n, run.needs_grams)
     run.grads = grads
     run.timings["gradient_pass_s"] = time.perf_counter() - t0
     # ru_maxrss only grows: read after each phase, it tells which phase set the process's peak
@@ -353,10 +371,7 @@ def _recorded_allocation(run: Run) -> None:
             run.dense = run.cache or _stats_cache(run.model, config, run.windows,
                                                   root=Path(config.cache_dir or cache_root()))
         else:  # statistics cache off: a scratch cache for this run
-            import tempfile
-
-            run.scratch = tempfile.TemporaryDirectory(prefix="svdllm-stats-")
-            run.dense = _stats_cache(run.model, config, run.windows, root=Path(run.scratch.name))
+            run.dense = _stats_cache(run.model, config, run.windows, root=run.scratch_dir())
     if run.needs_inputs and config.cache_dir != "":
         # the allocation depends on the statistics and on what is decided here, not on the update: kept beside the
         # statistics, it serves the same configuration with another update, and an interrupted run
@@ -398,8 +413,7 @@ def _spectra(run: Run) -> None:
     """Phase 5: every matrix decomposed on the dense statistics; spectra to the allocator, decompositions kept."""
     t = time.perf_counter()
     if "store" not in run.shared:
-        base = None if run.config.cache_dir == "" else Path(run.config.cache_dir or cache_root()) / "scratch"
-        run.shared["store"] = DecompositionStore(base)
+        run.shared["store"] = DecompositionStore(run.scratch_root)
     stats_of = run.dense.load if run.needs_inputs else (lambda i: None)
     run.spectra = spectra(run.model, run.method, stats_of, run.grads, run.store, run.progress)
     run.timings["spectra_s"] = time.perf_counter() - t
@@ -427,7 +441,8 @@ def _allocation(run: Run) -> None:
 
 def _measure(run: Run, windows: torch.Tensor):
     """measure(ranks) -> the model's mean loss on `windows` with the named matrices truncated at those ranks, the
-    factors read off the spectra phase's decompositions."""
+    factors read off the spectra phase's decompositions; computed a decoder layer at a time (a layer-wise model
+    too), each layer truncated only while it runs."""
     def factors_of(name: str, rank: int):
         lin = run.model.get_submodule(name)
         dec = run.store.get(name, lin.weight.device) if run.store is not None else None
@@ -438,25 +453,26 @@ def _measure(run: Run, windows: torch.Tensor):
         return dec.factors(rank, dtype=lin.weight.dtype)
 
     def measure(ranks: dict[str, int]) -> float:
-        originals = swap_in(run.model, {name: factors_of(name, rank) for name, rank in ranks.items()})
-        try:
-            return _mean_nll(run.model, windows)
-        finally:
-            swap_back(run.model, originals)
+        by_layer: dict[int, dict[str, int]] = {}
+        for name, rank in ranks.items():
+            by_layer.setdefault(layer_index(name), {})[name] = rank
+
+        @contextlib.contextmanager
+        def truncated(i: int):  # layer i with its named matrices truncated while it runs (it is resident then)
+            originals = swap_in(run.model, {name: factors_of(name, r) for name, r in by_layer.get(i, {}).items()})
+            try:
+                yield
+            finally:
+                swap_back(run.model, originals)
+
+        nll = layerwise_loss(run.model, windows, truncated)
+        if not math.isfinite(nll):  # a secant or an allocation's loss must not fall back silently
+            raise SvdllmError(f"The model's loss on the calibration windows is {nll} while measuring the "
+                              "allocation's truncations: the statistics or the weights are damaged. Check the model, "
+                              "or run the global allocator without measurements (--alloc-arg calibrate=0).")
+        return nll
 
     return measure
-
-
-@torch.no_grad()
-def _mean_nll(model, windows: torch.Tensor) -> float:
-    device = next(model.parameters()).device
-    nll = sum(float(model(input_ids=w[None].to(device), labels=w[None].to(device), use_cache=False).loss)
-              for w in windows) / len(windows)
-    if not math.isfinite(nll):  # a secant or an allocation's loss must not fall back silently
-        raise SvdllmError(f"The model's loss on the calibration windows is {nll} while measuring the allocation's "
-                          "truncations: the statistics or the weights are damaged. Check the model, or run the "
-                          "global allocator without measurements (--alloc-arg calibrate=0).")
-    return nll
 
 
 def _factorization(run: Run, writers: dict) -> tuple[LayerFactorizer, bool]:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import SvdllmError
 from . import distributed
 from ..models.families import GROUP_OF, INPUT_GROUPS, family_of, layer_prefix
-from ..models.lazy import is_lazy, materialize, release
+from ..models.lazy import is_lazy, materialize, release, resident
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,53 @@ def calibrate_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 
         hidden = outputs
         if is_lazy(model):
             release(model, layer_prefix(i))
+
+
+LOGIT_CHUNK_ELEMENTS = 2**25  # logits formed at once by the loss: 128 MB in float32, whatever the vocabulary
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits of the last decoder layer's output as the model's forward forms them: final norm, LM head and,
+    where the family has it (Gemma), soft-capping."""
+    logits = model.get_output_embeddings()(family_of(model).final_norm(model)(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def token_chunks(model: nn.Module, predictions: int) -> list[tuple[int, int]]:
+    """[start, end) spans of positions whose logits fit LOGIT_CHUNK_ELEMENTS together: the full logits of a window
+    (2048 × 262,144 for Gemma 3: 2 GB) never exist at once. The final norm acts per token, so chunks are exact."""
+    step = max(1, LOGIT_CHUNK_ELEMENTS // model.get_output_embeddings().weight.shape[0])
+    return [(s, min(s + step, predictions)) for s in range(0, predictions, step)]
+
+
+def chunk_nll(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    """Σ of the next-token cross-entropies at positions [s, e) of one window (hidden (1, T, d), ids (1, T)),
+    in float32 as transformers' loss computes it, or float64 for a float64 model."""
+    s, e = span
+    logits = head_logits(model, hidden[:, s:e])
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.nn.functional.cross_entropy(logits.reshape(e - s, -1), ids[0, s + 1 : e + 1], reduction="sum")
+
+
+@torch.no_grad()
+def layerwise_loss(model: nn.Module, windows: torch.Tensor,
+                   changed: Callable[[int], contextlib.AbstractContextManager] | None = None) -> float:
+    """The mean over `windows` of each window's mean next-token loss (`model(input_ids=w, labels=w).loss`), one
+    decoder layer at a time: memory holds one layer and one window's logits chunk, whatever the depth. While layer
+    i runs, the context `changed(i)` is entered (the allocation's measurements truncate the layer's matrices)."""
+    layers = family_of(model).decoder_layers(model)
+    device = model_device(model)
+    hidden, layer_kwargs = capture_layer_inputs(model, windows)
+    for i, layer in enumerate(layers):
+        with resident(model, i), (changed(i) if changed is not None else contextlib.nullcontext()):
+            hidden = run_layer(layer, hidden, layer_kwargs[i], device)[0]
+    total = 0.0
+    for k, h in enumerate(hidden):
+        ids, n = windows[k : k + 1].to(device), windows.shape[1] - 1
+        h = h.to(device)
+        total += sum(float(chunk_nll(model, h, ids, span)) for span in token_chunks(model, n)) / n
+    return total / len(hidden)
 
 
 def shard_windows(windows: torch.Tensor) -> torch.Tensor:

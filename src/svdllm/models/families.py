@@ -34,6 +34,7 @@ GROUP_OF: dict[str, str] = {n: g for g, names in INPUT_GROUPS.items() for n in n
 
 # Where every supported family keeps its decoder layers; the one place that names the path (`layer_prefix`).
 LAYERS_PATH = "model.layers"
+FINAL_NORM_PATH = "model.norm"  # the norm between the last decoder layer and the LM head
 
 
 def layer_prefix(i: int) -> str:
@@ -60,6 +61,9 @@ class Family:
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(LAYERS_PATH)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(FINAL_NORM_PATH)
 
     def linear_name(self, i: int, linear: str) -> str:
         """The full module name of a compressible linear, e.g. "model.layers.3.self_attn.q_proj"."""
