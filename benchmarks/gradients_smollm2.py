@@ -101,7 +101,9 @@ def cost(src: str | None, data_dir: str) -> dict:
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    out = subprocess.run([sys.executable, "-c", CHILD, data_dir], env=env, capture_output=True, text=True, check=True)
+    scratch = os.path.join(os.path.expanduser("~"), ".cache", "svdllm", "scratch")  # a disk, as the cache's
+    os.makedirs(scratch, exist_ok=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, data_dir, scratch], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -88,14 +88,38 @@ def _last_hidden(model, ids):
     return (out[0] if isinstance(out, tuple) else out).detach()
 
 
-def test_grams_handed_to_the_sink_layer_by_layer():
-    model = tiny_model("llama", num_hidden_layers=3)
-    got = []
-    stats = gradient_stats(model, _windows(), progress=False, output_grams=True,
-                           sink=lambda i, grams: got.append((i, sorted(grams))))
-    assert stats.output_grams is None
-    assert [i for i, _ in got] == [2, 1, 0]  # the backward pass goes down
-    assert got[0][1] == sorted(f"model.layers.2.{n}" for n in LINEAR_NAMES)
+def test_results_written_layer_by_layer_and_an_interrupted_pass_resumes(tmp_path, monkeypatch):
+    """With a directory, each layer's results are written as the backward pass leaves it; a pass stopped in the
+    middle of the backward resumes at the layer where it stopped and gives the same statistics."""
+    from svdllm.calibration import fisher
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    windows = _windows()
+    whole = gradient_stats(model, windows, progress=False, output_grams=True)
+    done = []
+    real = fisher._layer_backward
+
+    def stop_at_layer_1(family, i, *args):
+        if i == 1:
+            raise KeyboardInterrupt
+        done.append(i)
+        return real(family, i, *args)
+
+    monkeypatch.setattr(fisher, "_layer_backward", stop_at_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        gradient_stats(model, windows, progress=False, output_grams=True, directory=tmp_path)
+    assert done == [3, 2] and sorted(p.name for p in tmp_path.glob("layer_*")) == ["layer_0002.safetensors",
+                                                                                  "layer_0003.safetensors"]
+    done.clear()
+    monkeypatch.setattr(fisher, "_layer_backward", lambda family, i, *args: done.append(i) or real(family, i, *args))
+    resumed = gradient_stats(model, windows, progress=False, output_grams=True, directory=tmp_path)
+    assert done == [1, 0]  # layers 3 and 2 were not run again
+    assert not (tmp_path / "pass-rank0").exists()  # the intermediate tensors are removed at the end
+    assert list(resumed.rows) == list(whole.rows)
+    for k in whole.rows:
+        torch.testing.assert_close(resumed.rows[k], whole.rows[k], rtol=1e-6, atol=0)
+        torch.testing.assert_close(resumed.outputs[k], whole.outputs[k], rtol=1e-6, atol=0)
+        torch.testing.assert_close(resumed.output_grams[k], whole.output_grams[k], rtol=1e-6, atol=0)
 
 
 _PEAK = """
@@ -106,7 +130,7 @@ from svdllm.loader import load_model
 model, _ = load_model({path!r}, layerwise=True)
 windows = torch.randint(0, 256, (2, 512), generator=torch.Generator().manual_seed(0))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-gradient_stats(model, windows, progress=False, output_grams=True, sink=lambda i, g: None)
+gradient_stats(model, windows, progress=False, output_grams=True, directory=sys.argv[1])
 print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
 """
 
@@ -123,7 +147,8 @@ def test_peak_memory_of_the_gradient_pass_does_not_grow_with_depth(tmp_path):
                    max_position_embeddings=512).save_pretrained(path)
         byte_tokenizer().save_pretrained(path)
         code = _PEAK.format(tests=str(Path(__file__).parent), path=str(path))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"g{depth}")], capture_output=True,
+                             text=True, check=True)
         peaks[depth] = json.loads(out.stdout.strip().splitlines()[-1])
     assert peaks[32] < peaks[4] * 1.25 + 16, peaks  # MB
 

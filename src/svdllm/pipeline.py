@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .allocation import Allocator, MatrixInfo, get_allocator, param_counts
 from .calibration import distributed
-from .calibration import (AllocationRecord, LayerGrams, StatsCache, calibrate_layers, gradient_stats,
+from .calibration import (AllocationRecord, StatsCache, calibrate_layers, gradient_stats,
                           layerwise_loss, linear_stats, model_fingerprint)
 from .config import CompressConfig, free_disk
 from .data import CORPORA, calibration_set, check_token_ids
@@ -348,13 +348,10 @@ def _gradients(run: Run) -> None:
     cal = run.config.calibration
     n = min(cal.grad_samples or cal.nsamples, cal.nsamples)
     grads = run.cache.load_gradients(n, run.num_layers, run.needs_grams) if run.cache is not None else None
-    if grads is None:  # each layer's Grams to disk as the pass leaves it; read back when the layer's turn comes
-        grams = None
-        if run.needs_grams:
-            grams = run.cache.layer_grams(n) if run.cache is not None else LayerGrams(run.scratch_dir() / "grams")
-        grads = gradient_stats(run.model, run.windows[:n], run.progress, output_grams=run.needs_grams,
-                               sink=grams.write if grams is not None else None, scratch=run.scratch_root)
-        grads.output_grams = grams
+    if grads is None:  # each layer's results to disk as the pass leaves it (resumable); Grams read back one by one
+        directory = run.cache.gradient_dir(n, run.needs_grams) if run.cache is not None else \
+            run.scratch_dir() / "gradients"
+        grads = gradient_stats(run.model, run.windows[:n], run.progress, run.needs_grams, directory)
         if run.cache is not None:
             run.cache.save_gradients(grads)
     run.grads = grads

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path, atomic_write_text
-from ..models.families import family_of, layer_index
-from .fisher import GradientStats
+from ..models.families import family_of
+from .fisher import GradientStats, LayerGradients
 from . import distributed
 from .layerwise import LayerStats
 
@@ -83,46 +83,6 @@ class LazyTensors(Mapping):
         return len(self._keys)
 
 
-class LayerGrams(Mapping):
-    """kfac-svd's output-gradient Grams on disk, one safetensors file per decoder layer: the gradient pass writes a
-    layer's as it leaves it, and the factorization reads one matrix when its layer comes, so memory holds one."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.dir = Path(directory)
-
-    def _path(self, i: int) -> Path:
-        return self.dir / f"layer_{i:04d}.safetensors"
-
-    def write(self, i: int, grams: dict[str, torch.Tensor]) -> None:  # under torchrun, every rank (as `save`)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self._path(i)) as tmp:
-            save_file({k: v.contiguous() for k, v in grams.items()}, tmp)
-
-    def complete(self, num_layers: int) -> bool:
-        return all(self._path(i).exists() for i in range(num_layers))
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        i = layer_index(name)
-        if i is None or not self._path(i).exists():
-            raise KeyError(name)
-        with safe_open(self._path(i), framework="pt") as f:
-            if name not in f.keys():
-                raise KeyError(name)
-            return f.get_tensor(name)
-
-    def __iter__(self):
-        from safetensors import safe_open
-
-        for path in sorted(self.dir.glob("layer_*.safetensors")):
-            with safe_open(path, framework="pt") as f:
-                yield from list(f.keys())
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
 class StatsCache:
     def __init__(self, root: str | os.PathLike, key: dict):
         self.key = dict(key, stats_version=STATS_VERSION)
@@ -156,36 +116,30 @@ class StatsCache:
     def _gradient_path(self, windows: int) -> Path:
         return self.dir / f"gradients_{windows}.safetensors"
 
-    def _gram_path(self, windows: int) -> Path:  # one file for the model (written before 0.x): still read
+    def _gram_path(self, windows: int) -> Path:  # every Gram in one file (caches written before version 0.x)
         return self.dir / f"gradient_grams_{windows}.safetensors"
 
-    def layer_grams(self, windows: int) -> LayerGrams:
-        """Where the gradient pass writes each layer's output-gradient Grams as it goes."""
-        return LayerGrams(self.dir / f"gradient_grams_{windows}")
+    def gradient_dir(self, windows: int, output_grams: bool) -> Path:
+        """Where the gradient pass writes its results layer by layer (and resumes from, if interrupted)."""
+        return self.dir / f"gradient_pass_{windows}{'_grams' if output_grams else ''}"
 
     def _save_atomic(self, tensors: dict, path: Path) -> None:
         with atomic_path(path) as tmp:
             save_file(tensors, tmp)
 
     def save_gradients(self, grads: GradientStats) -> None:
-        """The row Fisher and output diagonals, last: their file marks the gradient pass complete. The Grams, if
-        any, are written layer by layer into `layer_grams` as the pass goes."""
+        """The row Fisher and output diagonals of every linear in one small file, which marks the pass complete;
+        the Grams stay in the pass's per-layer files."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"rows.{k}": v.contiguous() for k, v in grads.rows.items()}
         tensors.update({f"outputs.{k}": v.contiguous() for k, v in grads.outputs.items()})
-        if isinstance(grads.output_grams, dict):  # held in memory: to disk, a layer per file
-            by_layer: dict[int, dict] = {}
-            for k, v in grads.output_grams.items():
-                by_layer.setdefault(layer_index(k), {})[k] = v
-            for i, grams in by_layer.items():
-                self.layer_grams(grads.windows).write(i, grams)
         self._save_atomic(tensors, self._gradient_path(grads.windows))
 
     def load_gradients(self, windows: int, num_layers: int, output_grams: bool = False) -> GradientStats | None:
         path = self._gradient_path(windows)
         grams = None
         if output_grams:
-            grams = self.layer_grams(windows)
+            grams = LayerGradients(self.gradient_dir(windows, True))
             if not grams.complete(num_layers):
                 grams = LazyTensors(self._gram_path(windows)) if self._gram_path(windows).exists() else None
         if not distributed.all_agree(path.exists() and (not output_grams or grams is not None)):

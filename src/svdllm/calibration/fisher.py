@@ -18,8 +18,10 @@ when it is needed.
 """
 from __future__ import annotations
 
+import math
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from ..errors import SvdllmError
-from ..models.families import LINEAR_NAMES, family_of
+from ..models.families import LINEAR_NAMES, family_of, layer_index
 from ..models.lazy import resident
 from . import distributed
 from .layerwise import (_layer_output, capture_layer_inputs, check_finite, chunk_nll, model_device, run_layer,
@@ -58,87 +61,169 @@ def head_gradient(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> 
     return grad, total
 
 
-class _Activations:
-    """Each decoder layer's input on the gradient windows, one safetensors file per layer in a scratch directory."""
+class _PassFiles:
+    """A gradient pass's intermediate tensors, one safetensors file each: every decoder layer's input on the gradient
+    windows (`input_i`, from the forward) and the gradient at the input of the lowest layer the backward has finished
+    (`grad_i`; `grad_L` is the loss's, at the last layer's output). In a directory that outlives the process, an
+    interrupted pass resumes from them."""
 
-    def __init__(self, root: str | Path | None):
-        if root is not None:
-            Path(root).mkdir(parents=True, exist_ok=True)
-        self._dir = tempfile.TemporaryDirectory(prefix="svdllm-activations-", dir=root)
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
 
-    def put(self, i: int, hidden: list[torch.Tensor]) -> None:
-        save_file({"h": torch.cat(hidden).contiguous()}, f"{self._dir.name}/{i}.safetensors")
+    def _path(self, name: str) -> Path:
+        return self.dir / f"{name}.safetensors"
 
-    def take(self, i: int) -> list[torch.Tensor]:
-        path = Path(self._dir.name) / f"{i}.safetensors"
-        h = load_file(path)["h"]
-        path.unlink()
-        return list(h.split(1))
+    def put(self, name: str, tensors: list[torch.Tensor]) -> None:
+        with atomic_path(self._path(name)) as tmp:
+            save_file({"t": torch.cat([t.detach().to("cpu") for t in tensors]).contiguous()}, tmp)
 
-    def close(self) -> None:
-        self._dir.cleanup()
+    def get(self, name: str) -> list[torch.Tensor] | None:
+        path = self._path(name)
+        return list(load_file(path)["t"].split(1)) if path.exists() else None
+
+    def has(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def drop(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+
+class LayerGradients(Mapping):
+    """A gradient pass's results on disk, one safetensors file per decoder layer (its linears' row Fisher, output
+    diagonals and, when asked, output Grams), written as the backward pass leaves the layer. As a Mapping it gives
+    the Grams by linear name, one file read at a time: the factorization's memory holds one."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"layer_{i:04d}.safetensors"
+
+    def write(self, i: int, rows: dict, outputs: dict, grams: dict | None) -> None:
+        tensors = {f"rows.{k}": v for k, v in rows.items()} | {f"outputs.{k}": v for k, v in outputs.items()}
+        tensors |= {f"gram.{k}": v for k, v in (grams or {}).items()}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._path(i)) as tmp:  # under torchrun every rank writes its (identical) sums
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+
+    def has(self, i: int) -> bool:
+        return self._path(i).exists()
+
+    def complete(self, num_layers: int) -> bool:
+        return all(self.has(i) for i in range(num_layers))
+
+    def vectors(self, i: int) -> tuple[dict, dict]:
+        """Layer i's (rows, outputs)."""
+        from safetensors import safe_open
+
+        with safe_open(self._path(i), framework="pt") as f:
+            pick = lambda prefix: {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: E731
+            return pick("rows."), pick("outputs.")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        i = layer_index(name)
+        if i is None or not self.has(i):
+            raise KeyError(name)
+        with safe_open(self._path(i), framework="pt") as f:
+            if f"gram.{name}" not in f.keys():
+                raise KeyError(name)
+            return f.get_tensor(f"gram.{name}")
+
+    def __iter__(self):
+        from safetensors import safe_open
+
+        for path in sorted(self.dir.glob("layer_*.safetensors")):
+            with safe_open(path, framework="pt") as f:
+                yield from [k[len("gram."):] for k in f.keys() if k.startswith("gram.")]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = True, output_grams: bool = False,
-                   sink: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-                   scratch: str | Path | None = None) -> GradientStats:
+                   directory: str | Path | None = None) -> GradientStats:
     """One forward and backward pass per calibration window, a decoder layer at a time (module docstring).
 
-    With `output_grams`, each layer's Grams are handed to `sink(layer index, {name: G})` as the backward pass
-    leaves the layer (kept in memory and returned when there is no sink). The layers' saved inputs go to a
-    temporary directory under `scratch` (the system's if None), removed at the end."""
+    With a `directory`, each layer's results go there as the backward pass leaves the layer (LayerGradients, which
+    the returned statistics read their Grams from), and the pass's intermediate tensors to its `pass-rank<r>/`
+    sub-directory, removed at the end: a pass interrupted and started again with the same directory resumes at the
+    layer where it stopped. Without one, everything is kept in memory and a temporary directory."""
     windows = distributed.shard(windows)  # under torchrun: this rank's windows; sums all-reduced
     if windows.shape[0] == 0:
         raise SvdllmError(f"More processes ({distributed.world_size()}) than gradient windows; raise --grad-samples.")
     family = family_of(model)
     layers = family.decoder_layers(model)
     device = model_device(model)
+    temporary = tempfile.TemporaryDirectory(prefix="svdllm-gradients-") if directory is None else None
+    results = LayerGradients(temporary.name if temporary else directory)
+    files = _PassFiles(results.dir / f"pass-rank{distributed.rank()}")
+    if distributed.active():  # ranks that resumed at different layers would wait in different collectives
+        shutil.rmtree(files.dir, ignore_errors=True)
+        files.dir.mkdir(parents=True)
     was_training = model.training
     model.eval()
     previous = {name: p.requires_grad for name, p in model.named_parameters()}
-    rows, outputs, kept = {}, {}, {}
-    saved = _Activations(scratch)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         hidden, layer_kwargs = capture_layer_inputs(model, windows)
-        for i, layer in enumerate(tqdm(layers, desc="gradients (forward)", unit="layer", disable=not progress)):
-            saved.put(i, hidden)
+        top = next((i for i in range(len(layers) + 1) if files.has(f"grad_{i}")), None)  # where the backward was
+        if top is None:
+            _forward(model, family, layers, windows, hidden, layer_kwargs, files, device, progress)
+            top = len(layers)
+        grads = files.get(f"grad_{top}")
+        for i in tqdm(range(top - 1, -1, -1), desc="gradients (backward)", unit="layer", disable=not progress):
+            rows, outputs = {}, {}
             with resident(model, i):
-                hidden = run_layer(layer, hidden, layer_kwargs[i], device)[0]
-            for h in hidden:
-                check_finite(h, f"the output of {family.linear_name(i, '').rstrip('.')}")
-        grads = []
-        for k, h in enumerate(hidden):
-            g, loss = head_gradient(model, h.to(device), windows[k : k + 1].to(device))
-            if not torch.isfinite(torch.tensor(loss)):
-                raise SvdllmError(f"Non-finite loss on gradient window {k}; load the model with --dtype float32.")
-            grads.append(g)
-        del hidden
-        for i in tqdm(range(len(layers) - 1, -1, -1), desc="gradients (backward)", unit="layer",
-                      disable=not progress):
-            with resident(model, i):
-                grads, grams = _layer_backward(family, i, layers[i], saved.take(i), grads, layer_kwargs[i], device,
-                                               rows, outputs, output_grams)
-            if grams is not None:
-                grams = distributed.all_reduce_sum(grams)
-                if sink is not None:
-                    sink(i, grams)
-                else:
-                    kept.update(grams)
+                grads, grams = _layer_backward(family, i, layers[i], files.get(f"input_{i}"), grads, layer_kwargs[i],
+                                               device, rows, outputs, output_grams)
+            reduce = distributed.all_reduce_sum
+            results.write(i, reduce(rows), reduce(outputs), reduce(grams) if grams is not None else None)
+            files.put(f"grad_{i}", grads)  # after the layer's results: a resumed pass never skips a layer
+            files.drop(f"grad_{i + 1}")
+            files.drop(f"input_{i}")
     finally:
-        saved.close()
         for name, p in model.named_parameters():
             p.requires_grad_(previous.get(name, False))
         model.train(was_training)
-    order = [family.linear_name(i, n) for i in range(len(layers)) for n in LINEAR_NAMES]  # layer 0 first
-    rows = distributed.all_reduce_sum({name: rows[name] for name in order})
-    outputs = distributed.all_reduce_sum({name: outputs[name] for name in order})
+    shutil.rmtree(files.dir, ignore_errors=True)
+    rows, outputs = {}, {}
+    for i in range(len(layers)):
+        r, o = results.vectors(i)
+        for name in (family.linear_name(i, n) for n in LINEAR_NAMES):  # in the order the model lists them
+            rows[name], outputs[name] = r[name], o[name]
     for name in rows:
         if not (torch.isfinite(rows[name]).all() and torch.isfinite(outputs[name]).all()):
             raise SvdllmError(f"The gradients of {name} overflowed to inf/NaN; load the model with --dtype float32.")
-    grams_out = (kept if sink is None else None) if output_grams else None
-    return GradientStats(rows, outputs, distributed.sum_int(len(windows)), grams_out)
+    grams = None
+    if output_grams:
+        grams = dict(results.items()) if temporary else results
+    if temporary:
+        temporary.cleanup()
+    return GradientStats(rows, outputs, distributed.sum_int(len(windows)), grams)
+
+
+def _forward(model, family, layers, windows, hidden, layer_kwargs, files: _PassFiles, device, progress) -> None:
+    """Each layer's input to `files` (from the last one an interrupted forward saved), then the loss's gradient at
+    the last layer's output (`grad_L`)."""
+    start = max((i for i in range(len(layers) + 1) if files.has(f"input_{i}")), default=0)
+    hidden = files.get(f"input_{start}") if start > 0 else hidden
+    for i in tqdm(range(start, len(layers)), desc="gradients (forward)", unit="layer", disable=not progress):
+        files.put(f"input_{i}", hidden)
+        with resident(model, i):
+            hidden = run_layer(layers[i], hidden, layer_kwargs[i], device)[0]
+        for h in hidden:
+            check_finite(h, f"the output of {family.linear_name(i, '').rstrip('.')}")
+    grads = []
+    for k, h in enumerate(hidden):
+        g, loss = head_gradient(model, h.to(device), windows[k : k + 1].to(device))
+        if not math.isfinite(loss):
+            raise SvdllmError(f"Non-finite loss on gradient window {k}; load the model with --dtype float32.")
+        grads.append(g)
+    files.put(f"grad_{len(layers)}", grads)
 
 
 def _layer_backward(family, i: int, layer: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor],
