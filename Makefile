@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make demo   set everything up, then compress SmolLM2-135M by 40% and show perplexity and generations
+#   make demo   set everything up, then compress SmolLM2-135M by 30% and show perplexity and generations
 #   make test   set everything up, then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
