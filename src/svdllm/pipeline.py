@@ -338,6 +338,7 @@ def _windows(run: Run) -> None:
                     "answering (BENCHMARKS.md, 'Instruct models').", cal.dataset, cal.dataset)
     check_token_ids(run.windows, run.model)
     run.cache = _stats_cache(run.model, run.config, run.windows)
+    run.timings["peak_rss_after_windows_mb"] = peak_rss_mb()  # the model loaded, the text read
 
 
 def _gradients(run: Run) -> None:
@@ -404,6 +405,7 @@ def _dense_statistics(run: Run) -> None:
     if not _ratio_dependent(run.config):
         run.cache = run.dense  # the factorization reads the statistics back instead of running the pass again
     run.timings["calibration_s"] += time.perf_counter() - t
+    run.timings["peak_rss_after_statistics_mb"] = peak_rss_mb()
 
 
 def _spectra(run: Run) -> None:
