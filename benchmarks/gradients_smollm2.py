@@ -20,13 +20,14 @@ import sys
 import time
 
 CHILD = r"""
-import json, resource, sys, tempfile, time, torch
+import json, sys, tempfile, time, torch
 import svdllm
 from svdllm.calibration import gradient_stats
 from svdllm.data import calibration_set
 model, tok = svdllm.load_model("smollm2-135m")
 windows = calibration_set(tok, "wikitext2", 64, 2048, 0, sys.argv[1])[:8]
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss():  # this process's high-water mark (VmHWM: ru_maxrss would carry the forking parent's over exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 before = rss()
 t = time.perf_counter()
 try:  # this version: each layer's Grams written to disk as the pass leaves the layer
@@ -80,7 +81,8 @@ def equality(data_dir: str) -> dict:
     from svdllm.calibration import gradient_stats
     from svdllm.data import calibration_set
 
-    model, tok = svdllm.load_model("smollm2-135m", dtype="float64")
+    model, tok = svdllm.load_model("smollm2-135m")
+    model = model.double()
     windows = calibration_set(tok, "wikitext2", 64, 2048, 0, data_dir)[:2]
     t = time.perf_counter()
     stats = gradient_stats(model, windows, progress=False, output_grams=True)
@@ -114,7 +116,11 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("SVDLLM_DATA_DIR", "../shared/data"))
     args = ap.parse_args()
     result = {"command": " ".join(["python"] + sys.argv)}
-    result["equality"] = equality(args.data_dir)
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    if "equality" in previous:  # measured already (it takes the longest): kept, the costs measured again
+        result["equality"] = previous["equality"]
+    else:
+        result["equality"] = equality(args.data_dir)
     print(json.dumps(result["equality"]), flush=True)
     if args.before_src:
         result["before"] = cost(args.before_src, args.data_dir)

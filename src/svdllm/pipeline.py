@@ -100,10 +100,15 @@ def output_gram_bytes(model) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    import resource
+    """Peak resident memory of this process so far: Linux's VmHWM (ru_maxrss would carry over the peak of a parent
+    that forked this process before exec), ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def count_params(model: nn.Module) -> int:
