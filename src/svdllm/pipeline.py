@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .allocation import Allocator, MatrixInfo, get_allocator, param_counts
 from .calibration import distributed
-from .calibration import (AllocationRecord, StatsCache, calibrate_layers, gradient_stats,
+from .calibration import (AllocationRecord, StatsCache, calibrate_layers, capture_layer_inputs, gradient_stats,
                           layerwise_loss, linear_stats, model_fingerprint)
 from .config import CompressConfig, free_disk
 from .data import CORPORA, calibration_set, check_token_ids
@@ -456,6 +456,8 @@ def _measure(run: Run, windows: torch.Tensor):
             dec = decompose(run.method, name, lin, linear_stats(stats, run.grads, name, name.split(".", 3)[3]))
         return dec.factors(rank, dtype=lin.weight.dtype)
 
+    captured: dict = {}
+
     def measure(ranks: dict[str, int]) -> float:
         by_layer: dict[int, dict[str, int]] = {}
         for name, rank in ranks.items():
@@ -469,7 +471,9 @@ def _measure(run: Run, windows: torch.Tensor):
             finally:
                 swap_back(run.model, originals)
 
-        nll = layerwise_loss(run.model, windows, truncated)
+        if "inputs" not in captured:  # the layer-0 inputs and every layer's arguments: the same for every measurement
+            captured["inputs"] = capture_layer_inputs(run.model, windows)
+        nll = layerwise_loss(run.model, windows, truncated, captured["inputs"])
         if not math.isfinite(nll):  # a secant or an allocation's loss must not fall back silently
             raise SvdllmError(f"The model's loss on the calibration windows is {nll} while measuring the "
                               "allocation's truncations: the statistics or the weights are damaged. Check the model, "

@@ -304,13 +304,15 @@ def chunk_nll(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, span: t
 
 @torch.no_grad()
 def layerwise_loss(model: nn.Module, windows: torch.Tensor,
-                   changed: Callable[[int], contextlib.AbstractContextManager] | None = None) -> float:
+                   changed: Callable[[int], contextlib.AbstractContextManager] | None = None,
+                   inputs: tuple | None = None) -> float:
     """The mean over `windows` of each window's mean next-token loss (`model(input_ids=w, labels=w).loss`), one
     decoder layer at a time: memory holds one layer and one window's logits chunk, whatever the depth. While layer
-    i runs, the context `changed(i)` is entered (the allocation's measurements truncate the layer's matrices)."""
+    i runs, the context `changed(i)` is entered (the allocation's measurements truncate the layer's matrices).
+    `inputs`: what `capture_layer_inputs(model, windows)` returns, when many measurements share the windows."""
     layers = family_of(model).decoder_layers(model)
     device = model_device(model)
-    hidden, layer_kwargs = capture_layer_inputs(model, windows)
+    hidden, layer_kwargs = inputs if inputs is not None else capture_layer_inputs(model, windows)
     for i, layer in enumerate(layers):
         with resident(model, i), (changed(i) if changed is not None else contextlib.nullcontext()):
             hidden = run_layer(layer, hidden, layer_kwargs[i], device)[0]
