@@ -40,10 +40,10 @@ from pathlib import Path
 work = Path(sys.argv[1])
 size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 stats = next((work / "cache" / "stats").iterdir())
-grams = [d for d in stats.iterdir() if d.is_dir() and d.name.startswith("gradient_grams")]
+grads = [p for p in stats.iterdir() if p.name.startswith("gradient")]  # the per-layer pass directory and row Fisher
 out = {"layers": int(sys.argv[3]), "nsamples": int(sys.argv[4]), "seqlen": int(sys.argv[5]), "grad_samples": int(sys.argv[6]),
        "input_stats_bytes": sum(f.stat().st_size for f in stats.glob("layer_*.safetensors")),
-       "output_grams_bytes": sum(size(d) for d in grams), "model_out_bytes": size(work / "out"),
+       "gradient_stats_bytes": sum(size(p) if p.is_dir() else p.stat().st_size for p in grads), "model_out_bytes": size(work / "out"),
        "model_in_bytes": size(work / f"model-{sys.argv[3]}")}
 Path(sys.argv[2]).write_text(json.dumps(out, indent=1) + "\n")
 PY
