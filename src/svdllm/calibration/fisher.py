@@ -213,8 +213,8 @@ def _forward(model, family, layers, windows, hidden, layer_kwargs, files: _PassF
     hidden = files.get(f"input_{start}") if start > 0 else hidden
     for i in tqdm(range(start, len(layers)), desc="gradients (forward)", unit="layer", disable=not progress):
         files.put(f"input_{i}", hidden)
-        with resident(model, i):
-            hidden = run_layer(layers[i], hidden, layer_kwargs[i], device)[0]
+        with resident(model, i):  # the input is on disk now: its memory takes the output
+            hidden = run_layer(layers[i], hidden, layer_kwargs[i], device, in_place=True)[0]
         for h in hidden:
             check_finite(h, f"the output of {family.linear_name(i, '').rstrip('.')}")
     grads = []
@@ -242,7 +242,7 @@ def _layer_backward(family, i: int, layer: nn.Module, inputs: list[torch.Tensor]
             g = g.detach().to(torch.float64).reshape(-1, g.shape[-1])
             outputs[name] += g.pow(2).sum(0).cpu()
             if grams is not None:
-                grams[name] += g.T @ g
+                grams[name].addmm_(g.T, g)  # in place: no m × m temporary
 
         def hook(module, args, out):  # a tensor hook on the output sees ∂L/∂y during backward
             if out.requires_grad:
@@ -260,7 +260,7 @@ def _layer_backward(family, i: int, layer: nn.Module, inputs: list[torch.Tensor]
                 out = _layer_output(layer(x, **kwargs))
             out.backward(g.to(device, out.dtype))
             for name, m in linears.items():
-                rows[name] += m.weight.grad.detach().to(torch.float64).pow(2).sum(1).cpu()
+                _add_row_squares(rows[name], m.weight.grad.detach())
                 m.weight.grad = None
             below.append(x.grad.detach())
     finally:
@@ -269,6 +269,12 @@ def _layer_backward(family, i: int, layer: nn.Module, inputs: list[torch.Tensor]
         for m in linears.values():
             m.weight.requires_grad_(False)
     return below, None if grams is None else {k: v.cpu() for k, v in grams.items()}
+
+
+def _add_row_squares(acc: torch.Tensor, w: torch.Tensor, block: int = 1024) -> None:
+    """acc += Σ_j w_ij² in float64, a block of rows at a time: no float64 copy of a whole weight gradient."""
+    for s in range(0, w.shape[0], block):
+        acc[s : s + block] += w[s : s + block].to(torch.float64).pow(2).sum(1).cpu()
 
 
 def fisher_rows(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:

@@ -192,11 +192,22 @@ def accumulate(acc: dict, key: str, value: torch.Tensor) -> None:
         acc[key] = value
 
 
+def accumulate_product(acc: dict, key: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc[key] += a @ b in place: the product never exists apart (a 14,336² Gram of a Llama-3-8B MLP is 1.6 GB)."""
+    if key in acc:
+        acc[key].addmm_(a, b)
+    else:
+        acc[key] = a @ b
+
+
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, groups=None, where: str = ""):
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, groups=None, where: str = "",
+              in_place: bool = False):
     """Run one decoder layer on every input batch and return (outputs, LayerStats or None).
 
-    With `groups`, the Gram matrix XᵀX and Σ|x| of each group's input are accumulated (float64).
+    With `groups`, the Gram matrix XᵀX and Σ|x| of each group's input are accumulated (float64). With `in_place`,
+    each batch's output overwrites its input once the layer is done with it: the pass then holds one copy of the
+    activations, not two (2.1 GB saved for a Llama-3-8B at 64 × 2048 tokens in float32).
     """
     grams, abs_sums = {}, {}
     capture = _GroupInputs(layer, groups, where) if groups else None
@@ -204,14 +215,16 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device
     try:
         for j, h in enumerate(inputs):
             out = _layer_output(layer(h.to(device), **kwargs)).detach()
-            if j == 0:
+            if in_place:
+                outputs = inputs
+            elif j == 0:
                 outputs = batch_views(sum(b.shape[0] for b in inputs), inputs[0].shape[0], out.shape[1:], out.dtype)
             outputs[j].copy_(out)
             del out
             if capture is None:
                 continue
             for g, x in capture.take().items():
-                accumulate(grams, g, x.T @ x)
+                accumulate_product(grams, g, x.T, x)
                 accumulate(abs_sums, g, x.abs().sum(0))
     finally:
         if capture is not None:
@@ -274,10 +287,10 @@ def calibrate_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 
         kwargs, where = layer_kwargs[i], layer_prefix(i).rstrip(".")
         stats = cached(i) if cached is not None else None
         if stats is None:
-            outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where)
+            outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where, in_place=not sequential)
             stats = sum_over_ranks(stats)
         else:
-            outputs = run_layer(layer, hidden, kwargs, device)[0]
+            outputs = run_layer(layer, hidden, kwargs, device, in_place=not sequential)[0]
         yield i, stats
         if sequential:
             outputs = run_layer(layer, hidden, kwargs, device)[0]
@@ -315,6 +328,7 @@ def chunk_nll(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, span: t
     return torch.nn.functional.cross_entropy(logits.reshape(e - s, -1), ids[0, s + 1 : e + 1], reduction="sum")
 
 
+@torch.no_grad()
 @torch.no_grad()
 def layerwise_loss(model: nn.Module, windows: torch.Tensor,
                    changed: Callable[[int], contextlib.AbstractContextManager] | None = None,

@@ -104,7 +104,9 @@ def shrink(gram: torch.Tensor, intensity: float) -> torch.Tensor:
     g = gram.to(torch.float64)
     if intensity == 0:
         return g
-    return (1 - intensity) * g + intensity * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    out = (1 - intensity) * g
+    out.diagonal().add_(intensity * g.diagonal().mean())  # in place: no n × n identity (1.6 GB at n = 14,336)
+    return out
 
 
 class KFACSVD(Method):

@@ -7,6 +7,16 @@ import torch
 MAX_JITTER_TRIES = 8
 
 
+def symmetrized(gram: torch.Tensor) -> torch.Tensor:
+    """(G + Gᵀ)/2 in float64, checked finite; one n × n temporary at most (the Grams of a 7B MLP are 1.6 GB)."""
+    g = gram.to(torch.float64)
+    g = g + g.T
+    g.div_(2)
+    if not torch.isfinite(g).all():
+        raise ValueError("the Gram matrix XᵀX contains NaN or inf")
+    return g
+
+
 def cholesky_whitening(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Lower-triangular S with S·Sᵀ = XᵀX (+ jitter·I), in float64, and the jitter that was needed.
 
@@ -16,18 +26,17 @@ def cholesky_whitening(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
     so its λ_min is only rounding noise, and the geometric search needs no eigendecomposition.) The loss identity
     then holds for the shifted Gram, which differs from the true one only along directions the data barely excites.
     """
-    g = gram.to(torch.float64)
-    g = (g + g.T) / 2
-    if not torch.isfinite(g).all():
-        raise ValueError("the Gram matrix XᵀX contains NaN or inf")
+    g = symmetrized(gram)
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
         return chol, 0.0
     scale = float(g.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     for k in range(MAX_JITTER_TRIES):
         jitter = scale * 1e-6 * 10**k
-        chol, info = torch.linalg.cholesky_ex(g + jitter * eye)
+        shifted = g.clone()
+        shifted.diagonal().add_(jitter)  # g + jitter·I without an n × n identity
+        chol, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if int(info) == 0:
             return chol, jitter
     raise ValueError("XᵀX is far from positive semi-definite: it cannot come from real activations")
@@ -39,10 +48,7 @@ def eigen_whitening(gram: torch.Tensor, rtol: float | None = None) -> tuple[torc
     Eigenvalues below rtol·λ_max (default n·eps) are directions the data never excites: S⁺ maps them to zero,
     which leaves ‖(W − W′)X‖_F unchanged (X has no component there), so a singular XᵀX needs no jitter.
     """
-    g = gram.to(torch.float64)
-    g = (g + g.T) / 2
-    if not torch.isfinite(g).all():
-        raise ValueError("the Gram matrix XᵀX contains NaN or inf")
+    g = symmetrized(gram)
     lam, q = torch.linalg.eigh(g)
     rtol = g.shape[0] * torch.finfo(torch.float64).eps if rtol is None else rtol
     keep = lam > rtol * lam.max().clamp_min(1e-300)
