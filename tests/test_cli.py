@@ -74,9 +74,12 @@ def test_best_preset_adjusts_to_what_the_run_can_do():
     best = {k: PRESETS["best"][k] for k in ("method", "alloc")}
     assert best == {"method": "kfac-svd", "alloc": "global"}
     assert resolve_best(best, set(), 10, 100) == (best, None)
-    out, why = resolve_best(best, set(), 60, 100)  # Grams above half of the free disk
+    out, why = resolve_best(best, set(), 60, 100)  # float64 Grams above half of the free disk, float32 below
+    assert out == {**best, "gram_dtype": "float32"} and "stored in float32" in why
+    out, why = resolve_best(best, set(), 120, 100)  # not even in float32: the next best method
     assert out == {"method": "svd-llm", "alloc": "global"} and "Grams" in why and "disk" in why
-    assert resolve_best(best, {"method"}, 60, 100) == (best, None)  # named by the user: kept
+    assert resolve_best({**best, "gram_dtype": "float64"}, {"gram_dtype"}, 60, 100)[0]["method"] == "svd-llm"
+    assert resolve_best(best, {"method"}, 120, 100) == (best, None)  # named by the user: kept
     assert resolve_best(best, set(), 10**15, None) == (best, None)  # free disk unknown: not second-guessed
 
 
@@ -89,6 +92,34 @@ def test_best_preset_falls_back_when_the_grams_do_not_fit(model_dir, data_dir, t
     manifest = json.loads((tmp_path / "r" / "svdllm_manifest.json").read_text())
     assert (manifest["method"], manifest["alloc"], manifest["update"]) == ("svd-llm", "global", "none")
     assert "--preset best: kfac-svd's output-gradient Grams need" in caplog.text
+
+
+def test_best_preset_stores_the_grams_in_float32_when_float64_does_not_fit(model_dir, data_dir, tmp_path, monkeypatch,
+                                                                           caplog):
+    import torch
+    from safetensors.torch import load_file
+
+    import svdllm.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "output_gram_bytes", lambda model: 60)
+    monkeypatch.setattr(pipeline, "free_disk", lambda path: 100)
+    args = ["compress", "--model", str(model_dir), "--ratio", "0.4", "--nsamples", "2", "--seqlen", "32",
+            "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache"), "-q"]
+    assert main(args + ["--out", str(tmp_path / "f32")]) == 0
+    assert "they are stored in float32" in caplog.text
+    # named by the user, float64 is kept whatever the disk
+    assert main(args + ["--gram-dtype", "float64", "--method", "kfac-svd", "--out", str(tmp_path / "f64")]) == 0
+    for name, dtype in (("f32", "float32"), ("f64", "float64")):
+        manifest = json.loads((tmp_path / name / "svdllm_manifest.json").read_text())
+        assert (manifest["method"], manifest["alloc"]) == ("kfac-svd", "global")
+        assert manifest["gram_dtype"] == dtype
+    single = sorted(tmp_path.glob("cache/**/gradient_pass_2_grams/layer_*.safetensors"))
+    half = sorted(tmp_path.glob("cache/**/gradient_pass_2_grams_float32/layer_*.safetensors"))
+    assert single and len(half) == len(single)
+    for a, b in zip(half, single):  # the same float64 sums, rounded once
+        ta, tb = load_file(a), load_file(b)
+        grams = [k for k in tb if k.startswith("gram.")]
+        assert grams and all(ta[k].dtype == torch.float32 and torch.equal(ta[k], tb[k].float()) for k in grams)
 
 
 @pytest.mark.parametrize("args, update", [(["--ratio", "0.4"], "none"),

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an allocator option, e.g. --alloc lorap --alloc-arg attn_keep=0.5 (repeatable)")
     c.add_argument("--rank-multiple", type=int, default=1,
                    help="round every rank to a multiple of this (8, 16, 32 suit fast kernels); the budget still holds")
+    c.add_argument("--gram-dtype", default=None, choices=["float64", "float32"],
+                   help="how kfac-svd's output-gradient Grams are stored on disk (summed in float64 either way); "
+                        "default float64, float32 when they would take more than half the free disk under the cache")
     c.add_argument("--update", default=None, choices=sorted(UPDATES),
                    help="after truncation: closed-form (least-squares W_u on the compressed model's inputs, as "
                         "SVD-LLM), closed-form-drift (attention fitted to the dense model's outputs), lora (sequential "
@@ -318,7 +321,7 @@ def cmd_compress(args) -> dict:
         calibration=CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen,
                                       seed=args.seed, batch_size=args.batch_size, mode=args.calib_mode,
                                       data_dir=args.data_dir, grad_samples=args.grad_samples),
-        cache_dir="" if args.no_cache else args.cache_dir,
+        cache_dir="" if args.no_cache else args.cache_dir, gram_dtype=args.gram_dtype,
     )
     if (args.update or "").endswith("lora"):
         config.finetune = _finetune_config(args, args.device)

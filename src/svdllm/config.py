@@ -24,6 +24,7 @@ BEST_WITHOUT_OUTPUT_GRAMS = {"method": "svd-llm", "alloc": "global"}  # the next
 # (BENCHMARKS.md, "The default, measured"). Decided per ratio: the ratios below share one pass.
 BEST_CLOSED_FORM_FROM = 0.5
 GRAM_DISK_FRACTION = 1 / 2  # the rest of the free disk is for the input statistics and the decompositions
+GRAM_BYTES = {"float64": 8, "float32": 4}  # kfac-svd's output Grams on disk, bytes per entry
 
 
 def free_disk(path) -> int | None:
@@ -43,18 +44,30 @@ def free_disk(path) -> int | None:
 def resolve_best(chosen: dict, named: set[str], gram_bytes: int, free_bytes: int | None) -> tuple[dict, str | None]:
     """The "best" preset adjusted to what this run can do, and why it was adjusted (None: not adjusted).
 
-    kfac-svd writes one m × m float64 output-gradient Gram per linear to disk, a layer at a time (1.3 GB for
-    SmolLM2-135M, 110 GiB for a Llama-3-8B), and reads one at a time: memory is never the limit, the disk under the
-    statistics cache may be. Only what came from the preset is replaced: a method or allocator the user named is
-    kept (and fails clearly if it cannot run)."""
+    kfac-svd writes one m × m output-gradient Gram per linear to disk, a layer at a time, and reads one at a time:
+    memory is never the limit, the disk under the statistics cache may be. In float64 (`gram_bytes`) they take 1.3 GB
+    for SmolLM2-135M and 119 GB for a Llama-3-8B (3.7 GB per layer, measured on the 8B-shaped model). Where that is
+    more than half the free disk, they are stored in float32 (half the bytes; they are still summed in float64 and
+    read back as float64: BENCHMARKS.md measures what the rounding costs); where even that does not fit, the next
+    best method that needs no Grams. Only what came from the preset is replaced: a method, allocator or Gram dtype the
+    user named is kept (and fails clearly if it cannot run)."""
     out = dict(chosen)
-    if out["method"] == "kfac-svd" and "method" not in named and free_bytes is not None \
-            and gram_bytes > GRAM_DISK_FRACTION * free_bytes:
-        out.update({k: v for k, v in BEST_WITHOUT_OUTPUT_GRAMS.items() if k not in named})
-        return out, (f"kfac-svd's output-gradient Grams need {gram_bytes / 2**30:.1f} GiB of disk, more than half "
-                     f"of the {free_bytes / 2**30:.1f} GiB free under the statistics cache (--cache-dir or "
-                     "SVDLLM_CACHE_DIR on a larger disk keeps the default)")
-    return out, None
+    if out["method"] != "kfac-svd" or free_bytes is None:
+        return out, None
+    dtype = out.get("gram_dtype") or "float64"
+    need = gram_bytes * GRAM_BYTES[dtype] // 8
+    if need <= GRAM_DISK_FRACTION * free_bytes:
+        return out, None
+    where = (f"more than half of the {free_bytes / 2**30:.1f} GiB free under the statistics cache (--cache-dir or "
+             "SVDLLM_CACHE_DIR on a larger disk keeps the default)")
+    if "gram_dtype" not in named and dtype == "float64" and gram_bytes // 2 <= GRAM_DISK_FRACTION * free_bytes:
+        out["gram_dtype"] = "float32"
+        return out, (f"kfac-svd's output-gradient Grams need {gram_bytes / 2**30:.1f} GiB of disk in float64, {where}; "
+                     "they are stored in float32")
+    if "method" in named:
+        return out, None
+    out.update({k: v for k, v in BEST_WITHOUT_OUTPUT_GRAMS.items() if k not in named})
+    return out, f"kfac-svd's output-gradient Grams need {need / 2**30:.1f} GiB of disk in {dtype}, {where}"
 
 
 @dataclass
@@ -66,6 +79,7 @@ class Plan:
     alloc: str
     updates: dict  # ratio -> update
     reason: str | None = None
+    gram_dtype: str = "float64"  # how kfac-svd's output Grams are stored on disk
 
     def groups(self) -> list[tuple[str, list[float]]]:
         """(update, ratios) in the order the ratios were given: ratios with the same update share a run."""
@@ -128,6 +142,9 @@ class CompressConfig:
     finetune: object | None = None  # an update.lora.FinetuneConfig for --update lora (None: the preset for the device)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     cache_dir: str | None = None  # None: $SVDLLM_CACHE_DIR or ~/.cache/svdllm; "" disables the statistics cache
+    # kfac-svd's output-gradient Grams on disk: "float64", "float32" (half the disk), None: float64 unless the disk
+    # under the cache is short (resolve_best)
+    gram_dtype: str | None = None
 
     @property
     def ratios(self) -> list[float]:
@@ -144,6 +161,9 @@ class CompressConfig:
         if self.method_options:  # options are for the preset's method: keep it whatever happens below
             named.add("method")
         chosen = {k: getattr(self, k) or base[k] for k in ("method", "alloc")}
+        chosen["gram_dtype"] = self.gram_dtype or "float64"
+        if self.gram_dtype is not None:
+            named.add("gram_dtype")
         reason = None
         if self.preset == "best":
             chosen, reason = resolve_best(chosen, named, gram_bytes, free_bytes)
@@ -154,7 +174,7 @@ class CompressConfig:
             updates = {r: "closed-form" if r >= BEST_CLOSED_FORM_FROM else "none" for r in ratios}
         else:
             updates = {r: base["update"] for r in ratios}
-        return Plan(chosen["method"], chosen["alloc"], updates, reason)
+        return Plan(chosen["method"], chosen["alloc"], updates, reason, chosen["gram_dtype"])
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -171,6 +191,8 @@ class CompressConfig:
             raise SvdllmError(f"Ratio listed twice in {self.ratios}; list each ratio once.")
         if self.rank_multiple < 1:
             raise SvdllmError(f"--rank-multiple must be a positive integer, got {self.rank_multiple}.")
+        if self.gram_dtype is not None and self.gram_dtype not in GRAM_BYTES:
+            raise SvdllmError(f"--gram-dtype {self.gram_dtype!r} is not one of {', '.join(GRAM_BYTES)}.")
         self.calibration.validate()
 
     def to_dict(self) -> dict:

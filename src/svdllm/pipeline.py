@@ -183,7 +183,7 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     try:
         for update, rs in groups:
             concrete = dataclasses.replace(config, method=plan.method, alloc=plan.alloc, update=update,
-                                           ratio=rs if len(rs) > 1 else rs[0])
+                                           gram_dtype=plan.gram_dtype, ratio=rs if len(rs) > 1 else rs[0])
             got = _compress_concrete(model, tokenizer, concrete, {r: outs[r] for r in rs}, overwrite, progress, shared)
             if len(ratios) > 1 and len(rs) == 1:  # a group of one leaves its model in place; the run leaves it dense
                 swap_back(model, got[0].originals)
@@ -353,11 +353,13 @@ def _gradients(run: Run) -> None:
     t0 = time.perf_counter()
     cal = run.config.calibration
     n = min(cal.grad_samples or cal.nsamples, cal.nsamples)
-    grads = run.cache.load_gradients(n, run.num_layers, run.needs_grams) if run.cache is not None else None
+    dtype = run.config.gram_dtype or "float64"
+    grads = run.cache.load_gradients(n, run.num_layers, run.needs_grams, dtype) if run.cache is not None else None
     if grads is None:  # each layer's results to disk as the pass leaves it (resumable); Grams read back one by one
-        directory = run.cache.gradient_dir(n, run.needs_grams) if run.cache is not None else \
+        directory = run.cache.gradient_dir(n, run.needs_grams, dtype) if run.cache is not None else \
             run.scratch_dir() / "gradients"
-        grads = gradient_stats(run.model, run.windows[:n], run.progress, run.needs_grams, directory)
+        grads = gradient_stats(run.model, run.windows[:n], run.progress, run.needs_grams, directory,
+                               getattr(torch, dtype))
         if run.cache is not None:
             run.cache.save_gradients(grads)
     run.grads = grads
@@ -383,7 +385,8 @@ def _recorded_allocation(run: Run) -> None:
             # every option's value, defaults included, so that a changed default is not served an old allocation
             "alloc_options": _alloc_options(run.allocator), "rank_multiple": config.rank_multiple,
             "grad_samples": config.calibration.grad_samples, "dtype": str(next(run.model.parameters()).dtype),
-            "version": __version__})
+            "version": __version__, **({"gram_dtype": config.gram_dtype} if run.needs_grams and
+                                       config.gram_dtype not in (None, "float64") else {})})
     shared = run.shared.get("rank_maps", {})
     if all(r in shared for r in run.ratios):
         run.ranks, run.alloc_info = shared, run.shared["alloc_info"]
@@ -555,7 +558,7 @@ def _save(run: Run, factorizer: LayerFactorizer, writers: dict, params_before: i
             alloc=config.alloc, alloc_options=_alloc_options(run.allocator), allocation=run.alloc_info.get(r, {}),
             rank_multiple=config.rank_multiple, update=config.update,
             calibration=dict(cal.__dict__, used=run.needs_inputs or run.needs_grads, from_cache=from_cache),
-            params=counts, timings=run.timings, ranks=run.ranks[r], shapes=shapes,
+            gram_dtype=(config.gram_dtype or "float64") if run.needs_grams else None, params=counts, timings=run.timings, ranks=run.ranks[r], shapes=shapes,
             truncation_loss=factorizer.losses[r], whitening_jitter=factorizer.jitters,
             update_error_reduction=factorizer.update_gain, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             environment=environment()).to_dict()

@@ -119,9 +119,10 @@ class StatsCache:
     def _gram_path(self, windows: int) -> Path:  # every Gram in one file (caches written before version 0.x)
         return self.dir / f"gradient_grams_{windows}.safetensors"
 
-    def gradient_dir(self, windows: int, output_grams: bool) -> Path:
+    def gradient_dir(self, windows: int, output_grams: bool, gram_dtype: str = "float64") -> Path:
         """Where the gradient pass writes its results layer by layer (and resumes from, if interrupted)."""
-        return self.dir / f"gradient_pass_{windows}{'_grams' if output_grams else ''}"
+        grams = "" if not output_grams else "_grams" if gram_dtype == "float64" else f"_grams_{gram_dtype}"
+        return self.dir / f"gradient_pass_{windows}{grams}"
 
     def _save_atomic(self, tensors: dict, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -135,13 +136,15 @@ class StatsCache:
         tensors.update({f"outputs.{k}": v.contiguous() for k, v in grads.outputs.items()})
         self._save_atomic(tensors, self._gradient_path(grads.windows))
 
-    def load_gradients(self, windows: int, num_layers: int, output_grams: bool = False) -> GradientStats | None:
+    def load_gradients(self, windows: int, num_layers: int, output_grams: bool = False,
+                       gram_dtype: str = "float64") -> GradientStats | None:
         path = self._gradient_path(windows)
         grams = None
         if output_grams:
-            grams = LayerGradients(self.gradient_dir(windows, True))
+            grams = LayerGradients(self.gradient_dir(windows, True, gram_dtype))
             if not grams.complete(num_layers):
-                grams = LazyTensors(self._gram_path(windows)) if self._gram_path(windows).exists() else None
+                old = self._gram_path(windows)
+                grams = LazyTensors(old) if gram_dtype == "float64" and old.exists() else None
         if not distributed.all_agree(path.exists() and (not output_grams or grams is not None)):
             return None
         t = load_file(path)

@@ -100,9 +100,9 @@ class LayerGradients(Mapping):
     def _path(self, i: int) -> Path:
         return self.dir / f"layer_{i:04d}.safetensors"
 
-    def write(self, i: int, rows: dict, outputs: dict, grams: dict | None) -> None:
+    def write(self, i: int, rows: dict, outputs: dict, grams: dict | None, gram_dtype=torch.float64) -> None:
         tensors = {f"rows.{k}": v for k, v in rows.items()} | {f"outputs.{k}": v for k, v in outputs.items()}
-        tensors |= {f"gram.{k}": v for k, v in (grams or {}).items()}
+        tensors |= {f"gram.{k}": v.to(gram_dtype) for k, v in (grams or {}).items()}  # summed in float64 either way
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self._path(i)) as tmp:  # under torchrun every rank writes its (identical) sums
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
@@ -144,13 +144,14 @@ class LayerGradients(Mapping):
 
 
 def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = True, output_grams: bool = False,
-                   directory: str | Path | None = None) -> GradientStats:
+                   directory: str | Path | None = None, gram_dtype: torch.dtype = torch.float64) -> GradientStats:
     """One forward and backward pass per calibration window, a decoder layer at a time (module docstring).
 
     With a `directory`, each layer's results go there as the backward pass leaves the layer (LayerGradients, which
     the returned statistics read their Grams from), and the pass's intermediate tensors to its `pass-rank<r>/`
     sub-directory, removed at the end: a pass interrupted and started again with the same directory resumes at the
-    layer where it stopped. Without one, everything is kept in memory and a temporary directory."""
+    layer where it stopped. Without one, everything is kept in memory and a temporary directory. The Grams are summed
+    in float64 and stored in `gram_dtype` (float32 halves their disk; kfac-svd reads them back as float64)."""
     windows = distributed.shard(windows)  # under torchrun: this rank's windows; sums all-reduced
     if windows.shape[0] == 0:
         raise SvdllmError(f"More processes ({distributed.world_size()}) than gradient windows; raise --grad-samples.")
@@ -181,7 +182,7 @@ def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = Tru
                 grads, grams = _layer_backward(family, i, layers[i], files.get(f"input_{i}"), grads, layer_kwargs[i],
                                                device, rows, outputs, output_grams)
             reduce = distributed.all_reduce_sum
-            results.write(i, reduce(rows), reduce(outputs), reduce(grams) if grams is not None else None)
+            results.write(i, reduce(rows), reduce(outputs), reduce(grams) if grams is not None else None, gram_dtype)
             files.put(f"grad_{i}", grads)  # after the layer's results: a resumed pass never skips a layer
             files.drop(f"grad_{i + 1}")
             files.drop(f"input_{i}")

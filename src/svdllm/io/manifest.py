@@ -33,6 +33,7 @@ class Manifest:
     rank_multiple: int = 1
     update: str = "none"
     calibration: dict = field(default_factory=dict)
+    gram_dtype: str | None = None  # how kfac-svd's output-gradient Grams were stored (None: the method needs none)
     timings: dict = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     truncation_loss: dict[str, float] = field(default_factory=dict)
