@@ -87,14 +87,73 @@ def test_mixture_of_corpus_and_chat_conversations(tok, data_dir, tmp_path):
 
 
 def test_bad_calibration_sources_are_named(tok, data_dir, tmp_path):
-    with pytest.raises(SvdllmError, match="neither 'alpaca', a corpus name"):
+    with pytest.raises(SvdllmError, match="'wikitext3' is neither a corpus .* nor an existing file"):
         calibration_set(tok, "wikitext2,wikitext3", 4, 32, 0, data_dir)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(SvdllmError, match="keys \\['prompt'\\]; calibration reads 'text'"):
+        calibration_set(tok, str(odd), 1, 8, 0, data_dir)
+    with pytest.raises(SvdllmError, match="hf:DATASET:SPLIT:COLUMN or"):
+        calibration_set(tok, "hf:wikitext:train", 1, 8, 0, data_dir)
     small = tmp_path / "small.json"
     small.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
     with pytest.raises(SvdllmError, match="fewer than the 2 × 400 .* lower --nsamples or --seqlen"):
         calibration_set(tok, str(small), 2, 400, 0, data_dir)
     with pytest.raises(SvdllmError, match="fewer than the 2 calibration sources"):
         calibration_set(tok, "wikitext2,ptb", 1, 32, 0, data_dir)
+
+
+def test_your_own_calibration_text(tok, data_dir, tmp_path):
+    wiki = load_text("wikitext2", "validation", data_dir)
+    txt = tmp_path / "domain.txt"
+    txt.write_text(wiki[:20000], encoding="utf-8")
+    ids = tokenize_text(tok, wiki[:20000])
+    assert torch.equal(calibration_set(tok, str(txt), 4, 64, 2, data_dir), calibration_windows(ids, 4, 64, seed=2))
+    rows = [r for r in wiki[:20000].split("\n\n") if r.strip()][:40]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": r, "meta": i}) + "\n" for i, r in enumerate(rows)))
+    joined = tokenize_text(tok, "\n\n".join(rows))
+    assert torch.equal(calibration_set(tok, str(jsonl), 3, 32, 0, data_dir), calibration_windows(joined, 3, 32, seed=0))
+    # chats in the 'messages' format are written in the model's chat template, like instruction records
+    chat = copy.deepcopy(tok)
+    chat.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}</s>{% endfor %}"
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Is {i} even?"},
+                                                      {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}]})
+                             + "\n" for i in range(60)))
+    convo = chat.decode(calibration_set(chat, str(chats), 2, 40, 0, data_dir).flatten())
+    assert convo.count("[user] Is ") >= 2 and "[assistant] " in convo
+    with pytest.raises(SvdllmError, match="no chat template"):
+        calibration_set(tok, str(chats), 2, 40, 0, data_dir)
+    # a mix of a corpus and a file shares the windows evenly
+    assert torch.equal(calibration_set(tok, f"ptb,{txt}", 4, 64, 0, data_dir)[2:], calibration_windows(ids, 2, 64, 1))
+
+
+def test_a_hub_dataset_without_network_is_named(tok, data_dir, monkeypatch):
+    from svdllm.data.sources import parse_hub_source
+
+    assert parse_hub_source("hf:allenai/c4:en:validation:text") == ("allenai/c4", "en", "validation", "text")
+    assert parse_hub_source("hf:me/code:train:content") == ("me/code", None, "train", "content")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SvdllmError, match="not reachable .* save the text to a file"):
+        calibration_set(tok, "hf:me/code:train:content", 2, 32, 0, data_dir)
+
+
+def test_python_strings_and_token_windows(tok, data_dir):
+    from svdllm.data.windows import given_windows
+
+    texts = load_text("wikitext2", "validation", data_dir)[:20000].split("\n\n")
+    ids = tokenize_text(tok, "\n\n".join(texts))
+    assert torch.equal(given_windows(tok, iter(texts), 3, 32, 5), calibration_windows(ids, 3, 32, seed=5))
+    w = torch.randint(0, 100, (6, 40))
+    assert torch.equal(given_windows(tok, w, 4, 32, 0), w[:4, :32])
+    assert torch.equal(given_windows(tok, [r.tolist() for r in w], 6, 40, 0), w)
+    with pytest.raises(SvdllmError, match="6 calibration windows were given and nsamples is 8"):
+        given_windows(tok, w, 8, 32, 0)
+    with pytest.raises(SvdllmError, match="40 tokens, fewer than seqlen = 64"):
+        given_windows(tok, w, 2, 64, 0)
+    with pytest.raises(SvdllmError, match="integer token ids"):
+        given_windows(tok, torch.rand(3, 8), 2, 8, 0)
 
 
 def test_eval_windows_drop_partial_and_limit():

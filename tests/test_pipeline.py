@@ -271,3 +271,30 @@ def test_instruct_model_calibrated_on_plain_text_is_warned(tok, data_dir, tmp_pa
     assert "chat template" not in caplog.text
     svdllm.compress(tiny_model("llama"), tok, _config(data_dir, tmp_path), progress=False)  # no template: no warning
     assert "chat template" not in caplog.text
+
+
+def test_calibration_on_your_own_text_is_recorded(tok, data_dir, tmp_path):
+    import hashlib
+
+    text = tmp_path / "notes.txt"
+    text.write_text((data_dir / "wikitext2_raw" / "wiki.valid.raw").read_text()[:30000], encoding="utf-8")
+    cfg = _config(data_dir, tmp_path)
+    cfg.calibration.dataset = str(text)
+    svdllm.compress(tiny_model("llama"), tok, cfg, out=tmp_path / "file", progress=False)
+    manifest = json.loads((tmp_path / "file" / "svdllm_manifest.json").read_text())
+    (origin,) = manifest["calibration"]["origins"]
+    assert origin["kind"] == "plain text" and origin["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert f"notes.txt, SHA-256 {origin['sha256'][:16]}" in (tmp_path / "file" / "README.md").read_text()
+    # in Python: strings (read once, even from a generator) and token windows, the same way
+    rows = text.read_text().split("\n\n")
+    cfg.calibration.dataset = (r for r in rows)
+    res = svdllm.compress(tiny_model("llama"), tok, cfg, out=tmp_path / "texts", progress=False)[0]
+    cal = res.manifest["calibration"]
+    assert cal["dataset"] == "python:texts" and cal["origins"][0]["count"] == len(rows)
+    cfg.calibration.dataset = str(text)  # the same text from the file: the same windows, so the same model
+    ours = svdllm.compress(tiny_model("llama"), tok, cfg, progress=False)[0]
+    assert ours.ranks == res.ranks
+    windows = torch.randint(0, tok.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg.calibration.dataset = windows
+    res = svdllm.compress(tiny_model("llama"), tok, cfg, out=tmp_path / "windows", progress=False)[0]
+    assert res.manifest["calibration"]["origins"][0]["kind"] == "token windows"

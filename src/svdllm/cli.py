@@ -155,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "SVD-LLM), closed-form-drift (attention fitted to the dense model's outputs), lora (sequential "
                         "LoRA fine-tuning, options --ft-*), or closed-form+lora")
     c.add_argument("--calib-dataset", default="wikitext2", metavar="SOURCE[,SOURCE...]",
-                   help="calibration text: wikitext2, ptb, c4, alpaca or a .json/.jsonl of instruction records "
-                        "(written as chat conversations), or a comma-separated mix sharing the windows evenly, "
-                        "e.g. wikitext2,alpaca for an instruct model (default wikitext2)")
+                   help="calibration text: wikitext2, ptb, c4, alpaca, your own file (plain text; .jsonl/.json "
+                        "records with 'text', 'messages' chats or 'instruction'/'output'), or a Hugging Face dataset "
+                        "hf:DATASET[:CONFIG]:SPLIT:COLUMN; a comma-separated mix shares the windows evenly, e.g. "
+                        "wikitext2,alpaca for an instruct model (default wikitext2)")
     c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     c.add_argument("--seed", type=int, default=0)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
-from .data.texts import CORPORA, split_sources
+import torch
+
+from .data.sources import check_source
+from .data.texts import split_sources
 from .errors import SvdllmError
 
 CALIBRATION_MODES = ("original", "sequential")
@@ -98,7 +100,8 @@ class CalibrationConfig:
     compressed model more closely but ties the pass to one method and ratio.
     """
 
-    dataset: str = "wikitext2"
+    # a source or a comma-separated mix (data/sources.py); in Python also strings or token windows given directly
+    dataset: object = "wikitext2"
     nsamples: int = 64
     seqlen: int = 2048
     seed: int = 0
@@ -118,10 +121,15 @@ class CalibrationConfig:
             raise SvdllmError(f"--batch-size must be at least 1, got {self.batch_size}.")
         if self.grad_samples is not None and self.grad_samples < 1:
             raise SvdllmError(f"--grad-samples must be at least 1, got {self.grad_samples}.")
-        for source in split_sources(self.dataset) or [""]:
-            if source not in CORPORA and source != "alpaca" and not os.path.isfile(os.path.expanduser(source)):
-                raise SvdllmError(f"Calibration source {source!r} is neither a corpus ({', '.join(CORPORA)}), 'alpaca' "
-                                  "nor an existing .json/.jsonl file of instruction records; fix --calib-dataset.")
+        if isinstance(self.dataset, str):
+            for source in split_sources(self.dataset) or [""]:
+                check_source(source)
+        elif not isinstance(self.dataset, torch.Tensor):  # a one-shot iterable is read once, here
+            try:
+                self.dataset = list(self.dataset)
+            except TypeError as e:
+                raise SvdllmError("CalibrationConfig.dataset is a source name (str), strings, or token windows; got "
+                                  f"{type(self.dataset).__name__}.") from e
         if self.mode not in CALIBRATION_MODES:
             raise SvdllmError(f"Unknown calibration mode {self.mode!r}; choose one of {', '.join(CALIBRATION_MODES)}.")
 

@@ -43,6 +43,7 @@ from .calibration import (AllocationRecord, StatsCache, calibrate_layers, captur
                           layerwise_loss, linear_stats, model_fingerprint)
 from .config import CompressConfig, free_disk
 from .data import CORPORA, calibration_set, check_token_ids
+from .data.sources import describe
 from .data.texts import split_sources
 from .errors import SvdllmError
 from .factorization import Method, get_method
@@ -131,10 +132,16 @@ def _stats_cache(model, config: CompressConfig, windows: torch.Tensor, root: Pat
 
     cal = config.calibration
     key = {"model": model_fingerprint(model), "tokens": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:20],
-           "dataset": cal.dataset, "nsamples": cal.nsamples, "seqlen": cal.seqlen, "seed": cal.seed}
+           "dataset": describe(cal.dataset)[0], "nsamples": cal.nsamples, "seqlen": cal.seqlen, "seed": cal.seed}
     if root is None:
         root = Path(config.cache_dir) if config.cache_dir else cache_root()
     return StatsCache(root, key)
+
+
+def _calibration_record(cal, used: bool, from_cache) -> dict:
+    """The calibration as the manifest records it: the settings, and where the text came from (a file's SHA-256)."""
+    label, origins = describe(cal.dataset) if used else (cal.dataset if isinstance(cal.dataset, str) else None, [])
+    return dict(cal.__dict__, dataset=label, used=used, from_cache=from_cache, **({"origins": origins} if used else {}))
 
 
 def _ratio_dependent(config: CompressConfig) -> bool:
@@ -336,7 +343,8 @@ def _windows(run: Run) -> None:
         return
     cal = run.config.calibration
     run.windows = calibration_set(run.tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
-    if getattr(run.tokenizer, "chat_template", None) and all(s in CORPORA for s in split_sources(cal.dataset)):
+    if getattr(run.tokenizer, "chat_template", None) and isinstance(cal.dataset, str) and \
+            all(s in CORPORA for s in split_sources(cal.dataset)):
         log.warning("This model has a chat template, and the calibration text (%s) has no conversations: "
                     "compressed on plain text alone, an instruct model tends to end its turn at once (SmolLM2, "
                     "--preset best at R = 0.4: 70%% of replies empty). --calib-dataset %s,alpaca keeps it "
@@ -557,7 +565,7 @@ def _save(run: Run, factorizer: LayerFactorizer, writers: dict, params_before: i
             preset=config.preset, method=config.method, method_options=dict(config.method_options), ratio=r,
             alloc=config.alloc, alloc_options=_alloc_options(run.allocator), allocation=run.alloc_info.get(r, {}),
             rank_multiple=config.rank_multiple, update=config.update,
-            calibration=dict(cal.__dict__, used=run.needs_inputs or run.needs_grads, from_cache=from_cache),
+            calibration=_calibration_record(cal, run.needs_inputs or run.needs_grads, from_cache),
             gram_dtype=(config.gram_dtype or "float64") if run.needs_grams else None, params=counts, timings=run.timings, ranks=run.ranks[r], shapes=shapes,
             truncation_loss=factorizer.losses[r], whitening_jitter=factorizer.jitters,
             update_error_reduction=factorizer.update_gain, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

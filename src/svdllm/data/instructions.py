@@ -88,18 +88,31 @@ def conversation_text(tokenizer, record: dict) -> str:
 
 
 def conversation_windows(tokenizer, data: str, nsamples: int, seqlen: int, seed: int, data_dir=None) -> torch.Tensor:
-    """`nsamples` consecutive windows of `seqlen` tokens over conversations drawn in a random order from `seed`.
-
-    Only as many records as the windows need are rendered and tokenized: Alpaca's 52,002 would take a minute.
-    """
+    """`nsamples` consecutive windows of `seqlen` tokens over instruction records written as conversations."""
     records = load_records(data, data_dir)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return _consecutive_windows(tokenizer, [lambda r=r: conversation_text(tokenizer, r) for r in records], data,
+                                nsamples, seqlen, seed)
+
+
+def chat_windows(tokenizer, chats: list[list[dict]], label: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The same over chats ({'role', 'content'} turns), each written in the model's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SvdllmError(f"{label} holds chats ('messages'), and this model's tokenizer has no chat template; give "
+                          "the text as 'text' records or a plain-text file instead.")
+    return _consecutive_windows(tokenizer, [lambda c=c: tokenizer.apply_chat_template(c, tokenize=False)
+                                            for c in chats], label, nsamples, seqlen, seed)
+
+
+def _consecutive_windows(tokenizer, renders: list, label: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Consecutive windows over texts drawn in a random order from `seed`. Only as many texts as the windows need
+    are rendered and tokenized: Alpaca's 52,002 would take a minute."""
+    order = torch.randperm(len(renders), generator=torch.Generator().manual_seed(seed)).tolist()
     need, ids = nsamples * seqlen, []
     for i in order:
-        ids += tokenizer(conversation_text(tokenizer, records[i]), add_special_tokens=False)["input_ids"]
+        ids += tokenizer(renders[i](), add_special_tokens=False)["input_ids"]
         if len(ids) >= need:
             return torch.tensor(ids[:need]).view(nsamples, seqlen)
-    raise SvdllmError(f"{data} has {len(ids)} tokens as conversations, fewer than the {nsamples} × {seqlen} the "
+    raise SvdllmError(f"{label} has {len(ids)} tokens as conversations, fewer than the {nsamples} × {seqlen} the "
                       "calibration windows need; lower --nsamples or --seqlen.")
 
 

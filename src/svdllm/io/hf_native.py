@@ -92,6 +92,7 @@ def _front_matter(manifest: dict, results: dict | None) -> list[str]:
     cal = manifest.get("calibration") or {}
     datasets = [CALIBRATION_DATASETS[s.strip()] for s in str(cal.get("dataset") or "").split(",")
                 if cal.get("used") and s.strip() in CALIBRATION_DATASETS]
+    datasets += [o["dataset"] for o in cal.get("origins") or [] if cal.get("used") and o.get("kind") == "hub dataset"]
     if datasets:
         lines += ["datasets:", *(f"- {d}" for d in dict.fromkeys(datasets))]
     lines += ["tags:", "- svdllm", *(["- low-rank"] if low_rank else []),
@@ -138,6 +139,13 @@ def model_card(manifest: dict, results: dict | None = None) -> str:
     if cal.get("used"):
         lines.append(f"| calibration | {cal.get('nsamples')} × {cal.get('seqlen')} tokens of {cal.get('dataset')}, "
                      f"seed {cal.get('seed')} |")
+        for o in cal.get("origins") or []:  # a user's own text: the file and its hash, or the dataset's column
+            if o.get("sha256"):
+                name = Path(o["path"]).name if o.get("path") else f"{o.get('count')} {o.get('kind')} (Python)"
+                lines.append(f"| calibration text | {name}, SHA-256 {o['sha256'][:16]}… |")
+            elif o.get("kind") == "hub dataset":
+                lines.append(f"| calibration text | {o['dataset']} ({o.get('config') or 'default'}), split "
+                             f"{o['split']}, column {o['column']} |")
     for dataset, r in sorted(((results or {}).get("ppl") or {}).items()):
         windows = "" if r.get("windows") == r.get("total_windows") else f", first {r.get('windows')} windows"
         lines.append(f"| perplexity, {dataset} ({r.get('seqlen')}-token windows{windows}) | {r.get('ppl'):.2f} |")
