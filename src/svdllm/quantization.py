@@ -29,12 +29,11 @@ SCHEMES = {"int8": "int8 weights, one scale per output channel", "int4": "int4 w
 
 def _torchao():
     logging.getLogger("torchao").setLevel(logging.ERROR)  # it logs every GPU kernel library a CPU build lacks
-    try:
-        import torchao  # noqa: F401
-        from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
-        from torchao.quantization.granularity import PerAxis, PerGroup
-    except ImportError as e:
-        raise SvdllmError(f"Quantization needs torchao (pip install torchao): {e}") from e
+    from .extras import require
+
+    require("torchao", "Quantization")
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
     return quantize_, Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup, PerAxis
 
 

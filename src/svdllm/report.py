@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import SvdllmError
 from .atomic import atomic_write_text, save_figure
+from .extras import available
 from .io.checkpoint import MANIFEST_NAME as MANIFEST
 
 
@@ -52,6 +53,9 @@ def report(run_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> 
         runs.append({"dir": str(d), "method": manifest["method"], "alloc": manifest.get("alloc"),
                      "ratio": manifest["ratio"], "kept_fraction": table})
     out = Path(png) if png else run_dir / "ranks.png"
+    if not available("matplotlib"):
+        print("no plot: matplotlib is not installed (pip install 'svdllm[plots]')")
+        return {"command": "report", "runs": runs, "png": None}
     _plot(runs, out)
     print(f"plot written to {out}")
     return {"command": "report", "runs": runs, "png": str(out)}
@@ -196,7 +200,9 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare
     table_path = out / "compare.md"
 
     atomic_write_text(table_path, table + "\n")
-    pngs = _compare_plots(rows, out)
+    pngs = _compare_plots(rows, out) if available("matplotlib") else []
+    if not available("matplotlib"):
+        print("no plots: matplotlib is not installed (pip install 'svdllm[plots]')")
     for p in pngs:
         print(f"plot written to {p}")
     return {"command": "compare", "rows": rows, "table": str(table_path), "png": [str(p) for p in pngs]}

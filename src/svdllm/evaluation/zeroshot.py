@@ -219,12 +219,11 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | 
     (the result then covers whatever the scores file holds so far; `complete` says whether that is every
     document). scores_dir: where the per-document scores are kept (default: in `cache`, per model fingerprint).
     resume: reuse the scored requests and documents an earlier run kept; False scores everything afresh."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise SvdllmError("Zero-shot evaluation needs lm-eval: pip install 'lm-eval>=0.4.5'.") from e
+    from ..extras import require
+
+    lm_eval = require("lm_eval", "Zero-shot evaluation (--tasks)")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
     data_dir = data_dir or os.environ.get("SVDLLM_DATA_DIR")
     if not data_dir:
         raise SvdllmError("Zero-shot tasks are read from local files: pass --data-dir or set $SVDLLM_DATA_DIR.")

@@ -27,6 +27,7 @@ from ..data.instructions import IGNORE, collate, load_items
 from ..errors import SvdllmError
 from ..modules import LowRankLinear
 from ..atomic import atomic_path, atomic_write_text, save_figure
+from ..extras import available
 
 log = logging.getLogger(__name__)
 STATE_NAME = "state.pt"
@@ -209,6 +210,9 @@ def finetune(model: nn.Module, tokenizer, config: FinetuneConfig | None = None,
     `checkpoint_dir`: where checkpoints go and where an interrupted run is resumed from (same settings only).
     `callback(stage, step, loss)` is called after every optimizer step (a progress hook; it may raise to stop).
     """
+    from ..extras import require
+
+    require("peft", "LoRA fine-tuning (--update lora, svdllm finetune)")
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -386,7 +390,10 @@ def write_history(history: dict, out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
 
     atomic_write_text(out / "finetune_history.json", json.dumps(history, indent=1))
-    plot_history(history, out / "finetune_loss.png")
+    if available("matplotlib"):
+        plot_history(history, out / "finetune_loss.png")
+    else:
+        log.info("No loss plot: matplotlib is not installed (pip install 'svdllm[plots]'); the history is in JSON.")
 
 
 def finetune_and_save(model: nn.Module, tokenizer, config: FinetuneConfig, manifest: dict, update: str,
