@@ -5,7 +5,6 @@ the response tokens only (the prompt's labels are -100), as in LLM-Pruner's post
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -34,14 +33,10 @@ def alpaca_prompt(record: dict) -> str:
 
 
 def _read_records(path: Path) -> list[dict]:
-    try:
-        text = path.read_text(encoding="utf-8")
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-            else json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SvdllmError(f"Cannot read the fine-tuning data {path}: {e}.") from e
-    if not isinstance(records, list) or not records or not all(
-            isinstance(r, dict) and "instruction" in r and "output" in r for r in records):
+    from .sources import read_records
+
+    records = read_records(path)
+    if not all("instruction" in r and "output" in r for r in records):
         raise SvdllmError(f"{path} must be a JSON list (or JSONL) of records with 'instruction', 'output' and "
                           "optionally 'input' keys, as in Alpaca.")
     return records

@@ -49,19 +49,22 @@ def check_source(source: str) -> None:
                           "'text', 'messages' or 'instruction'/'output'); fix --calib-dataset.")
 
 
-def _records(path: Path) -> list | None:
-    """The records of a .json/.jsonl file, or None if it is not one."""
-    if path.suffix not in (".json", ".jsonl"):
-        return None
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSON list or a JSONL file (one record per line)."""
     try:
         text = path.read_text(encoding="utf-8")
         records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
             else json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SvdllmError(f"Cannot read the calibration file {path}: {e}.") from e
+        raise SvdllmError(f"Cannot read {path} as JSON records: {e}.") from e
     if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
         raise SvdllmError(f"{path} must hold a list of JSON records (one per line for .jsonl).")
     return records
+
+
+def _records(path: Path) -> list | None:
+    """The records of a .json/.jsonl file, or None if it is not one."""
+    return read_records(path) if path.suffix in (".json", ".jsonl") else None
 
 
 def file_kind(source: str) -> str:
