@@ -70,11 +70,14 @@ def test_same_model_as_recorded(combo, record, data_dir, shared_cache, tmp_path)
         torch.set_num_threads(threads)
     assert got["ranks"] == want["ranks"]
     assert got["tensors"].keys() == want["tensors"].keys()
+    # float32 factors: an eigensolver's last bits move with the thread count and the CPU's BLAS kernels, so agreement
+    # is to float32 rounding (a sum is checked against the tensor's norm, since it may be near zero). A least-squares
+    # update multiplies that rounding by its condition number: the record written on an AMD EPYC and read on an Intel
+    # Xeon differ by up to 5e-6 there, so the updated combinations get 1e-4.
+    rel = 1e-6 if combo.endswith(":none") else 1e-4
     for k, (s, q) in got["tensors"].items():
-        # float32 factors: an eigensolver's last bits move with the thread count, so agreement is to float32
-        # rounding (a sum is checked against the tensor's norm, since it may be near zero)
-        assert s == pytest.approx(want["tensors"][k][0], abs=1e-6 * max(q, 1e-30) ** 0.5 * 10), k
-        assert q == pytest.approx(want["tensors"][k][1], rel=1e-6), k
+        assert s == pytest.approx(want["tensors"][k][0], abs=rel * max(q, 1e-30) ** 0.5 * 10), k
+        assert q == pytest.approx(want["tensors"][k][1], rel=rel), k
 
 
 def _write() -> None:
