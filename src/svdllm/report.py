@@ -200,8 +200,9 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare
     table_path = out / "compare.md"
 
     atomic_write_text(table_path, table + "\n")
-    pngs = _compare_plots(rows, out) if available("matplotlib") else []
-    if not available("matplotlib"):
+    plots = available("matplotlib")
+    pngs = _compare_plots(rows, out) if plots else []
+    if not plots:
         print("no plots: matplotlib is not installed (pip install 'svdllm[plots]')")
     for p in pngs:
         print(f"plot written to {p}")
