@@ -35,6 +35,17 @@ if [ ! -d "$RUNS/best/ratio-0.6" ]; then  # a new machine: the models again (sam
     --out "$RUNS/best" --overwrite
 fi
 for r in 0.2 0.4 0.6; do
+  if [ -s "$OUT/manifest-best-r$r.json" ]; then  # rebuilt models: the rows below must start from the scored ones
+    python3 - "$OUT/manifest-best-r$r.json" "$RUNS/best/ratio-$r/svdllm_manifest.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:])
+diff = [k for k in a["ranks"] if a["ranks"][k] != b["ranks"].get(k)]
+if diff or a["params"] != b["params"]:
+    sys.exit(f"The rebuilt model ({sys.argv[2]}) is not the one scored ({sys.argv[1]}): {len(diff)} ranks differ, "
+             f"{b['params']['model_after']} against {a['params']['model_after']} parameters.")
+print(f"{sys.argv[2]}: the same {len(a['ranks'])} ranks and parameter count as the model scored")
+PY
+  fi
   cp "$RUNS/best/ratio-$r/svdllm_manifest.json" "$OUT/manifest-best-r$r.json"
   step eval-best-r$r $SVDLLM eval --model "$RUNS/best/ratio-$r" --ppl wikitext2
 done
