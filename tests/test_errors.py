@@ -31,11 +31,13 @@ def test_ratio_that_leaves_rank_zero(tok, data_dir):
         svdllm.compress(tiny_model("llama"), tok, _cfg(data_dir, ratio=0.999), progress=False)
 
 
-def test_unsupported_family_lists_supported(tok, data_dir):
+def test_a_model_without_linears_is_refused_with_the_list(tok, data_dir):
+    """GPT-2 keeps its projections in Conv1D modules: nothing a pattern could select."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=260))
-    with pytest.raises(SvdllmError, match=r"'gpt2' is not supported.*llama.*mistral.*qwen2.*qwen3.*gemma3_text"):
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=260))
+    with pytest.raises(SvdllmError, match=r"no nn.Linear \(its weighted modules: Conv1D, LayerNorm\).*'gpt2' is not "
+                                          r"supported.*llama.*mistral.*qwen2.*qwen3.*gemma3_text.*opt.*gpt_neox"):
         svdllm.compress(model, tok, _cfg(data_dir), progress=False)
 
 

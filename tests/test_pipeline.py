@@ -9,7 +9,7 @@ import svdllm
 from svdllm.calibration import calibrate_layers
 from svdllm.factorization import METHODS, LowRankLinear
 from svdllm.io import MANIFEST_NAME
-from svdllm.models.families import LINEAR_NAMES
+from svdllm.models.families import GROUP_OF, LINEAR_NAMES
 from tiny import FAMILIES, tiny_model
 
 
@@ -65,7 +65,7 @@ def test_full_rank_factorization_reproduces_layer_outputs(family):
         ref = layer(x, **kwargs[1])
         for name in LINEAR_NAMES:
             lin = layer.get_submodule(name)
-            dec = METHODS["svd-llm"].decompose(lin.weight.double(), stats[1].for_linear(name))
+            dec = METHODS["svd-llm"].decompose(lin.weight.double(), stats[1].for_group(GROUP_OF[name]))
             w_u, w_v = dec.factors(dec.max_rank, torch.float32)
             from svdllm.models.families import set_submodule
 

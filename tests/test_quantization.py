@@ -105,3 +105,57 @@ def test_int4_file_is_about_half_the_int8_file(tok, tmp_path, capsys):
     assert q4.keys() == q8.keys() and all(v.dtype == torch.uint8 for v in q4.values())
     assert all(q4[k].numel() == (q8[k].numel() + 1) // 2 for k in q8)  # two 4-bit values per byte
     assert sizes["int4"]["bytes_on_disk"] < sizes["int8"]["bytes_on_disk"]
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int3"])
+def test_gptq_factors_round_trip_and_beat_round_to_nearest_on_the_grams(scheme, tok, data_dir, tmp_path, capsys):
+    """`svdllm quantize --method gptq` on a compressed model: the stored codes rebuild exactly the matrices GPTQ
+    made, the saved model loads with the same logits, and each factor pair's error on its calibration Gram is below
+    round-to-nearest's on the same grid."""
+    from svdllm.calibration import calibrate_layers
+    from svdllm.data.windows import calibration_set
+    from svdllm.gptq import Grid, output_error, rtn
+
+    model = tiny_model("llama")
+    cal = svdllm.CalibrationConfig(nsamples=4, seqlen=64, data_dir=str(data_dir))
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, calibration=cal), out=tmp_path / "m",
+                    progress=False)
+    args = ["--nsamples", "4", "--seqlen", "64", "--data-dir", str(data_dir)]
+    assert main(["quantize", "--model", str(tmp_path / "m"), "--scheme", scheme, "--method", "gptq",
+                 "--group-size", "16", "--out", str(tmp_path / "q"), "--json", "-q", *args]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["method"] == "gptq" and out["matrices"] == 2 * 7 * len(model.model.layers)
+    q = svdllm.load(tmp_path / "q")
+    again = svdllm.load(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(again(_ids(tok)).logits, q(_ids(tok)).logits, rtol=0, atol=0)
+    # the error of layer 0's pairs on their Grams (layer 0's inputs do not depend on any quantization)
+    windows = calibration_set(tok, "wikitext2", 4, 64, 0, str(data_dir))
+    stats = next(iter(calibrate_layers(model, windows, progress=False)))[1]
+    bits = int(scheme[3:])
+    for name, group in (("self_attn.q_proj", "attn_in"), ("mlp.down_proj", "mlp_out")):
+        dense, quant = model.model.layers[0].get_submodule(name), q.model.layers[0].get_submodule(name)
+        w = dense.u.weight.double() @ dense.v.weight.double()
+        got = quant.u.weight.dequantize().double() @ quant.v.weight.dequantize().double()
+        assert len(torch.unique(quant.v.weight.qdata)) <= 2**bits
+        g = stats.grams[group]
+        base = rtn(dense.u.weight, Grid(bits, 16)) @ rtn(dense.v.weight, Grid(bits, 16))
+        assert output_error(w, got, g) < output_error(w, base, g)
+
+
+def test_gptq_dense_model_and_bad_requests(tok, data_dir, tmp_path, capsys):
+    dense = tiny_model("mistral")
+    dense.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int4", "--method", "gptq",
+                 "--nsamples", "2", "--seqlen", "32", "--data-dir", str(data_dir), "--out", str(tmp_path / "q"),
+                 "-q"]) == 0
+    manifest = json.loads((tmp_path / "q" / "svdllm_manifest.json").read_text())
+    assert manifest["quantization"]["method"] == "gptq" and manifest["quantization"]["calibration"]["nsamples"] == 2
+    q = svdllm.load(tmp_path / "q")
+    with torch.no_grad():
+        ref, got = dense(_ids(tok)).logits, q(_ids(tok)).logits
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.3
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int3", "--out", str(tmp_path / "r")]) == 2
+    assert "int3 is made by --method gptq" in capsys.readouterr().err

@@ -175,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layerwise", action="store_true",
                    help="models bigger than memory: read one decoder layer at a time from the safetensors shards and "
                         "write each compressed layer at once (peak memory about one layer)")
+    c.add_argument("--targets", type=_patterns, default=None, metavar="REGEX[,REGEX...]",
+                   help="compress only the linears whose full name matches one of these regular expressions (e.g. "
+                        "'mlp' or 'layers\\.([0-9]|1[0-5])\\.'); a model type svdllm does not list is compressed by "
+                        "patterns: every nn.Linear of its decoder layers unless --targets narrows it")
+    c.add_argument("--ignore", type=_patterns, default=None, metavar="REGEX[,REGEX...]",
+                   help="leave dense the linears whose full name matches one of these (e.g. 'down_proj')")
+    c.add_argument("--layers-path", default=None, metavar="MODULE",
+                   help="where the decoder layers are (e.g. transformer.h), for a model whose list of layers is not "
+                        "found by itself")
     c.add_argument("--out", required=True, help="output directory (with several ratios: one ratio-<R>/ each)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_finetune_args(c, prefix="ft-")
@@ -199,11 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     _add_output_args(x)
 
-    qz = sub.add_parser("quantize", help="weight-only int8/int4 quantization of the factors (or of a dense model)")
+    qz = sub.add_parser("quantize", help="weight-only int8/int4/int3 quantization of the factors (or of a dense model), round-to-nearest or GPTQ")
     qz.add_argument("--model", required=True, help="a directory written by `svdllm compress`, or any model "
                     "`compress` accepts (a dense model, for the comparison at equal memory)")
-    qz.add_argument("--scheme", default="int8", choices=["int8", "int4"])
-    qz.add_argument("--group-size", type=int, default=32, help="int4: input channels per scale (default 32)")
+    qz.add_argument("--scheme", default="int8", choices=["int8", "int4", "int3"])
+    qz.add_argument("--group-size", type=int, default=32, help="int4/int3: input channels per scale (default 32)")
+    qz.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                    help="rtn: round-to-nearest, no data (torchao); gptq: error feedback through each linear's input "
+                         "Gram, from a calibration pass over the model being quantized (a factor pair's W_u also "
+                         "takes up W_v's error)")
+    qz.add_argument("--calib-dataset", default="wikitext2", help="gptq's calibration text (as `compress` takes it)")
+    qz.add_argument("--nsamples", type=int, default=64, help="gptq: calibration windows (default 64)")
+    qz.add_argument("--seqlen", type=int, default=2048, help="gptq: tokens per window (default 2048)")
+    qz.add_argument("--seed", type=int, default=0)
+    _add_data_args(qz)
     qz.add_argument("--out", required=True)
     qz.add_argument("--overwrite", action="store_true")
     _add_output_args(qz)
@@ -298,10 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _patterns(text: str) -> list[str]:
+    return [p for p in text.split(",") if p]
+
+
 def _load(args):
     from .loader import load_model
 
-    model, tok = load_model(args.model, args.dtype, layerwise=getattr(args, "layerwise", False))
+    model, tok = load_model(args.model, args.dtype, layerwise=getattr(args, "layerwise", False),
+                            layers_path=getattr(args, "layers_path", None))
     if getattr(args, "device", None):
         from .models.lazy import is_lazy, to_device
 
@@ -323,6 +346,7 @@ def cmd_compress(args) -> dict:
                                       seed=args.seed, batch_size=args.batch_size, mode=args.calib_mode,
                                       data_dir=args.data_dir, grad_samples=args.grad_samples),
         cache_dir="" if args.no_cache else args.cache_dir, gram_dtype=args.gram_dtype,
+        targets=args.targets, ignore=args.ignore, layers_path=args.layers_path,
     )
     if (args.update or "").endswith("lora"):
         config.finetune = _finetune_config(args, args.device)
@@ -409,12 +433,26 @@ def cmd_quantize(args) -> dict:
         manifest = Manifest(svdllm_version=__version__, base_model=args.model, model_type=model.config.model_type,
                             method="dense", ratio=0.0, ranks={},
                             params={"model_before": n, "model_after": n, "achieved_ratio": 0.0}).to_dict()
-    info = quantize_model(model, args.scheme, args.group_size)
+    windows = None
+    if args.method == "gptq":
+        from .config import CalibrationConfig
+        from .data.windows import calibration_set
+
+        cal = CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                data_dir=args.data_dir)
+        cal.validate()
+        windows = calibration_set(tok, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
+    t0 = time.perf_counter()
+    info = quantize_model(model, args.scheme, args.group_size, args.method, windows, progress=not args.quiet)
+    info["quantize_s"] = time.perf_counter() - t0
+    if windows is not None:
+        info["calibration"] = {"dataset": args.calib_dataset, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                               "seed": args.seed}
     info.update(quantization_report(model, args.scheme))
     manifest.update(quantization=info, dtype="float32", source=str(args.model))
     save(model, tok, args.out, manifest, overwrite=args.overwrite)
     disk = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
-    print(f"{args.scheme}: {info['matrices']} matrices, {info['bits_per_weight']:.2f} bits per weight "
+    print(f"{args.scheme} ({args.method}, {info['quantize_s']:.0f} s): {info['matrices']} matrices, {info['bits_per_weight']:.2f} bits per weight "
           f"({info['memory_bits_per_weight']:.2f} in memory), {disk / 2**20:.1f} MiB of weights on disk; "
           f"saved to {args.out}")
     return {"command": "quantize", "model": args.model, "out": args.out, "bytes_on_disk": disk,

@@ -153,6 +153,11 @@ class CompressConfig:
     # kfac-svd's output-gradient Grams on disk: "float64", "float32" (half the disk), None: float64 unless the disk
     # under the cache is short (resolve_best)
     gram_dtype: str | None = None
+    # which linears: regular expressions searched in each linear's full name ("model.layers.3.mlp.down_proj"); a
+    # model type svdllm does not list is compressed by these alone (every nn.Linear of a decoder layer by default)
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    layers_path: str | None = None  # the decoder layers' ModuleList, where it cannot be found (e.g. "transformer.h")
 
     @property
     def ratios(self) -> list[float]:
@@ -199,6 +204,16 @@ class CompressConfig:
             raise SvdllmError(f"Ratio listed twice in {self.ratios}; list each ratio once.")
         if self.rank_multiple < 1:
             raise SvdllmError(f"--rank-multiple must be a positive integer, got {self.rank_multiple}.")
+        import re
+
+        for flag, patterns in (("--targets", self.targets), ("--ignore", self.ignore)):
+            if isinstance(patterns, str):
+                raise SvdllmError(f"{flag} takes a list of regular expressions, got the string {patterns!r}.")
+            for pattern in patterns or []:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise SvdllmError(f"{flag} {pattern!r} is not a regular expression: {e}.") from None
         if self.gram_dtype is not None and self.gram_dtype not in GRAM_BYTES:
             raise SvdllmError(f"--gram-dtype {self.gram_dtype!r} is not one of {', '.join(GRAM_BYTES)}.")
         self.calibration.validate()

@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .errors import SvdllmError
 from .modules import LowRankLinear
-from .models.families import family_of
+from .models.families import FAMILIES, family_of
 
 
 def _cache_kw() -> str:
@@ -140,13 +140,17 @@ def cache_nbytes(cache) -> int:
 @contextlib.contextmanager
 def low_rank_kv_cache(model: nn.Module):
     """A transformers cache for `model` that stores k/v intermediates where k_proj and v_proj are low-rank."""
-    layers = family_of(model).decoder_layers(model)
+    family = family_of(model)
+    layers = family.decoder_layers(model)
+    # the k/v rebuild below (per-head norm, rotary embedding) is the LLaMA layout's; other layouts keep their cache
+    llama = FAMILIES["llama"]
+    llama_layout = family.layers == llama.layers and family.groups.get("attn_in") == llama.groups["attn_in"]
     cache = DynamicCache(config=model.config)
     rotary = _Rotary()
     cache.svdllm_rotary = rotary
     types = getattr(model.config, "layer_types", None) or ["full_attention"] * len(layers)
     handles, replaced = [], 0
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers if llama_layout else []):
         attn = layer.self_attn
         low = isinstance(attn.k_proj, LowRankLinear) and isinstance(attn.v_proj, LowRankLinear)
         if not low or type(cache.layers[i]) is not DynamicLayer:  # sliding-window or dense k/v: the usual cache
@@ -166,6 +170,9 @@ def low_rank_kv_cache(model: nn.Module):
 
         handles += [attn.k_proj.v.register_forward_hook(grab("k")), attn.v_proj.v.register_forward_hook(grab("v")),
                     attn.register_forward_pre_hook(positions, with_kwargs=True)]
+    if not llama_layout:
+        raise SvdllmError(f"The low-rank KV cache rebuilds keys and values the LLaMA way (q/k/v_proj, rotary); "
+                          f"{family.name} is laid out otherwise: evaluate it without --kv-cache.")
     if not replaced:
         raise SvdllmError("No layer has low-rank k_proj and v_proj (or all are sliding-window layers): the "
                           "low-rank KV cache needs a model compressed by svdllm.")

@@ -8,11 +8,11 @@ import torch
 
 from .errors import SvdllmError
 from .io import MANIFEST_NAME, load
-from .models.families import family_of
 from .models.loading import BUILTIN_MODELS, _load_builtin, _load_gguf, _load_hf, cache_root, parse_dtype
 
 
-def load_model(spec: str, dtype: str | torch.dtype = "float32", layerwise: bool = False):
+def load_model(spec: str, dtype: str | torch.dtype = "float32", layerwise: bool = False,
+               layers_path: str | None = None):
     """Return (model, tokenizer) in eval mode for a built-in name, a .gguf file, a directory or a hub id.
 
     A directory written by ``svdllm compress`` is loaded as the compressed model it holds. With `layerwise`,
@@ -32,7 +32,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", layerwise: bool 
         if not path.is_dir() or (path / MANIFEST_NAME).exists():
             raise SvdllmError(f"--layerwise reads a dense model's safetensors shards: give a built-in name or a local "
                               f"model directory, not {spec!r}.")
-        return load_lazy(path, dtype, display=spec if spec in BUILTIN_MODELS else None)
+        return load_lazy(path, dtype, display=spec if spec in BUILTIN_MODELS else None, layers_path=layers_path)
     if spec in BUILTIN_MODELS:
         model, tokenizer = _load_builtin(spec, dtype)
     elif path.suffix == ".gguf":
@@ -50,6 +50,5 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", layerwise: bool 
         )
     else:
         model, tokenizer = _load_hf(spec, dtype)
-    family_of(model)
     model.eval()
     return model, tokenizer

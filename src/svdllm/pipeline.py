@@ -54,7 +54,7 @@ from .modules import swap_back, swap_in
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
 from .io.manifest import Manifest
 from .models.lazy import is_lazy, resident, resident_bytes
-from .models.families import LINEAR_NAMES, family_of, layer_index
+from .models.families import family_of, resolve_family
 from .models.loading import cache_root, source_metadata
 from .update import DRIFT_GROUPS, UPDATES, base_update
 from .update.closed_form import PartialFactors, paired_layers
@@ -78,7 +78,7 @@ def matrices_of(model: nn.Module) -> list[MatrixInfo]:
     out = []
     family = family_of(model)
     for i, layer in enumerate(family.decoder_layers(model)):
-        for name in LINEAR_NAMES:
+        for name in family.linear_names:
             lin = layer.get_submodule(name)
             out.append(MatrixInfo(family.linear_name(i, name), lin.out_features, lin.in_features, i))
     return out
@@ -133,6 +133,8 @@ def _stats_cache(model, config: CompressConfig, windows: torch.Tensor, root: Pat
     cal = config.calibration
     key = {"model": model_fingerprint(model), "tokens": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:20],
            "dataset": describe(cal.dataset)[0], "nsamples": cal.nsamples, "seqlen": cal.seqlen, "seed": cal.seed}
+    if family_of(model).custom:  # fewer linears, or groups found by patterns: statistics of their own
+        key["family"] = family_of(model).record()
     if root is None:
         root = Path(config.cache_dir) if config.cache_dir else cache_root()
     return StatsCache(root, key)
@@ -160,7 +162,7 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     """
     config = config or CompressConfig()
     config.validate()
-    family_of(model)
+    resolve_family(model, config.targets, config.ignore, config.layers_path)
     ratios = [float(r) for r in config.ratios]
     if len(ratios) > 1 and out is None:
         raise SvdllmError("Several ratios need an output directory (--out): each ratio's model is saved there.")
@@ -458,13 +460,16 @@ def _measure(run: Run, windows: torch.Tensor):
     """measure(ranks) -> the model's mean loss on `windows` with the named matrices truncated at those ranks, the
     factors read off the spectra phase's decompositions; computed a decoder layer at a time (a layer-wise model
     too), each layer truncated only while it runs."""
+    family = family_of(run.model)
+
     def factors_of(name: str, rank: int):
         lin = run.model.get_submodule(name)
         dec = run.store.get(name, lin.weight.device) if run.store is not None else None
         if dec is None:  # under torchrun another rank decomposed it: decompose it here too
-            i = layer_index(name)
+            i = family.layer_index(name)
             stats = run.dense.load(i) if run.needs_inputs else None
-            dec = decompose(run.method, name, lin, linear_stats(stats, run.grads, name, name.split(".", 3)[3]))
+            group = family.group_of[name[len(family.layer_prefix(i)):]]
+            dec = decompose(run.method, name, lin, linear_stats(stats, run.grads, name, group))
         return dec.factors(rank, dtype=lin.weight.dtype)
 
     captured: dict = {}
@@ -472,7 +477,7 @@ def _measure(run: Run, windows: torch.Tensor):
     def measure(ranks: dict[str, int]) -> float:
         by_layer: dict[int, dict[str, int]] = {}
         for name, rank in ranks.items():
-            by_layer.setdefault(layer_index(name), {})[name] = rank
+            by_layer.setdefault(family.layer_index(name), {})[name] = rank
 
         @contextlib.contextmanager
         def truncated(i: int):  # layer i with its named matrices truncated while it runs (it is resident then)
@@ -569,13 +574,14 @@ def _save(run: Run, factorizer: LayerFactorizer, writers: dict, params_before: i
             gram_dtype=(config.gram_dtype or "float64") if run.needs_grams else None, params=counts, timings=run.timings, ranks=run.ranks[r], shapes=shapes,
             truncation_loss=factorizer.losses[r], whitening_jitter=factorizer.jitters,
             update_error_reduction=factorizer.update_gain, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            environment=environment()).to_dict()
+            environment=environment(),
+            family=family_of(model).record() if family_of(model).custom else None).to_dict()
         result = CompressionResult(r, run.ranks[r], counts, factorizer.losses[r], dict(run.timings), run.outs[r],
                                    manifest, originals)
         if run.lazy:
             tied = getattr(model.config, "tie_word_embeddings", False)
             rest = {k: v for k, v in model.state_dict().items()
-                    if layer_index(k) is None and not (tied and k == "lm_head.weight")}
+                    if family_of(model).layer_index(k) is None and not (tied and k == "lm_head.weight")}
             writers[r].finish(model, run.tokenizer, manifest, rest)
         elif run.outs[r] is not None and distributed.is_main():  # written once, by rank 0
             save(model, run.tokenizer, run.outs[r], manifest, run.overwrite)

@@ -2,9 +2,10 @@
 
 torchao does the work: `quantize_` swaps the weights of the decoder layers' linears (both factors of every
 LowRankLinear, and any linear left dense) for int8 per-channel or int4 grouped tensors; embeddings, norms and the
-LM head stay in the model's dtype, as in the papers' GPTQ comparison. This is round-to-nearest, not GPTQ: no
-calibration data, so it applies equally to a dense model, which is the comparison that matters (the same memory
-spent on ranks or on bits).
+LM head stay in the model's dtype, as in the papers' GPTQ comparison. `method="rtn"` is round-to-nearest (no
+calibration data); `method="gptq"` quantizes with error feedback through each linear's input Gram (gptq.py), a
+decoder layer at a time on the quantized model's own inputs, and stores its codes in the same torchao tensor. Both
+apply equally to a dense model, which is the comparison that matters (the same memory spent on ranks or on bits).
 
 On disk torchao's tensors are flattened into plain safetensors entries (`_weight_qdata`, `_weight_scale`, ...) with
 torchao's own metadata, and rebuilt on load. torchao's CPU int4 layout keeps each 4-bit value in an int8 byte in
@@ -24,7 +25,12 @@ from .errors import SvdllmError
 
 log = logging.getLogger(__name__)
 SCHEMES = {"int8": "int8 weights, one scale per output channel", "int4": "int4 weights, one scale per group of "
-           "input channels (default 32; smaller where the input size is not a multiple)"}
+           "input channels (default 32; smaller where the input size is not a multiple)",
+           "int3": "int3 weights, grouped as int4 (stored in 4-bit nibbles on disk)"}
+BITS = {"int8": 8, "int4": 4, "int3": 3}
+METHODS = {"rtn": "round-to-nearest (torchao; symmetric grid), no calibration data",
+           "gptq": "error feedback through each linear's input Gram (GPTQ; asymmetric min-max grid), layer by layer "
+                   "on the quantized model's own inputs; a factor pair's W_u also takes up W_v's error"}
 
 
 def _torchao():
@@ -38,7 +44,14 @@ def _torchao():
 
 
 def _targets(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"}
+    """Every nn.Linear inside the decoder layers (the factors of a LowRankLinear are two)."""
+    from .models.families import family_of, find_layers
+
+    try:
+        layers = family_of(model).layers
+    except SvdllmError:  # a dense model of a type that is not listed
+        layers = find_layers(model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(layers + ".")}
 
 
 def _group(in_features: int, group_size: int) -> int | None:
@@ -56,10 +69,14 @@ def is_quantized(tensor: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, scheme: str, group_size: int = 32) -> dict:
-    """Quantize the decoder layers' linear weights in place; returns what was done (for the manifest)."""
+def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, method: str = "rtn",
+                   windows: torch.Tensor | None = None, progress: bool = True) -> dict:
+    """Quantize the decoder layers' linear weights in place; returns what was done (for the manifest). `gptq` needs
+    calibration `windows` (token ids, N × L)."""
     if scheme not in SCHEMES:
         raise SvdllmError(f"Unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}.")
+    if method not in METHODS:
+        raise SvdllmError(f"Unknown quantization method {method!r}; choose one of {', '.join(METHODS)}.")
     if group_size < 8 or group_size & (group_size - 1):
         raise SvdllmError(f"--group-size must be a power of two ≥ 8, got {group_size}.")
     quantize_, Int8Config, IntxConfig, PerGroup, PerAxis = _torchao()
@@ -70,6 +87,12 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32) -> dict:
         raise SvdllmError("The model is already quantized.")
     if next(model.parameters()).dtype != torch.float32:
         model.float()  # torchao's CPU kernels and scales work from float32 weights
+    if method == "gptq":
+        if windows is None:
+            raise SvdllmError("GPTQ needs calibration windows (svdllm quantize --method gptq reads --calib-dataset).")
+        return _gptq_model(model, scheme, group_size, windows, progress)
+    if scheme == "int3":
+        raise SvdllmError("int3 is made by --method gptq only (torchao's round-to-nearest has no int3 CPU path here).")
     groups = {}
     for name, module in targets.items():
         if scheme == "int8":
@@ -79,9 +102,56 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32) -> dict:
             groups[name] = g
             config = IntxConfig(weight_dtype=torch.int4, granularity=PerGroup(g) if g else PerAxis(0))
         quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-    per_channel = sum(g is None for g in groups.values()) if scheme == "int4" else len(groups)
-    return {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "matrices": len(groups),
-            "per_channel_matrices": per_channel, "groups": {k: v for k, v in groups.items() if v != group_size}}
+    return _info(scheme, "rtn", group_size, groups)
+
+
+def _info(scheme: str, method: str, group_size: int, groups: dict) -> dict:
+    per_channel = sum(g is None for g in groups.values()) if scheme != "int8" else len(groups)
+    return {"scheme": scheme, "method": method, "group_size": group_size if scheme != "int8" else None,
+            "matrices": len(groups), "per_channel_matrices": per_channel,
+            "groups": {k: v for k, v in groups.items() if v != group_size}}
+
+
+def _store(linear: nn.Linear, q, bits: int, group: int | None) -> None:
+    """The codes of `q` (gptq.Quantized) as the linear's weight, in torchao's tensor for grouped integer weights
+    (the same one its round-to-nearest int4 makes): saved, loaded and run by the same paths."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    offset = 2 ** (bits - 1)  # codes [0, 2^b − 1] -> torchao's signed range [−2^(b−1), 2^(b−1) − 1]
+    weight = IntxUnpackedToInt8Tensor(
+        (q.codes - offset).to(torch.int8), q.scale.to(torch.float32), (q.zero - offset).to(torch.int8),
+        getattr(torch, f"int{bits}"), (1, group or linear.in_features), torch.float32, None)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+
+
+def _gptq_model(model: nn.Module, scheme: str, group_size: int, windows: torch.Tensor, progress: bool) -> dict:
+    """GPTQ a decoder layer at a time: each layer's input Grams are taken with the layers before it already
+    quantized (the sequential calibration mode), then every linear of the layer is quantized on its group's Gram."""
+    from .calibration import calibrate_layers
+    from .gptq import Grid, gptq_codes, gptq_low_rank_codes
+    from .models.families import family_of
+    from .modules import LowRankLinear
+
+    family, bits = family_of(model), BITS[scheme]
+    grouped = (lambda n: None) if scheme == "int8" else (lambda n: _group(n, group_size))  # noqa: E731
+    layers = family.decoder_layers(model)
+    groups = {}
+    for i, stats in calibrate_layers(model, windows, progress=progress, sequential=True):
+        for name in family.linear_names:
+            module, full = layers[i].get_submodule(name), family.linear_name(i, name)
+            gram = stats.grams[family.group_of[name]]
+            if isinstance(module, LowRankLinear):
+                gv, gu = grouped(module.in_features), grouped(module.rank)
+                q_u, q_v = gptq_low_rank_codes(module.u.weight, module.v.weight, gram, Grid(bits, gv),
+                                               grid_u=Grid(bits, gu))
+                _store(module.v, q_v, bits, gv)
+                _store(module.u, q_u, bits, gu)
+                groups[f"{full}.v"], groups[f"{full}.u"] = gv, gu
+            else:
+                g = grouped(module.in_features)
+                _store(module, gptq_codes(module.weight, gram, Grid(bits, g)), bits, g)
+                groups[full] = g
+    return _info(scheme, "gptq", group_size, groups)
 
 
 def quantization_report(model: nn.Module, scheme: str | None) -> dict:
@@ -91,7 +161,7 @@ def quantization_report(model: nn.Module, scheme: str | None) -> dict:
     if not scheme:
         bits = next(model.parameters()).element_size() * 8
         return {"quantized_weights": 0, "bits_per_weight": bits, "memory_bits_per_weight": bits}
-    value_bits = 8 if scheme == "int8" else 4
+    value_bits = BITS[scheme]
     memory = extra = 0
     for m in targets.values():
         w = m.weight
@@ -134,7 +204,7 @@ def flatten_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     tensors, metadata = flatten_tensor_state_dict(state)
     packed = {}
     for name, v in state.items():
-        if is_quantized(v) and getattr(v, "target_dtype", None) == torch.int4:
+        if is_quantized(v) and getattr(v, "target_dtype", None) in (torch.int4, torch.int3):  # [-8, 7] holds int3
             fqn, attr = name.rsplit(".", 1)
             key = f"{fqn}._{attr}_qdata"  # torchao's name for the values of a flattened tensor
             packed[key] = list(tensors[key].shape)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
 from ..errors import SvdllmError
-from ..models.families import LINEAR_NAMES, family_of, layer_index
+from ..models.families import family_of
 from ..models.lazy import resident
 from . import distributed
 from .layerwise import (_layer_output, capture_layer_inputs, check_finite, chunk_nll, model_device, run_layer,
@@ -124,7 +124,8 @@ class LayerGradients(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        i = layer_index(name)
+        # a linear's name holds its layer index as the first number ("model.decoder.layers.3.fc1"), in every family
+        i = next((int(part) for part in name.split(".") if part.isdigit()), None)
         if i is None or not self.has(i):
             raise KeyError(name)
         with safe_open(self._path(i), framework="pt") as f:
@@ -194,7 +195,7 @@ def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = Tru
     rows, outputs = {}, {}
     for i in range(len(layers)):
         r, o = results.vectors(i)
-        for name in (family.linear_name(i, n) for n in LINEAR_NAMES):  # in the order the model lists them
+        for name in (family.linear_name(i, n) for n in family.linear_names):  # in the order the family lists them
             rows[name], outputs[name] = r[name], o[name]
     for name in rows:
         if not (torch.isfinite(rows[name]).all() and torch.isfinite(outputs[name]).all()):
@@ -231,7 +232,7 @@ def _layer_backward(family, i: int, layer: nn.Module, inputs: list[torch.Tensor]
                     kwargs: dict, device, rows: dict, outputs: dict, with_grams: bool):
     """Back-propagate each window's output gradient through decoder layer i (recomputed from its saved input),
     adding the layer's statistics to `rows` and `outputs`; returns (the input gradients, the layer's Grams)."""
-    linears = {family.linear_name(i, n): layer.get_submodule(n) for n in LINEAR_NAMES}
+    linears = {family.linear_name(i, n): layer.get_submodule(n) for n in family.linear_names}
     for name, m in linears.items():
         rows[name] = torch.zeros(m.out_features, dtype=torch.float64)
         outputs[name] = torch.zeros(m.out_features, dtype=torch.float64)
@@ -261,7 +262,8 @@ def _layer_backward(family, i: int, layer: nn.Module, inputs: list[torch.Tensor]
                 out = _layer_output(layer(x, **kwargs))
             out.backward(g.to(device, out.dtype))
             for name, m in linears.items():
-                _add_row_squares(rows[name], m.weight.grad.detach())
+                if m.weight.grad is not None:  # (None: an expert no token of this window was routed to)
+                    _add_row_squares(rows[name], m.weight.grad.detach())
                 m.weight.grad = None
             below.append(x.grad.detach())
     finally:

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from ..errors import SvdllmError
 from . import distributed
-from ..models.families import GROUP_OF, INPUT_GROUPS, family_of, layer_prefix
-from ..models.lazy import is_lazy, materialize, release, resident
+from ..models.families import family_of
+from ..models.lazy import is_lazy, materialize, pass_through, release, resident
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +51,18 @@ class LayerStats:
     cross: dict[str, torch.Tensor] | None = None
     grams_compressed: dict[str, torch.Tensor] | None = None
 
-    def gram_for(self, linear_name: str) -> torch.Tensor:
-        return self.grams[GROUP_OF[linear_name]]
-
-    def for_linear(self, linear_name: str) -> LinearStats:
-        g = GROUP_OF[linear_name]
+    def for_group(self, g: str) -> LinearStats:
+        """What the linears of input group `g` know about their (shared) input."""
         if self.grams_compressed is None:
             return LinearStats(self.grams[g], self.abs_sums[g], self.tokens)
         return LinearStats(self.grams[g], self.abs_sums[g], self.tokens, gram_compressed=self.grams_compressed.get(g),
                            cross=(self.cross or {}).get(g))
 
 
-def linear_stats(stats: LayerStats | None, grads, full: str, name: str) -> LinearStats:
-    """Everything known about linear `full` (`name` within its layer): its input statistics from `stats`, and from
+def linear_stats(stats: LayerStats | None, grads, full: str, group: str) -> LinearStats:
+    """Everything known about linear `full` (of input group `group`): its input statistics from `stats`, and from
     the gradient statistics `grads` (a GradientStats or None) its row Fisher and output-gradient Gram."""
-    out = stats.for_linear(name) if stats is not None else LinearStats()
+    out = stats.for_group(group) if stats is not None else LinearStats()
     if grads is not None:
         out.fisher_rows = grads.rows[full]
         if grads.output_grams is not None:
@@ -86,19 +83,6 @@ def _layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@contextlib.contextmanager
-def _pass_through(layers):
-    """Decoder layers that return their input: the model's own loop then builds every layer's keyword arguments
-    (masks, rotary tables per layer type) without touching a weight."""
-    for layer in layers:
-        layer.forward = lambda hidden_states=None, *args, **kwargs: hidden_states
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 1):
     """Run the embeddings only, returning (hidden-state batches of layer 0, per-layer keyword arguments).
@@ -109,6 +93,7 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     """
     layers = family_of(model).decoder_layers(model)
     device = model_device(model)
+    body = model.base_model  # the decoder without its LM head (model.model, model.gpt_neox, ...)
     layer_kwargs: list[dict | None] = [None] * len(layers)
     captured: list[torch.Tensor] = []
     buffer: list[torch.Tensor] = []
@@ -130,14 +115,14 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         if is_lazy(model):  # the layers are not in memory: let them pass the hidden state through unchanged
-            with _pass_through(layers):
-                model.model(input_ids=windows[:1].to(device), use_cache=False)
+            with pass_through(layers):
+                body(input_ids=windows[:1].to(device), use_cache=False)
         else:
-            model.model(input_ids=windows[:1].to(device), use_cache=False)  # records every layer's kwargs
+            body(input_ids=windows[:1].to(device), use_cache=False)  # records every layer's kwargs
         stop_at_first[0] = True
         for start in range(0, windows.shape[0], batch_size):
             try:
-                model.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                body(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -163,18 +148,19 @@ def check_finite(x: torch.Tensor, where: str) -> None:
 
 
 class _GroupInputs:
-    """Forward hooks that record, for the batch being run, the input of the first linear of each group."""
+    """Forward hooks that record, for the batch being run, the input of the first linear of each group
+    (`groups`: group -> the linears reading that input, as a Family lists them)."""
 
-    def __init__(self, layer: nn.Module, groups, where: str):
+    def __init__(self, layer: nn.Module, groups: dict[str, tuple[str, ...]], where: str):
         self.current: dict[str, torch.Tensor] = {}
         self.handles = []
-        for group in groups:
-            def hook(module, args, out, group=group):
+        for group, names in groups.items():
+            def hook(module, args, out, group=group, name=names[0]):
                 x = args[0].reshape(-1, args[0].shape[-1])
-                check_finite(x, f"{where}.{INPUT_GROUPS[group][0]}")
+                check_finite(x, f"{where}.{name}")
                 self.current[group] = x.to(torch.float64)
 
-            self.handles.append(layer.get_submodule(INPUT_GROUPS[group][0]).register_forward_hook(hook))
+            self.handles.append(layer.get_submodule(names[0]).register_forward_hook(hook))
 
     def take(self) -> dict[str, torch.Tensor]:
         out, self.current = self.current, {}
@@ -231,6 +217,10 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device
             capture.remove()
     if capture is None:
         return outputs, None
+    for g, names in groups.items():  # an expert no calibration token was routed to: its input has no moments
+        if g not in grams:
+            n = layer.get_submodule(names[0]).in_features
+            grams[g], abs_sums[g] = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     cpu = lambda d: {g: t.to("cpu") for g, t in d.items()}  # noqa: E731
     tokens = sum(int(h.shape[0] * h.shape[1]) for h in inputs)
     return outputs, LayerStats(cpu(grams), cpu(abs_sums), tokens)
@@ -245,13 +235,16 @@ def input_of(layer: nn.Module, name: str, hidden: torch.Tensor, kwargs: dict, de
         got.append(args[0].reshape(-1, args[0].shape[-1]).to(torch.float64))
         raise _StopForward
 
-    handle = layer.get_submodule(name).register_forward_pre_hook(hook)
+    linear = layer.get_submodule(name)
+    handle = linear.register_forward_pre_hook(hook)
     try:
         layer(hidden.to(device), **kwargs)
     except _StopForward:
         pass
     finally:
         handle.remove()
+    if not got:  # an expert the router sent none of these tokens to
+        return torch.zeros(0, linear.in_features, dtype=torch.float64, device=device)
     check_finite(got[0], f"{where}.{name}")
     return got[0]
 
@@ -278,16 +271,17 @@ def calibrate_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 
     (no Gram accumulation, most of a layer's cost). A layer-wise (lazy) model has each layer read from its checkpoint
     just before it runs and dropped once its outputs are passed on.
     """
-    layers = family_of(model).decoder_layers(model)
+    family = family_of(model)
+    layers = family.decoder_layers(model)
     device = model_device(model)
     hidden, layer_kwargs = capture_layer_inputs(model, shard_windows(windows), batch_size)
     for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
         if is_lazy(model):
-            materialize(model, layer_prefix(i))
-        kwargs, where = layer_kwargs[i], layer_prefix(i).rstrip(".")
+            materialize(model, family.layer_prefix(i))
+        kwargs, where = layer_kwargs[i], family.layer_prefix(i).rstrip(".")
         stats = cached(i) if cached is not None else None
         if stats is None:
-            outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where, in_place=not sequential)
+            outputs, stats = run_layer(layer, hidden, kwargs, device, family.groups, where, in_place=not sequential)
             stats = sum_over_ranks(stats)
         else:
             outputs = run_layer(layer, hidden, kwargs, device, in_place=not sequential)[0]
@@ -298,16 +292,18 @@ def calibrate_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 
             check_finite(out, f"the output of {where}")
         hidden = outputs
         if is_lazy(model):
-            release(model, layer_prefix(i))
+            release(model, family.layer_prefix(i))
 
 
 LOGIT_CHUNK_ELEMENTS = 2**25  # logits formed at once by the loss: 128 MB in float32, whatever the vocabulary
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The logits of the last decoder layer's output as the model's forward forms them: final norm, LM head and,
-    where the family has it (Gemma), soft-capping."""
-    logits = model.get_output_embeddings()(family_of(model).final_norm(model)(hidden))
+    """The logits of the last decoder layer's output as the model's forward forms them: final norm (and OPT's
+    projection), LM head and, where the family has it (Gemma), soft-capping."""
+    for module in family_of(model).head_modules(model):
+        hidden = module(hidden)
+    logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -328,7 +324,6 @@ def chunk_nll(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, span: t
     return torch.nn.functional.cross_entropy(logits.reshape(e - s, -1), ids[0, s + 1 : e + 1], reduction="sum")
 
 
-@torch.no_grad()
 @torch.no_grad()
 def layerwise_loss(model: nn.Module, windows: torch.Tensor,
                    changed: Callable[[int], contextlib.AbstractContextManager] | None = None,

@@ -17,7 +17,7 @@ from torch import nn
 from ..calibration import distributed, linear_stats
 from ..errors import SvdllmError
 from ..modules import swap_in
-from ..models.families import LINEAR_NAMES, layer_prefix
+from ..models.families import family_of
 from ..models.lazy import resident_bytes
 from ..update import closed_form_w_u, output_error
 from .base import Method
@@ -43,10 +43,11 @@ class LayerFactorizer:
         self.jitters: dict[str, float] = {}
         self.update_gain: dict[str, float] = {}
         self.applied: dict[str, nn.Module] = {}
+        self.family = family_of(model)
 
     def _one(self, full: str, name: str, lin: nn.Module, stats) -> dict:
         """Every ratio's factors of one matrix, and what the manifest records about it."""
-        one = linear_stats(stats, self.grads, full, name)
+        one = linear_stats(stats, self.grads, full, self.family.group_of[name])
         whiten = one
         if self.closed_form and self.sequential_mode:  # whiten on the compressed model's own inputs
             whiten = dataclasses.replace(one, gram=one.gram_compressed)
@@ -69,15 +70,17 @@ class LayerFactorizer:
             out["losses"][r] = dec.truncation_loss(rank)
         return out
 
-    def layer(self, i: int, layer: nn.Module, stats, names=LINEAR_NAMES) -> None:
-        """Factorize `names` of layer i (with the closed-form update, one input group at a time); in a sequential
-        pass they replace the dense linears in the model at once."""
+    def layer(self, i: int, layer: nn.Module, stats, names: tuple[str, ...] | None = None) -> None:
+        """Factorize `names` of layer i (all its linears by default; with the closed-form update, one input group at
+        a time); in a sequential pass they replace the dense linears in the model at once."""
         t = time.perf_counter()
-        prefix = layer_prefix(i)
+        linears = self.family.linear_names
+        names = names or linears
+        prefix = self.family.layer_prefix(i)
         # under torchrun each rank factorizes every world_size-th matrix; the results are gathered on all ranks
         done = distributed.gather_merge({
             prefix + name: self._one(prefix + name, name, layer.get_submodule(name), stats)
-            for k, name in enumerate(LINEAR_NAMES) if name in names and distributed.mine(i * len(LINEAR_NAMES) + k)})
+            for k, name in enumerate(linears) if name in names and distributed.mine(i * len(linears) + k)})
         for full in (prefix + name for name in names):
             one = done[full]
             if one["jitter"]:
@@ -91,7 +94,7 @@ class LayerFactorizer:
         first = self.factors[self.ratios[0]]
         if self.sequential:
             self.applied.update(swap_in(self.model, {prefix + n: first[prefix + n] for n in names if prefix + n in first}))
-        if names[-1] != LINEAR_NAMES[-1]:  # the closed-form update: more groups of this layer to come
+        if names[-1] != linears[-1]:  # the closed-form update: more groups of this layer to come
             return
         if self.partial is not None:  # the layer is finished: an interrupted pass resumes after it
             here = {k: v for k, v in first.items() if k.startswith(prefix)}
@@ -104,9 +107,10 @@ class LayerFactorizer:
         """A layer-wise model's layer goes to disk now, so the compressed model is never whole in memory."""
         if not self.writers:
             return
-        prefix = layer_prefix(i)
+        prefix = self.family.layer_prefix(i)
         for r in self.ratios:
-            self.writers[r].add(f"model-layer-{i:05d}.safetensors", layer_tensors(layer, prefix, self.factors[r]))
+            self.writers[r].add(f"model-layer-{i:05d}.safetensors",
+                                layer_tensors(layer, prefix, self.factors[r], self.family.linear_names))
         self.timings["peak_resident_weight_mb"] = max(self.timings["peak_resident_weight_mb"],
                                                       resident_bytes(self.model) / 2**20)
         for r in self.ratios:
@@ -125,12 +129,12 @@ class LayerFactorizer:
         self.write(i, layer)
 
 
-def layer_tensors(layer: nn.Module, prefix: str, factors: dict) -> dict[str, torch.Tensor]:
+def layer_tensors(layer: nn.Module, prefix: str, factors: dict, linears: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Decoder layer's tensors as the saved model names them: each factorized linear as its u/v factors."""
     out = {}
     for name, t in layer.state_dict().items():
         # the linear may still be dense or already swapped for ratio[0]'s LowRankLinear (closed-form update)
-        linear = next((n for n in LINEAR_NAMES if name.startswith(n + ".")), None)
+        linear = next((n for n in linears if name.startswith(n + ".")), None)
         pair = factors.get(prefix + linear) if linear else None
         if pair is None:
             out[prefix + name] = t

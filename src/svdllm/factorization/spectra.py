@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from ..allocation.spectra import spectrum
 from ..calibration import distributed, linear_stats
 from ..errors import SvdllmError
-from ..models.families import LINEAR_NAMES, family_of, layer_prefix
+from ..models.families import family_of
 from ..models.lazy import resident
 from .base import Decomposition, Method
 from .store import DecompositionStore
@@ -35,16 +35,17 @@ def spectra(model: nn.Module, method: Method, stats_of, grads, store: Decomposit
             progress: bool = True) -> dict:
     """name -> Spectrum for every compressible linear; `stats_of(i)` gives layer i's input statistics (or None)."""
     out = {}
-    layers = family_of(model).decoder_layers(model)
-    for i, layer in enumerate(tqdm(layers, desc="spectra", unit="layer", disable=not progress)):
+    family = family_of(model)
+    linears = family.linear_names
+    for i, layer in enumerate(tqdm(family.decoder_layers(model), desc="spectra", unit="layer", disable=not progress)):
         stats = stats_of(i)
         with resident(model, i):
-            for k, name in enumerate(LINEAR_NAMES):
-                if not distributed.mine(i * len(LINEAR_NAMES) + k):  # round-robin across ranks (torchrun)
+            for k, name in enumerate(linears):
+                if not distributed.mine(i * len(linears) + k):  # round-robin across ranks (torchrun)
                     continue
-                full = layer_prefix(i) + name
+                full = family.linear_name(i, name)
                 lin = layer.get_submodule(name)
-                one = linear_stats(stats, grads, full, name)
+                one = linear_stats(stats, grads, full, family.group_of[name])
                 dec = decompose(method, full, lin, one)
                 out[full] = spectrum(lin.weight, dec, one, grads, full)
                 if store is not None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import SvdllmError
 from ..modules import LowRankLinear
-from ..models.families import family_of, layer_index, set_submodule
+from ..models.families import family_of, from_record, set_submodule, use_family
 from ..quantization import flatten_state, is_quantized, unflatten_state
 from ..atomic import readable_as_usual
 from .hf_native import MODELING_FILE, model_card, modeling_source, native_config, strip_native
@@ -199,15 +199,16 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int | None], dtype=None, devi
         set_submodule(model, name, low)
 
 
-def _check_config_against_weights(config, state: dict, path: Path) -> None:
+def _check_config_against_weights(config, family, state: dict, path: Path) -> None:
     """The sizes that decide how big a model gets built must agree with the weights, before anything is built."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = {i for i in map(layer_index, state) if i is not None}
-    embed = state.get("model.embed_tokens.weight")
+    layers = {i for i in map(family.layer_index, state) if i is not None}
+    embed = next((v for k, v in state.items() if k.endswith(("embed_tokens.weight", "embed_in.weight"))), None)
     checks = [("num_hidden_layers", getattr(text, "num_hidden_layers", None), len(layers))]
     if embed is not None:
-        checks += [("vocab_size", getattr(text, "vocab_size", None), embed.shape[0]),
-                   ("hidden_size", getattr(text, "hidden_size", None), embed.shape[-1])]
+        checks += [("vocab_size", getattr(text, "vocab_size", None), embed.shape[0])]
+        if getattr(text, "word_embed_proj_dim", None) is None:  # OPT-350m embeds in a smaller space
+            checks += [("hidden_size", getattr(text, "hidden_size", None), embed.shape[-1])]
     for field_name, value, actual in checks:
         if value != actual:
             raise SvdllmError(f"The config.json in {path} says {field_name} = {value!r}, but the weights have "
@@ -230,17 +231,21 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers and huggingface_hub raise many types for a bad config.json
         raise SvdllmError(f"The config.json in {path} cannot be read ({type(e).__name__}: {e}).") from e
-    family_of(config)
+    family = from_record(manifest["family"]) if manifest.get("family") else family_of(config)
     strip_native(config)
     dtype = parse_dtype(dtype) if dtype is not None else parse_dtype(manifest.get("dtype", "float32"))
     state = _read_weights(path)
-    _check_config_against_weights(config, state, path)
+    _check_config_against_weights(config, family, state, path)
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as e:  # a config that parses but describes no buildable model
         raise SvdllmError(f"The config.json in {path} describes no model transformers can build "
                           f"({type(e).__name__}: {e}).") from e
+    if family.experts:
+        from ..models.experts import unfuse_experts
+
+        unfuse_experts(model)  # as the model was compressed: one linear pair per expert
     apply_ranks(model, manifest["ranks"], dtype=dtype, device="meta")
     expected = set(model.state_dict().keys())
     tied = getattr(config, "tie_word_embeddings", False)
@@ -260,7 +265,9 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     model.load_state_dict({k: v if is_quantized(v) else v.to(dtype) for k, v in state.items()}, strict=False,
                           assign=True)
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    if manifest.get("family"):
+        use_family(model, family)
     if device is not None:
         model.to(device)
     model.eval()

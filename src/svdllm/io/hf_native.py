@@ -25,6 +25,7 @@ _MODELING_TEMPLATE = '''"""Low-rank {base} written by svdllm: every matrix named
 
 Load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), or with svdllm.load(path).
 """
+import torch
 from torch import nn
 from transformers import {base} as _Base
 
@@ -40,9 +41,12 @@ class LowRankLinear(nn.Module):
         return self.u(self.v(x))
 
 
+{experts}
 class SvdllmForCausalLM(_Base):
     def __init__(self, config):
         super().__init__(config)
+        if getattr(config, "svdllm_unfused_experts", False):  # one nn.Linear pair per expert, as svdllm saved them
+            unfuse_experts(self)
         for name, rank in (getattr(config, "svdllm_ranks", None) or {{}}).items():
             if rank is None:
                 continue
@@ -53,21 +57,34 @@ class SvdllmForCausalLM(_Base):
 '''
 
 
+def _unfused(model: nn.Module) -> bool:
+    return getattr(getattr(model, "_svdllm_family", None), "experts", False)
+
+
 def modeling_source(model: nn.Module) -> str:
-    return _MODELING_TEMPLATE.format(base=type(model).__name__)
+    experts = ""
+    if _unfused(model):  # the unfusing code itself, so that the file still needs transformers alone
+        import inspect
+
+        from ..models import experts as module
+
+        experts = "\n" + inspect.getsource(module).split('"""', 2)[2].replace("import torch\nfrom torch import nn\n", "")
+    return _MODELING_TEMPLATE.format(base=type(model).__name__, experts=experts)
 
 
 def native_config(model: nn.Module, ranks: dict[str, int | None]):
     """The model's config plus what the remote code needs; the model's own config is left untouched."""
     config = copy.deepcopy(model.config)
     config.svdllm_ranks = {k: v for k, v in ranks.items() if v is not None}
+    if _unfused(model):
+        config.svdllm_unfused_experts = True
     config.auto_map = {"AutoModelForCausalLM": AUTO_CLASS}
     return config
 
 
 def strip_native(config) -> None:
     """svdllm.load builds the layers itself: no remote code, no stale rank map on the in-memory config."""
-    for attr in ("auto_map", "svdllm_ranks"):
+    for attr in ("auto_map", "svdllm_ranks", "svdllm_unfused_experts"):
         if hasattr(config, attr):
             delattr(config, attr)
 

@@ -41,6 +41,8 @@ class Manifest:
     update_error_reduction: dict[str, float] = field(default_factory=dict)
     created: str | None = None
     environment: dict = field(default_factory=dict)  # torch, transformers, python, threads
+    # the layout of a model compressed by --targets/--ignore/--layers-path (None: its model type's listed family)
+    family: dict | None = None
 
     def to_dict(self) -> dict:
         """The manifest as `save` writes it (later steps add their own entries: finetune, quantization)."""
@@ -77,4 +79,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise SvdllmError(f"The manifest {mpath} has a dtype that is not a name ({manifest['dtype']!r}).")
     if not isinstance(manifest.get("quantization") or {}, dict):
         raise SvdllmError(f"The manifest {mpath} has a quantization entry that is not an object.")
+    if manifest.get("family") is not None and not _is_family(manifest["family"]):
+        raise SvdllmError(f"The manifest {mpath} has a family entry that does not give the name, the layers' path, "
+                          "the head and the input groups of its model (models/families.py); the directory is damaged.")
     return manifest
+
+
+def _is_family(record) -> bool:
+    """A Family.record(): name, layers and head names, groups of linear names (and optionally what was skipped)."""
+    strings = lambda xs: isinstance(xs, list) and all(isinstance(x, str) for x in xs)  # noqa: E731
+    return (isinstance(record, dict) and isinstance(record.get("name"), str) and isinstance(record.get("layers"), str)
+            and strings(record.get("head")) and isinstance(record.get("groups"), dict) and record["groups"]
+            and all(isinstance(g, str) and strings(n) and n for g, n in record["groups"].items())
+            and isinstance(record.get("skipped", {}), dict))

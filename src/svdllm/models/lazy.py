@@ -16,9 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import SvdllmError
-from .families import LAYERS_PATH, family_of, layer_prefix
-
-LAYER_PREFIX = LAYERS_PATH + "."
+from .families import FAMILIES, family_of, find_layers
 
 
 class LazyCheckpoint:
@@ -76,7 +74,7 @@ def to_device(model: nn.Module, device: str | torch.device) -> None:
             if b is not None and not b.is_meta:
                 module._buffers[key] = b.to(device)
     if getattr(model.config, "tie_word_embeddings", False):
-        model.lm_head.weight = model.get_input_embeddings().weight
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
 
 def release(model: nn.Module, prefix: str) -> None:
@@ -92,7 +90,7 @@ def resident(model: nn.Module, i: int):
     if not is_lazy(model):
         yield
         return
-    prefix = layer_prefix(i)
+    prefix = family_of(model).layer_prefix(i)
     was_meta = any(p.is_meta for n, p in model.named_parameters() if n.startswith(prefix))
     materialize(model, prefix)
     try:
@@ -102,12 +100,27 @@ def resident(model: nn.Module, i: int):
             release(model, prefix)
 
 
+@contextlib.contextmanager
+def pass_through(layers):
+    """Decoder layers that return their input: the model's own loop then builds every layer's keyword arguments
+    (masks, rotary tables per layer type) without touching a weight."""
+    for layer in layers:
+        layer.forward = lambda hidden_states=None, *args, **kwargs: hidden_states
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 def resident_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
 
 
-def load_lazy(directory: str | os.PathLike, dtype: torch.dtype, display: str | None = None):
-    """(model, tokenizer) with everything but the decoder layers loaded; the layers come on demand."""
+def load_lazy(directory: str | os.PathLike, dtype: torch.dtype, display: str | None = None,
+              layers_path: str | None = None):
+    """(model, tokenizer) with everything but the decoder layers loaded; the layers come on demand. The layers are
+    where the model type's family has them, else at `layers_path` or the longest list of identical blocks."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -117,18 +130,19 @@ def load_lazy(directory: str | os.PathLike, dtype: torch.dtype, display: str | N
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as e:  # transformers raises many types for a bad directory
         raise SvdllmError(f"Could not read a model config and tokenizer from {directory}: {e}") from e
-    family_of(config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    known = FAMILIES.get(config.model_type)
+    layers = layers_path or (known.layers if known else find_layers(model))
     model._svdllm_lazy = LazyCheckpoint(directory)
     model._svdllm_dtype = dtype
     model._svdllm_device = torch.device("cpu")
     tied = getattr(config, "tie_word_embeddings", False)
     for name, p in list(model.named_parameters()):
-        if not name.startswith(LAYER_PREFIX) and not (tied and name == "lm_head.weight"):
+        if not name.startswith(layers + ".") and not (tied and name == "lm_head.weight"):
             _set(model, name, model._svdllm_lazy.get(name).to(dtype))
     if tied:
-        model.lm_head.weight = model.get_input_embeddings().weight
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.config.name_or_path = display or str(directory)  # as a whole load names it (the cache key reads it)
     model.eval()
     return model, tokenizer

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from ..errors import SvdllmError
-from .families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +146,13 @@ def _load_hf(name_or_path: str, dtype: torch.dtype, display: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        AutoConfig.from_pretrained(name_or_path)  # a clear message for a bad id before the weights
     except (OSError, ValueError) as e:
         raise SvdllmError(
             f"Could not load a model config from {name_or_path!r}: {e}\n"
             f"Give a local model directory, a .gguf file, a Hugging Face hub id (needs network), "
             f"or a built-in name ({', '.join(BUILTIN_MODELS)})."
         ) from e
-    family_of(config)  # fail before loading gigabytes of weights
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -27,7 +27,7 @@ from ..calibration import distributed
 from ..calibration.layerwise import (LayerStats, accumulate, capture_layer_inputs, check_finite, input_of,
                                      model_device, run_layer, shard_windows, sum_over_ranks)
 from ..errors import SvdllmError
-from ..models.families import INPUT_GROUPS, family_of, layer_prefix
+from ..models.families import family_of
 from ..models.lazy import is_lazy, materialize, release
 
 
@@ -96,22 +96,27 @@ def paired_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, 
     taken anyway), it gives the attention's output through the compressed o_proj for the MLP's groups and the
     layer's output, without being computed again (over long windows the attention is most of the pass).
     """
-    layers = family_of(model).decoder_layers(model)
+    family = family_of(model)
+    groups = family.groups
     device = model_device(model)
     hidden, layer_kwargs = capture_layer_inputs(model, shard_windows(windows), batch_size)
     compressed = list(hidden)
     dense_stream = not (not drift_groups and dense_cached and cached is not None)
-    attention = INPUT_GROUPS["attn_out"][0].rsplit(".", 1)[0]
-    for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
+    # the attention-core replay needs to know where attention ends; a family made from patterns runs every group
+    roles = {"attn_out", "mlp_in", "mlp_out"} <= set(groups)
+    o_proj = groups["attn_out"][0] if roles else None
+    attention = o_proj.rsplit(".", 1)[0] if roles else None
+    for i, layer in enumerate(tqdm(family.decoder_layers(model), desc="calibration", unit="layer",
+                                   disable=not progress)):
         if is_lazy(model):
-            materialize(model, layer_prefix(i))
-        kwargs, where = layer_kwargs[i], layer_prefix(i).rstrip(".")
+            materialize(model, family.layer_prefix(i))
+        kwargs, where = layer_kwargs[i], family.layer_prefix(i).rstrip(".")
         stats = cached(i) if cached is not None else None
         if not dense_stream:  # (the layer's outputs are the compressed stream's, set below)
             if stats is None:
                 raise SvdllmError(f"The statistics of {where} vanished from the cache during the pass; run again.")
         elif stats is None:
-            outputs, stats = run_layer(layer, hidden, kwargs, device, INPUT_GROUPS, where)
+            outputs, stats = run_layer(layer, hidden, kwargs, device, groups, where)
             stats = sum_over_ranks(stats)
         else:
             outputs = run_layer(layer, hidden, kwargs, device)[0]
@@ -123,17 +128,16 @@ def paired_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, 
             dense = copy.deepcopy(layer) if drift_groups else None
             stats.cross, stats.grams_compressed = {}, {}
             cores: list = []  # o_proj's inputs on the compressed stream, once q/k/v are compressed
-            for group, names in INPUT_GROUPS.items():
+            for group, names in groups.items():
                 with contextlib.ExitStack() as stage:
-                    if group == "mlp_in":  # q/k/v and o are final from here on
+                    if roles and group == "mlp_in":  # q/k/v and o are final from here on
                         stage.enter_context(_attention_from_cores(
-                            layer.get_submodule(attention), layer.get_submodule(INPUT_GROUPS["attn_out"][0]),
-                            cores, attn_out))
-                    elif group == "mlp_out" and len(attn_out) == len(compressed):
+                            layer.get_submodule(attention), layer.get_submodule(o_proj), cores, attn_out))
+                    elif roles and group == "mlp_out" and len(attn_out) == len(compressed):
                         stage.enter_context(_replaying(layer.get_submodule(attention), attn_out))
                     stats.cross[group], stats.grams_compressed[group] = _paired_moments(
                         dense if group in drift_groups else None, layer, hidden, compressed, kwargs, device,
-                        group, where, keep=cores if group == "attn_out" else None)
+                        names[0], where, keep=cores if roles and group == "attn_out" else None)
                 if group == "mlp_in":
                     cores.clear()
                 yield PairedStep(i, layer, stats, tuple(names))
@@ -151,16 +155,15 @@ def paired_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, 
         hidden = outputs if dense_stream else compressed
         yield PairedStep(i, layer, stats, done=True)
         if is_lazy(model):
-            release(model, layer_prefix(i))
+            release(model, family.layer_prefix(i))
 
 
-def _paired_moments(dense: nn.Module | None, layer: nn.Module, hidden, compressed, kwargs, device, group: str,
+def _paired_moments(dense: nn.Module | None, layer: nn.Module, hidden, compressed, kwargs, device, name: str,
                     where: str, keep: list | None = None):
-    """(XᵀX′ or None, X′ᵀX′) of one input group. X′ comes from the layer as it now is (the groups before `group`
+    """(XᵀX′ or None, X′ᵀX′) of one input group. X′ comes from the layer as it now is (the groups before this one,
     already compressed) on the compressed stream: the inputs the group's linears will really see in the compressed
     model. X, only if `dense` is given, from the dense layer on the dense stream. `keep` receives X′ per batch, in
     the stream's dtype and shape, on the CPU."""
-    name = INPUT_GROUPS[group][0]
     moments = {}
     for h, hc in zip(hidden, compressed):
         xc = input_of(layer, name, hc, kwargs, device, where)
