@@ -128,7 +128,7 @@ def test_a_model_type_nobody_listed_is_compressed_by_patterns(tok, tmp_path):
     """GPT-J is not in the table: its layers are found, its linears matched, its groups found by running it (q/k/v
     and fc_in read the same normed input in GPT-J's parallel block), and the manifest says what was left alone."""
     model = tiny_model("gptj")
-    with pytest.raises(SvdllmError, match="not listed.*--targets"):
+    with pytest.raises(SvdllmError, match="not listed.*--targets/--ignore"):
         family_of(model)
     cal = svdllm.CalibrationConfig(dataset=list(_windows(4, 32)), nsamples=4, seqlen=32, grad_samples=2)
     svdllm.compress(model, tok, svdllm.CompressConfig(ratio=0.3, calibration=cal, cache_dir="", ignore=["fc_out"]),
@@ -247,3 +247,24 @@ def test_cli_compresses_an_unlisted_model_by_patterns(tok, data_dir, tmp_path, c
     assert {k.rsplit(".", 1)[1] for k in manifest["ranks"]} == {"q_proj", "k_proj", "v_proj"}
     assert manifest["family"]["skipped"] == {"attn.out_proj": "matches --ignore", "mlp.fc_in": "matches no --targets",
                                              "mlp.fc_out": "matches no --targets"}
+
+
+@pytest.mark.parametrize("family", ["opt", "phi3", "gpt_neox", "mixtral", "gptj"])
+def test_sequential_lora_and_dipsvd_on_other_layouts(family, tok, tmp_path):
+    """The remaining method (dipsvd) and update (SVD-LLM's sequential LoRA of the factors, through peft), saved and
+    loaded back with the same logits."""
+    from svdllm.update.lora import FinetuneConfig
+
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": f"Name the number after {i}.", "input": "",
+                                    "output": f"It is {i + 1}."} for i in range(24)]))
+    model = tiny_model(family)
+    cal = svdllm.CalibrationConfig(dataset=list(_windows(4, 32)), nsamples=4, seqlen=32, grad_samples=2)
+    ft = FinetuneConfig(data=str(records), val_samples=4, batch_size=4, micro_batch=4, lr=5e-3, warmup_steps=0,
+                        max_steps=2, save_every=2)
+    (res,) = svdllm.compress(model, tok, svdllm.CompressConfig(
+        ratio=0.4, method="dipsvd", alloc="global", update="lora", finetune=ft, calibration=cal, cache_dir=""),
+        out=tmp_path / "m", progress=False)
+    assert res.manifest["update"] == "lora"
+    ids = _windows(1, 20)
+    torch.testing.assert_close(_logits(svdllm.load(tmp_path / "m"), ids), _logits(model, ids))

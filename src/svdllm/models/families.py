@@ -162,9 +162,9 @@ def family_of(model_or_config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise SvdllmError(
-            f"Model type {model_type!r} is not listed. Listed model types: {supported_list()}. Compress it by "
-            "patterns: --targets REGEX (the linears to compress, e.g. --targets 'attn|mlp'), and --layers-path "
-            "if its decoder layers are not found; or add its entry to svdllm.models.families.FAMILIES."
+            f"Model type {model_type!r} is not listed (listed: {supported_list()}), and this model was not "
+            "compressed by patterns: `svdllm compress` (svdllm.compress) finds an unlisted model's layers and linears "
+            "itself, steered by --targets/--ignore/--layers-path; or add its entry to svdllm.models.families.FAMILIES."
         )
     return FAMILIES[model_type]
 
@@ -182,7 +182,7 @@ def known(config) -> bool:
 def resolve_family(model: nn.Module, targets=None, ignore=None, layers_path: str | None = None) -> Family:
     """The family a run compresses with: the listed one, restricted by `targets`/`ignore`, or for a model type that
     is not listed (or a `layers_path` given), one made from the patterns. Attached to the model."""
-    from .experts import is_fused_experts, unfuse_experts
+    from .experts import ExpertLinears, is_fused_experts, unfuse_experts
     from .lazy import is_lazy
 
     if layers_path is None and known(model.config):
@@ -195,7 +195,8 @@ def resolve_family(model: nn.Module, targets=None, ignore=None, layers_path: str
         if experts:
             log.info("Unfused the experts of %d mixture-of-experts blocks into a linear pair each",
                      unfuse_experts(model))
-        family = replace(from_patterns(model, targets, ignore, layers_path), experts=experts)
+        unfused = experts or any(isinstance(m, ExpertLinears) for m in model.modules())  # (a second run)
+        family = replace(from_patterns(model, targets, ignore, layers_path), experts=unfused)
         log.info("%s: decoder layers at %s; input groups %s", family.name, family.layers,
                  "; ".join(", ".join(names) for names in family.groups.values()))
     if family.skipped:
