@@ -159,3 +159,27 @@ def test_gptq_dense_model_and_bad_requests(tok, data_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int3", "--out", str(tmp_path / "r")]) == 2
     assert "int3 is made by --method gptq" in capsys.readouterr().err
+
+
+def test_eval_scores_a_quantized_model_and_its_fingerprint_sees_the_codes(tok, data_dir, tmp_path, capsys):
+    """`svdllm eval --ppl` on an int4 directory (the resumable evaluation hashes the weights: a quantized weight is
+    hashed through its codes and scales), and two different quantizations get different fingerprints."""
+    from svdllm.evaluation.resume import weights_fingerprint
+    from svdllm.quantization import quantize_model
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int4", "--out", str(tmp_path / "q"),
+                 "-q"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "q"), "--ppl", "wikitext2", "--seqlen", "64", "--max-windows", "2",
+                 "--data-dir", str(data_dir), "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]["wikitext2"]["ppl"] > 1
+    a, b = tiny_model("llama"), tiny_model("llama")
+    quantize_model(a, "int4", group_size=16)
+    quantize_model(b, "int4", group_size=32)
+    assert weights_fingerprint(a, tok) != weights_fingerprint(b, tok)
+    c = tiny_model("llama")
+    quantize_model(c, "int4", group_size=16)
+    assert weights_fingerprint(a, tok) == weights_fingerprint(c, tok)

@@ -19,11 +19,23 @@ def weights_fingerprint(model, tokenizer) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}".encode())
     for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        for part, plain in _plain_tensors(name, t.detach()):
+            plain = plain.cpu().contiguous()
+            h.update(f"{part}:{plain.dtype}:{tuple(plain.shape)}".encode())
+            if plain.numel():
+                h.update(plain.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
+
+
+def _plain_tensors(name: str, t: torch.Tensor):
+    """(name, tensor) of the plain tensors that make up `t`: a quantized weight (a torchao tensor subclass) is its
+    codes, scales and zero points, which is what its bytes are."""
+    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+        yield name, t
+        return
+    inner, _ = t.__tensor_flatten__()
+    for attr in inner:
+        yield from _plain_tensors(f"{name}.{attr}", getattr(t, attr))
 
 
 class BatchLog:
