@@ -49,17 +49,20 @@ PY
   cp "$RUNS/best/ratio-$r/svdllm_manifest.json" "$OUT/manifest-best-r$r.json"
   step eval-best-r$r $SVDLLM eval --model "$RUNS/best/ratio-$r" --ppl wikitext2
 done
-# 2. the update the preset does not apply at each ratio, on the same ranks
-step compress-closed-form $SVDLLM compress --model smollm2-135m --ratio 0.2,0.4 --update closed-form \
-  --cache-dir "$CACHE" --out "$RUNS/closed-form" --overwrite
+# 2. in the order a session cut short loses least (the models live on one machine): R = 0.4's LoRA row, R = 0.6
+# without update (no extra pass), the closed-form update at R = 0.2 and 0.4 on the same ranks, the other LoRA rows
+lora() {  # SVD-LLM's LoRA stage on the default model at ratio $1
+  step finetune-best-r$1 $SVDLLM finetune "$RUNS/best/ratio-$1" --out "$RUNS/lora-r$1" --preset cpu --overwrite
+  step eval-lora-r$1 $SVDLLM eval --model "$RUNS/lora-r$1" --ppl wikitext2
+}
+lora 0.4
 step compress-none-r0.6 $SVDLLM compress --model smollm2-135m --ratio 0.6 --update none --cache-dir "$CACHE" \
   --out "$RUNS/none-r0.6" --overwrite
 step eval-none-r0.6 $SVDLLM eval --model "$RUNS/none-r0.6" --ppl wikitext2
-for r in 0.2 0.4; do
+step compress-closed-form $SVDLLM compress --model smollm2-135m --ratio 0.2,0.4 --update closed-form \
+  --cache-dir "$CACHE" --out "$RUNS/closed-form" --overwrite
+for r in 0.4 0.2; do
   step eval-closed-form-r$r $SVDLLM eval --model "$RUNS/closed-form/ratio-$r" --ppl wikitext2
 done
-# 3. SVD-LLM's LoRA stage on each default model
-for r in 0.4 0.2 0.6; do
-  step finetune-best-r$r $SVDLLM finetune "$RUNS/best/ratio-$r" --out "$RUNS/lora-r$r" --preset cpu --overwrite
-  step eval-lora-r$r $SVDLLM eval --model "$RUNS/lora-r$r" --ppl wikitext2
-done
+lora 0.2
+lora 0.6
