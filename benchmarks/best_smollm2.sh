@@ -15,7 +15,8 @@ SVDLLM=${SVDLLM:-svdllm}
 export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 CACHE="$RUNS/cache"  # a cache of this run's own: empty the first time, whatever ~/.cache/svdllm holds
 mkdir -p "$OUT" "$RUNS"
-nproc > "$OUT/machine.txt"; lscpu | grep -E "Model name|^CPU\(s\)" >> "$OUT/machine.txt" || true
+machine() { nproc; lscpu | grep -E "Model name|^CPU\(s\)" || true; }
+[ -s "$OUT/machine.txt" ] || machine > "$OUT/machine.txt"  # the machine of the scored run, kept
 
 step() {  # step NAME COMMAND...: run once, keep the last stdout line (the command's --json) as OUT/NAME.json
   local name=$1; shift
@@ -31,6 +32,7 @@ step() {  # step NAME COMMAND...: run once, keep the last stdout line (the comma
 step compress-best $SVDLLM compress --model smollm2-135m --ratio 0.2,0.4,0.6 --cache-dir "$CACHE" \
   --out "$RUNS/best" --overwrite
 if [ ! -d "$RUNS/best/ratio-0.6" ]; then  # a new machine: the models again (same ranks), the first run's record kept
+  machine > "$OUT/machine-rebuild.txt"  # the steps from here on run on this one
   step compress-best-rebuild $SVDLLM compress --model smollm2-135m --ratio 0.2,0.4,0.6 --cache-dir "$CACHE" \
     --out "$RUNS/best" --overwrite
 fi
