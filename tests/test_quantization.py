@@ -183,3 +183,50 @@ def test_eval_scores_a_quantized_model_and_its_fingerprint_sees_the_codes(tok, d
     c = tiny_model("llama")
     quantize_model(c, "int4", group_size=16)
     assert weights_fingerprint(a, tok) == weights_fingerprint(c, tok)
+
+
+@pytest.mark.parametrize("family,scheme,method,low_rank", [("qwen2", "int4", "rtn", True), ("llama", "int3", "gptq", True),
+                                                          ("mistral", "int8", "rtn", False)])
+def test_compressed_tensors_export_loads_in_plain_transformers(family, scheme, method, low_rank, tok, data_dir,
+                                                               tmp_path, capsys):
+    """`svdllm export --format compressed-tensors`: plain transformers (remote code for the low-rank layers) rebuilds
+    the quantized model from compressed-tensors' packed codes with svdllm.load's logits; the codes are checked on
+    export to rebuild each weight exactly."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    if low_rank:
+        svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"),
+                        out=tmp_path / "m", progress=False)
+    else:
+        model.save_pretrained(tmp_path / "m")
+        tok.save_pretrained(tmp_path / "m")
+    calib = ["--nsamples", "2", "--seqlen", "32", "--data-dir", str(data_dir)] if method == "gptq" else []
+    assert main(["quantize", "--model", str(tmp_path / "m"), "--scheme", scheme, "--method", method, "--group-size",
+                 "16", *calib, "--out", str(tmp_path / "q"), "-q"]) == 0
+    assert main(["export", str(tmp_path / "q"), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"),
+                 "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["format"] == "compressed-tensors" and out["bytes_on_disk"] > 0
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    q_config = config["quantization_config"]
+    # round-to-nearest grids are symmetric, their codes packed; GPTQ's asymmetric ones one code per byte
+    assert q_config["quant_method"] == "compressed-tensors"
+    assert q_config["format"] == ("int-quantized" if method == "gptq" else "pack-quantized")
+    assert {g["weights"]["num_bits"] for g in q_config["config_groups"].values()} == {int(scheme[3:])}
+    ours = svdllm.load(tmp_path / "q")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", trust_remote_code=low_rank)
+    assert hasattr(theirs.model.layers[0].self_attn.q_proj, "u") == low_rank
+    with torch.no_grad():
+        a, b = ours(_ids(tok)).logits, theirs(_ids(tok)).logits
+    # the same integers and scales; int8's torchao kernel rounds its product in another order
+    torch.testing.assert_close(b, a, rtol=0, atol=0 if scheme != "int8" else 1e-5)
+    with pytest.raises(svdllm.SvdllmError, match="compressed-tensors export"):
+        svdllm.load(tmp_path / "ct")
+    assert f"| quantization | {scheme} weights of the decoder linears (compressed-tensors" in \
+        (tmp_path / "ct" / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "m"), "--format", "compressed-tensors", "--out", str(tmp_path / "x")]) == 2
+    assert ("is not quantized" if low_rank else "not a model saved by svdllm") in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "x")]) == 2
+    assert "Say which form" in capsys.readouterr().err

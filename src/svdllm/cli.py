@@ -200,11 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_args(f)
     _add_output_args(f)
 
-    x = sub.add_parser("export", help="write a compressed model in another form (--dense: factors multiplied back)")
-    x.add_argument("run_dir", help="a model directory written by `svdllm compress`")
+    x = sub.add_parser("export", help="write a compressed model in another form (--dense: factors multiplied back; "
+                       "--format compressed-tensors: a quantized model for plain transformers)")
+    x.add_argument("run_dir", help="a model directory written by `svdllm compress` or `svdllm quantize`")
     x.add_argument("--out", required=True)
-    x.add_argument("--dense", action="store_true", required=True,
-                   help="a plain dense Hugging Face checkpoint (W = W_u·W_v), for tools that take only dense models")
+    x.add_argument("--format", choices=["dense", "compressed-tensors"], default=None,
+                   help="dense: a plain Hugging Face checkpoint (W = W_u·W_v), for tools that take only dense models; "
+                        "compressed-tensors: a quantized model's codes in that format, which transformers loads "
+                        "(trust_remote_code=True for the low-rank layers)")
+    x.add_argument("--dense", action="store_const", const="dense", dest="format", help="the same as --format dense")
     x.add_argument("--overwrite", action="store_true")
     _add_output_args(x)
 
@@ -466,8 +470,14 @@ def cmd_export(args) -> dict:
     from .io.checkpoint import _move_into_place, check_out_dir, load, read_manifest
     from .io.hf_native import export_dense
 
+    if args.format is None:
+        raise SvdllmError("Say which form to export: --dense (factors multiplied back) or --format compressed-tensors "
+                          "(a quantized model's codes, for transformers).")
     check_out_dir(args.out, args.overwrite)
-    if read_manifest(args.run_dir).get("quantization"):
+    manifest = read_manifest(args.run_dir)
+    if args.format == "compressed-tensors":
+        return _export_compressed_tensors(args, manifest)
+    if manifest.get("quantization"):
         raise SvdllmError(f"{args.run_dir} is quantized; export the unquantized compressed model "
                           "(the directory `svdllm quantize` read), then quantize the dense export if you need to.")
     model, tok = load(args.run_dir, with_tokenizer=True)
@@ -485,6 +495,27 @@ def cmd_export(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     print(f"dense export of {args.run_dir}: {params:,} parameters, written to {out}")
     return {"command": "export", "run_dir": str(args.run_dir), "out": str(out), "params": params}
+
+
+def _export_compressed_tensors(args, manifest: dict) -> dict:
+    from pathlib import Path
+
+    from .io.checkpoint import load, save
+    from .io.compressed_tensors import to_compressed_tensors
+
+    if not manifest.get("quantization"):
+        raise SvdllmError(f"{args.run_dir} is not quantized: run `svdllm quantize --model {args.run_dir} ...` first, "
+                          "then export what it writes.")
+    model, tok = load(args.run_dir, with_tokenizer=True)
+    compressor = to_compressed_tensors(model)
+    quantization = {**manifest["quantization"], "format": "compressed-tensors"}
+    save(model, tok, args.out, {**manifest, "quantization": quantization, "source": str(args.run_dir)},
+         overwrite=args.overwrite, compressor=compressor)
+    disk = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    print(f"compressed-tensors export of {args.run_dir}: {disk / 2**20:.1f} MiB of weights, written to {args.out}; "
+          f"load with transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r}, trust_remote_code=True)")
+    return {"command": "export", "format": "compressed-tensors", "run_dir": str(args.run_dir), "out": str(args.out),
+            "bytes_on_disk": disk}
 
 
 def cmd_eval(args) -> dict:

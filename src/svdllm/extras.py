@@ -11,7 +11,7 @@ import importlib
 from .errors import SvdllmError
 
 # module -> (the PyPI package, the extra that installs it)
-EXTRAS = {"lm_eval": ("lm-eval", "eval"), "peft": ("peft", "lora"), "torchao": ("torchao", "quant"),
+EXTRAS = {"lm_eval": ("lm-eval", "eval"), "peft": ("peft", "lora"), "torchao": ("torchao", "quant"), "compressed_tensors": ("compressed-tensors", "quant"),
           "matplotlib": ("matplotlib", "plots"), "datasets": ("datasets", "hub")}
 _import = importlib.import_module  # one name to replace in a test that takes the extras away
 

@@ -43,7 +43,10 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
     _prepare_out_dir(Path(out), overwrite)
 
 
-def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False) -> Path:
+def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False,
+         compressor=None) -> Path:
+    """Write the model atomically. `compressor`: compressed-tensors' ModelCompressor of a model whose quantized
+    weights were exported to its format (io/compressed_tensors.py); it writes config.json's quantization_config."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -65,6 +68,8 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, ov
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_beside_weights(tmp, model, tokenizer, manifest)
+        if compressor is not None:
+            compressor.update_config(tmp)
         _move_into_place(tmp, out)
     except OSError as e:
         raise SvdllmError(f"Saving to {out} failed ({e}); nothing was written there.") from e
@@ -77,9 +82,10 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: dict, ov
 
 def _write_beside_weights(tmp: Path, model: nn.Module, tokenizer, manifest: dict) -> None:
     # config.json with the rank map and auto_map, and the modeling file: loadable by plain transformers. Not for
-    # quantized weights: they are torchao's flattened entries, which only svdllm.load rebuilds
+    # torchao's quantized weights: they are flattened entries, which only svdllm.load rebuilds
     config = native_config(model, manifest.get("ranks", {}))
-    if manifest.get("quantization"):
+    quantization = manifest.get("quantization") or {}
+    if quantization and quantization.get("format") != "compressed-tensors":
         del config.auto_map
     else:
         (tmp / MODELING_FILE).write_text(modeling_source(model))
@@ -227,6 +233,10 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     if not path.is_dir():
         raise SvdllmError(f"Model directory {path} does not exist.")
     manifest = read_manifest(path)
+    if (manifest.get("quantization") or {}).get("format") == "compressed-tensors":
+        raise SvdllmError(f"{path} is a compressed-tensors export, for transformers and the runtimes that read that "
+                          "format: AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True). svdllm.load "
+                          "reads the directory it was exported from.")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers and huggingface_hub raise many types for a bad config.json

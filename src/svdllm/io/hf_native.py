@@ -150,7 +150,9 @@ def model_card(manifest: dict, results: dict | None = None) -> str:
                   "no low-rank factorization.", "", "| | |", "|---|---|"]
     lines.append(f"| parameters | {p.get('model_before', 0):,} → {p.get('model_after', 0):,} |")
     if q:
-        lines.append(f"| quantization | {q.get('scheme')} weights of the decoder linears (torchao, round-to-nearest"
+        how = "GPTQ (error feedback)" if q.get("method") == "gptq" else "round-to-nearest"
+        stored = "compressed-tensors" if q.get("format") == "compressed-tensors" else "torchao"
+        lines.append(f"| quantization | {q.get('scheme')} weights of the decoder linears ({stored}, {how}"
                      + (f", groups of {q['group_size']}" if q.get("group_size") else ", per output channel") + ") |")
     cal = manifest.get("calibration") or {}
     if cal.get("used"):
@@ -166,6 +168,12 @@ def model_card(manifest: dict, results: dict | None = None) -> str:
     for dataset, r in sorted(((results or {}).get("ppl") or {}).items()):
         windows = "" if r.get("windows") == r.get("total_windows") else f", first {r.get('windows')} windows"
         lines.append(f"| perplexity, {dataset} ({r.get('seqlen')}-token windows{windows}) | {r.get('ppl'):.2f} |")
+    if q and q.get("format") == "compressed-tensors":
+        lines += ["", "## Use", "", "Needs `pip install compressed-tensors`; transformers unpacks the weights on load.",
+                  "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
+                  "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]
+        return "\n".join(lines)
     if q:
         lines += ["", "torchao's quantized weights are stored flattened; only svdllm rebuilds them.", "",
                   "## Use", "", "```python", "import svdllm",
