@@ -156,9 +156,16 @@ def test_gptq_dense_model_and_bad_requests(tok, data_dir, tmp_path, capsys):
     with torch.no_grad():
         ref, got = dense(_ids(tok)).logits, q(_ids(tok)).logits
     assert 0 < float((got - ref).norm() / ref.norm()) < 0.3
-    capsys.readouterr()
-    assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int3", "--out", str(tmp_path / "r")]) == 2
-    assert "int3 is made by --method gptq" in capsys.readouterr().err
+    # int3 by round-to-nearest: GPTQ's min-max grid without the error feedback, 8 levels per group
+    assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int3", "--out", str(tmp_path / "r"),
+                 "-q"]) == 0
+    r = svdllm.load(tmp_path / "r")
+    w = r.model.layers[0].mlp.down_proj.weight
+    assert w.qdata.min() >= -4 and w.qdata.max() <= 3 and len(torch.unique(w.qdata)) <= 8
+    from svdllm.gptq import Grid, rtn
+
+    expected = rtn(dense.model.layers[0].mlp.down_proj.weight, Grid(3, w.block_size[-1]))
+    torch.testing.assert_close(w.dequantize().double(), expected, rtol=0, atol=1e-6)
 
 
 def test_eval_scores_a_quantized_model_and_its_fingerprint_sees_the_codes(tok, data_dir, tmp_path, capsys):

@@ -65,13 +65,21 @@ def _groups(n: int, grid: Grid) -> int:
 
 def rtn(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Round-to-nearest on the same grid (the baseline GPTQ improves on)."""
+    return rtn_codes(w, grid).dequantized
+
+
+def rtn_codes(w: torch.Tensor, grid: Grid) -> Quantized:
     w = w.to(torch.float64)
-    out = torch.empty_like(w)
+    out, codes = torch.empty_like(w), torch.empty(w.shape, dtype=torch.int16)
     g = _groups(w.shape[1], grid)
+    scales, zeros = [], []
     for s in range(0, w.shape[1], g):
         scale, zero = grid_params(w[:, s : s + g], grid)
-        out[:, s : s + g] = fake_quantize(w[:, s : s + g], scale, zero, grid)
-    return out
+        c = codes_of(w[:, s : s + g], scale, zero, grid)
+        codes[:, s : s + g], out[:, s : s + g] = c.to(torch.int16), scale * (c - zero)
+        scales.append(scale)
+        zeros.append(zero)
+    return Quantized(out, codes, torch.cat(scales, dim=1), torch.cat(zeros, dim=1))
 
 
 def damped(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ SCHEMES = {"int8": "int8 weights, one scale per output channel", "int4": "int4 w
            "input channels (default 32; smaller where the input size is not a multiple)",
            "int3": "int3 weights, grouped as int4 (stored in 4-bit nibbles on disk)"}
 BITS = {"int8": 8, "int4": 4, "int3": 3}
-METHODS = {"rtn": "round-to-nearest (torchao; symmetric grid), no calibration data",
+METHODS = {"rtn": "round-to-nearest, no calibration data (int8/int4: torchao's symmetric grid; int3: GPTQ's grid)",
            "gptq": "error feedback through each linear's input Gram (GPTQ; asymmetric min-max grid), layer by layer "
                    "on the quantized model's own inputs; a factor pair's W_u also takes up W_v's error"}
 
@@ -91,9 +91,14 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, method: 
         if windows is None:
             raise SvdllmError("GPTQ needs calibration windows (svdllm quantize --method gptq reads --calib-dataset).")
         return _gptq_model(model, scheme, group_size, windows, progress)
-    if scheme == "int3":
-        raise SvdllmError("int3 is made by --method gptq only (torchao's round-to-nearest has no int3 CPU path here).")
     groups = {}
+    if scheme == "int3":  # torchao has no int3 round-to-nearest on the CPU: GPTQ's grid, without the error feedback
+        from .gptq import Grid, rtn_codes
+
+        for name, module in targets.items():
+            groups[name] = g = _group(module.in_features, group_size)
+            _store(module, rtn_codes(module.weight, Grid(3, g)), 3, g)
+        return _info(scheme, "rtn", group_size, groups)
     for name, module in targets.items():
         if scheme == "int8":
             config, groups[name] = Int8Config(), None
