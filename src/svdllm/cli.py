@@ -35,6 +35,13 @@ def _key_value(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected KEY=NUMBER, e.g. attn_keep=0.5; got {text!r}")
 
 
+def _widths(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bit widths such as 3,4,8; got {text!r}")
+
+
 def _shard(text: str) -> tuple[int, int]:
     k, sep, n = text.partition("/")
     try:
@@ -147,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an allocator option, e.g. --alloc lorap --alloc-arg attn_keep=0.5 (repeatable)")
     c.add_argument("--rank-multiple", type=int, default=1,
                    help="round every rank to a multiple of this (8, 16, 32 suit fast kernels); the budget still holds")
+    c.add_argument("--bits", type=_widths, default=None, metavar="B[,B...]",
+                   help="choose each matrix's rank and bit width together (the global allocator), among these "
+                        "widths (3, 4, 8) and float; --ratio is then the fraction of the compressed linears' float32 "
+                        "bytes removed (e.g. --ratio 0.85 --bits 3,4,8 keeps 15%% of them), and the model is "
+                        "quantized by GPTQ as allocated")
+    c.add_argument("--group-size", type=int, default=32, help="with --bits: input channels per int4/int3 scale")
     c.add_argument("--gram-dtype", default=None, choices=["float64", "float32"],
                    help="how kfac-svd's output-gradient Grams are stored on disk (summed in float64 either way); "
                         "default float64, float32 when they would take more than half the free disk under the cache")
@@ -350,7 +363,8 @@ def cmd_compress(args) -> dict:
                                       seed=args.seed, batch_size=args.batch_size, mode=args.calib_mode,
                                       data_dir=args.data_dir, grad_samples=args.grad_samples),
         cache_dir="" if args.no_cache else args.cache_dir, gram_dtype=args.gram_dtype,
-        targets=args.targets, ignore=args.ignore, layers_path=args.layers_path,
+        targets=args.targets, ignore=args.ignore, layers_path=args.layers_path, bits=args.bits,
+        group_size=args.group_size,
     )
     if (args.update or "").endswith("lora"):
         config.finetune = _finetune_config(args, args.device)

@@ -158,6 +158,10 @@ class CompressConfig:
     targets: list[str] | None = None
     ignore: list[str] | None = None
     layers_path: str | None = None  # the decoder layers' ModuleList, where it cannot be found (e.g. "transformer.h")
+    # rank and bit width chosen together (the global allocator): the widths a matrix may take (e.g. [3, 4, 8]), and
+    # R becomes the fraction of the compressed linears' float32 bytes removed; the model is then quantized by GPTQ
+    bits: list[int] | None = None
+    group_size: int = 32  # input channels per scale of int4/int3 weights
 
     @property
     def ratios(self) -> list[float]:
@@ -181,8 +185,13 @@ class CompressConfig:
         if self.preset == "best":
             chosen, reason = resolve_best(chosen, named, gram_bytes, free_bytes)
         ratios = [float(r) for r in self.ratios]
+        if self.bits and chosen["alloc"] != "global":
+            raise SvdllmError(f"--bits chooses ranks and widths with the global allocator; --alloc {chosen['alloc']} "
+                              "chooses ranks only.")
         if self.update is not None:
             updates = {r: self.update for r in ratios}
+        elif self.bits:
+            updates = {r: "none" for r in ratios}
         elif self.preset == "best" and (chosen["method"], chosen["alloc"]) == ("kfac-svd", "global"):
             updates = {r: "closed-form" if r >= BEST_CLOSED_FORM_FROM else "none" for r in ratios}
         else:
@@ -214,6 +223,14 @@ class CompressConfig:
                     re.compile(pattern)
                 except re.error as e:
                     raise SvdllmError(f"{flag} {pattern!r} is not a regular expression: {e}.") from None
+        if self.bits is not None:
+            if not self.bits or any(b not in (3, 4, 8) for b in self.bits):
+                raise SvdllmError(f"--bits takes widths among 3, 4 and 8 (e.g. --bits 3,4,8), got {self.bits}.")
+            if self.update not in (None, "none"):
+                raise SvdllmError("--bits quantizes the model right after its truncation: it takes no update "
+                                  f"(got --update {self.update}).")
+        if self.group_size < 8 or self.group_size & (self.group_size - 1):
+            raise SvdllmError(f"--group-size must be a power of two ≥ 8, got {self.group_size}.")
         if self.gram_dtype is not None and self.gram_dtype not in GRAM_BYTES:
             raise SvdllmError(f"--gram-dtype {self.gram_dtype!r} is not one of {', '.join(GRAM_BYTES)}.")
         self.calibration.validate()

@@ -176,6 +176,12 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     for update in plan.updates.values():
         if update not in UPDATES:
             raise SvdllmError(f"Unknown update {update!r}; available: {', '.join(UPDATES)}.")
+    if config.bits and is_lazy(model):
+        raise SvdllmError("--bits quantizes the whole compressed model after its truncation, which --layerwise does "
+                          "not hold in memory: compress without --bits, then `svdllm quantize` the result.")
+    if config.bits:  # the global allocator chooses the widths with the ranks (allocation/allocators.py, _joint)
+        config = dataclasses.replace(config, alloc_options={**config.alloc_options, "bits": tuple(config.bits),
+                                                            "group_size": config.group_size})
     get_method(plan.method, **config.method_options)
     get_allocator(plan.alloc, **config.alloc_options)
     outs = {r: None if out is None else Path(out) if len(ratios) == 1 else Path(out) / f"ratio-{r:g}" for r in ratios}
@@ -200,8 +206,37 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     finally:
         if "store" in shared:
             shared["store"].close()
+    if config.bits:
+        _quantize_as_allocated(model, tokenizer, config, results, progress)
     order = {r: k for k, r in enumerate(ratios)}
     return sorted(results, key=lambda res: order[res.ratio])
+
+
+def _quantize_as_allocated(model, tokenizer, config: CompressConfig, results: list, progress: bool) -> None:
+    """The joint allocation's widths applied: each ratio's model quantized by GPTQ, matrix by matrix at the width
+    the allocation chose (float where it chose none), on the calibration windows, and saved again."""
+    from .io.checkpoint import load
+    from .quantization import quantization_report, quantize_model
+
+    cal = config.calibration
+    windows = calibration_set(tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
+    for res in results:
+        target = model if len(results) == 1 else load(res.out)
+        t = time.perf_counter()
+        info = quantize_model(target, "mixed", config.group_size, "gptq", windows, progress,
+                              bits_of=res.manifest["allocation"]["bits"])
+        info["quantize_s"] = time.perf_counter() - t
+        info["calibration"] = {"dataset": cal.dataset if isinstance(cal.dataset, str) else "given windows",
+                               "nsamples": cal.nsamples, "seqlen": cal.seqlen, "seed": cal.seed}
+        info.update(quantization_report(target, "mixed"))
+        res.manifest.update(quantization=info, dtype="float32")
+        res.timings["quantize_s"] = info["quantize_s"]
+        if res.out is not None:
+            save(target, tokenizer, res.out, res.manifest, overwrite=True)
+        log.info("R = %g: quantized as allocated (%s), %.2f bits per quantized weight, %.1f MiB of decoder linears.",
+                 res.ratio, ", ".join(f"{sum((b or 0) == w for b in info['bits'].values())} × {w or 'float'}"
+                                      for w in sorted({b or 0 for b in info["bits"].values()})),
+                 info["bits_per_weight"], info["linear_bytes"] / 2**20)
 
 
 def _compress_concrete(model, tokenizer, config: CompressConfig, outs: dict, overwrite: bool, progress: bool,
@@ -432,7 +467,8 @@ def _spectra(run: Run) -> None:
     if "store" not in run.shared:
         run.shared["store"] = DecompositionStore(run.scratch_root)
     stats_of = run.dense.load if run.needs_inputs else (lambda i: None)
-    run.spectra = spectra(run.model, run.method, stats_of, run.grads, run.store, run.progress)
+    run.spectra = spectra(run.model, run.method, stats_of, run.grads, run.store, run.progress,
+                          getattr(run.allocator, "bits", ()), getattr(run.allocator, "group_size", 32))
     run.timings["spectra_s"] = time.perf_counter() - t
     run.timings["peak_rss_after_spectra_mb"] = peak_rss_mb()
 
@@ -597,8 +633,11 @@ def _save(run: Run, factorizer: LayerFactorizer, writers: dict, params_before: i
 
 
 def _alloc_options(allocator: Allocator) -> dict:
-    """Every option's value, defaults included."""
-    return {k: getattr(allocator, k) for k in sorted(allocator.options())}
+    """Every option's value, defaults included (and the widths of a joint rank-and-bits allocation)."""
+    out = {k: getattr(allocator, k) for k in sorted(allocator.options())}
+    if getattr(allocator, "bits", ()):
+        out.update(bits=list(allocator.bits), group_size=allocator.group_size)
+    return out
 
 
 def summarize(results: list[CompressionResult]) -> list[dict]:

@@ -64,16 +64,30 @@ def _group(in_features: int, group_size: int) -> int | None:
     return None
 
 
+def weight_bits(out_features: int, in_features: int, bits: int, group_size: int = 32) -> int:
+    """Bits an out × in weight takes at `bits` as svdllm stores it: the values, and a float32 scale and an int8 zero
+    point per row and group (int8: per row; int4/int3: groups of `group_size`, or `_group`'s fallback)."""
+    group = None if bits == 8 else _group(in_features, group_size)
+    groups = 1 if group is None else in_features // group
+    return out_features * (in_features * bits + groups * (32 + 8))
+
+
 def is_quantized(tensor: torch.Tensor) -> bool:
     return type(tensor) not in (torch.Tensor, nn.Parameter)
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, method: str = "rtn",
-                   windows: torch.Tensor | None = None, progress: bool = True) -> dict:
+                   windows: torch.Tensor | None = None, progress: bool = True, bits_of: dict | None = None) -> dict:
     """Quantize the decoder layers' linear weights in place; returns what was done (for the manifest). `gptq` needs
-    calibration `windows` (token ids, N × L)."""
-    if scheme not in SCHEMES:
+    calibration `windows` (token ids, N × L). `bits_of` (scheme "mixed", GPTQ): each linear's width by its full
+    name, None where it stays float (the joint rank-and-bits allocation's choice)."""
+    if bits_of is not None:
+        if method != "gptq" or scheme != "mixed":
+            raise SvdllmError("Per-matrix widths are quantized by GPTQ, as scheme 'mixed'.")
+        if any(b not in (None, *BITS.values()) for b in bits_of.values()):
+            raise SvdllmError(f"Per-matrix widths must be among {sorted(BITS.values())} (or None: float).")
+    elif scheme not in SCHEMES:
         raise SvdllmError(f"Unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}.")
     if method not in METHODS:
         raise SvdllmError(f"Unknown quantization method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -90,7 +104,7 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, method: 
     if method == "gptq":
         if windows is None:
             raise SvdllmError("GPTQ needs calibration windows (svdllm quantize --method gptq reads --calib-dataset).")
-        return _gptq_model(model, scheme, group_size, windows, progress)
+        return _gptq_model(model, scheme, group_size, windows, progress, bits_of)
     groups = {}
     if scheme == "int3":  # torchao has no int3 round-to-nearest on the CPU: GPTQ's grid, without the error feedback
         from .gptq import Grid, rtn_codes
@@ -129,21 +143,29 @@ def _store(linear: nn.Linear, q, bits: int, group: int | None) -> None:
     linear.weight = nn.Parameter(weight, requires_grad=False)
 
 
-def _gptq_model(model: nn.Module, scheme: str, group_size: int, windows: torch.Tensor, progress: bool) -> dict:
+def _gptq_model(model: nn.Module, scheme: str, group_size: int, windows: torch.Tensor, progress: bool,
+                bits_of: dict | None = None) -> dict:
     """GPTQ a decoder layer at a time: each layer's input Grams are taken with the layers before it already
-    quantized (the sequential calibration mode), then every linear of the layer is quantized on its group's Gram."""
+    quantized (the sequential calibration mode), then every linear of the layer is quantized on its group's Gram.
+    `bits_of`: the width of each linear by its full name (None: it stays float) instead of the scheme's."""
     from .calibration import calibrate_layers
     from .gptq import Grid, gptq_codes, gptq_low_rank_codes
     from .models.families import family_of
     from .modules import LowRankLinear
 
-    family, bits = family_of(model), BITS[scheme]
-    grouped = (lambda n: None) if scheme == "int8" else (lambda n: _group(n, group_size))  # noqa: E731
+    family = family_of(model)
     layers = family.decoder_layers(model)
     groups = {}
     for i, stats in calibrate_layers(model, windows, progress=progress, sequential=True):
         for name in family.linear_names:
             module, full = layers[i].get_submodule(name), family.linear_name(i, name)
+            bits = BITS[scheme] if bits_of is None else bits_of.get(full)
+            if bits is None:
+                continue
+
+            def grouped(n: int) -> int | None:
+                return None if bits == 8 else _group(n, group_size)
+
             gram = stats.grams[family.group_of[name]]
             if isinstance(module, LowRankLinear):
                 gv, gu = grouped(module.in_features), grouped(module.rank)
@@ -156,28 +178,43 @@ def _gptq_model(model: nn.Module, scheme: str, group_size: int, windows: torch.T
                 g = grouped(module.in_features)
                 _store(module, gptq_codes(module.weight, gram, Grid(bits, g)), bits, g)
                 groups[full] = g
-    return _info(scheme, "gptq", group_size, groups)
+    info = _info(scheme, "gptq", group_size, groups)
+    if bits_of is not None:
+        info["bits"] = {k: v for k, v in bits_of.items()}
+    return info
+
+
+def _value_bits(weight) -> int:
+    return {torch.int8: 8, torch.int4: 4, torch.int3: 3}[getattr(weight, "target_dtype", torch.int8)]
 
 
 def quantization_report(model: nn.Module, scheme: str | None) -> dict:
-    """Bits per quantized weight: the format's (value bits + its scales/zero points), and as held in memory by torchao's layout."""
+    """Bits per quantized weight: the format's (value bits + its scales/zero points), and as held in memory by
+    torchao's layout; and the bytes of all the decoder layers' linears in the format (float ones at their dtype)."""
     targets = _targets(model)
-    weights = sum(math.prod(m.weight.shape) for m in targets.values())
-    if not scheme:
-        bits = next(model.parameters()).element_size() * 8
-        return {"quantized_weights": 0, "bits_per_weight": bits, "memory_bits_per_weight": bits}
-    value_bits = BITS[scheme]
-    memory = extra = 0
+    weights = values = memory = extra = 0
+    linear_bits = 0
     for m in targets.values():
         w = m.weight
+        n = math.prod(w.shape)
+        if not is_quantized(w):
+            linear_bits += n * w.element_size() * 8
+            continue
+        weights += n
+        values += n * _value_bits(w)
         for attr in ("qdata", "scale", "zero_point"):
             t = getattr(w, attr, None)
             if t is not None:
                 memory += t.numel() * t.element_size() * 8
                 if attr != "qdata":
                     extra += t.numel() * t.element_size() * 8
-    return {"quantized_weights": weights, "bits_per_weight": value_bits + extra / max(weights, 1),
-            "memory_bits_per_weight": memory / max(weights, 1)}
+    linear_bits += values + extra
+    if not weights:
+        bits = next(model.parameters()).element_size() * 8
+        return {"quantized_weights": 0, "bits_per_weight": bits, "memory_bits_per_weight": bits,
+                "linear_bytes": linear_bits // 8}
+    return {"quantized_weights": weights, "bits_per_weight": (values + extra) / weights,
+            "memory_bits_per_weight": memory / weights, "linear_bytes": linear_bits // 8}
 
 
 PACKED_KEY = "svdllm_int4_packed"

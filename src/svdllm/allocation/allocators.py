@@ -28,6 +28,9 @@ class Spectrum:
     loss: torch.Tensor | None = None  # predicted model-loss increase of dropping each component (needs gradients)
     grad_norm: float | None = None  # RMS over windows of ‖∂L/∂W‖_F
     weight_norm: float | None = None  # ‖W‖_F
+    # bits -> (dense, low-rank): the relative output error ‖ΔW·X‖²/‖W·X‖² that quantizing W, or its factor pair,
+    # at that width leaves (GPTQ on the input Gram); for the joint rank-and-bits allocation
+    quant_error: dict | None = None
 
     def truncation_loss(self, rank: int) -> float:
         """√(Σ_{k≥r} s_k²): for truncation-aware methods, exactly ‖(W − W′)X‖_F."""
@@ -233,6 +236,8 @@ class Global(Allocator):
     per_layer: float = 0.0
     calibrate: float = 2.0
     refine: int = 1
+    bits: tuple = ()  # set from CompressConfig.bits: the widths a matrix may be quantized to (joint allocation)
+    group_size: int = 32
 
     @classmethod
     def options(cls):
@@ -249,7 +254,12 @@ class Global(Allocator):
                           "`calibrate` windows per ratio)"}
 
     def __init__(self, **options):
+        bits = options.pop("bits", ())  # not a numeric option: CompressConfig.bits (--bits) sets it
+        group_size = options.pop("group_size", 32)
         super().__init__(**options)
+        self.bits, self.group_size = tuple(sorted(int(b) for b in bits)), int(group_size)
+        self.last_bits: dict[float, dict] = {}
+        self.last_bytes: dict[float, int] = {}
         for key in ("calibrate", "refine"):
             value = getattr(self, key)
             if value < 0 or value != int(value):
@@ -261,10 +271,27 @@ class Global(Allocator):
 
     def search(self, matrices, ratios, spectra=None, multiple=1, measure=None):
         if not self.calibrate or measure is None or all(sp.loss is None for sp in (spectra or {}).values()):
-            return super().search(matrices, ratios, spectra, multiple)
-        from .refine import refined_allocation
+            ranks, info = super().search(matrices, ratios, spectra, multiple)
+        elif self.bits:
+            # the measured rounds judge an allocation by its truncation alone, which cannot rank a joint choice:
+            # one allocation, its type scales measured at the uniform ranks of the ratio of parameters the byte
+            # budget leaves at the middle width
+            from .refine import refined_allocation
 
-        return refined_allocation(self, matrices, ratios, spectra, multiple, measure, int(self.refine))
+            start = {r: Uniform().allocate(matrices, self._parameter_ratio(r)) for r in ratios}
+            ranks, info = refined_allocation(self, matrices, ratios, spectra, multiple, measure, 0, start)
+        else:
+            from .refine import refined_allocation
+
+            return refined_allocation(self, matrices, ratios, spectra, multiple, measure, int(self.refine))
+        for r in ratios:
+            if self.bits:
+                info[r]["bits"], info[r]["linear_bytes_planned"] = self.last_bits[r], self.last_bytes[r]
+        return ranks, info
+
+    def _parameter_ratio(self, ratio: float) -> float:
+        middle = self.bits[len(self.bits) // 2]
+        return min(0.9, max(0.0, 1.0 - (1.0 - ratio) * FLOAT_BITS / (middle + OVERHEAD_BITS / self.group_size)))
 
     def _floor(self, m: MatrixInfo, ratio: float, multiple: int) -> int:
         r = math.ceil(self.min_keep * (1.0 - ratio) * m.dense_params / (m.out_features + m.in_features))
@@ -284,6 +311,8 @@ class Global(Allocator):
 
     def allocate(self, matrices, ratio, spectra=None, multiple=1):
         spectra = self._spectra(matrices, spectra)
+        if self.bits:
+            return self._joint(matrices, ratio, spectra, multiple)
         check_feasible(matrices, ratio, multiple)
         if not 0.0 <= self.min_keep <= 1.0:
             raise SvdllmError(f"min_keep must be in [0, 1], got {self.min_keep}.")
@@ -323,11 +352,58 @@ class Global(Allocator):
         return {m.name: units[u][chosen[u]][2] for u, m in enumerate(matrices)}
 
 
+    def _joint(self, matrices, ratio, spectra, multiple):
+        """Rank and bit width together: R is the fraction of the compressed linears' float32 bytes removed. A
+        matrix at rank r and b bits keeps the predicted loss its top r components avoid, less the share its
+        quantization error gives back: gain = Σ_{k<r} loss_k · (1 − e_b), e_b the relative output error measured
+        for quantizing the factor pair (or W, dense) at b bits; it costs its weights' bits with their scales and
+        zero points. The same greedy on each matrix's concave hull spends the bits."""
+        from ..quantization import weight_bits
+
+        gains = self._losses(matrices, spectra)
+        units = []
+        for m in matrices:
+            err = spectra[m.name].quant_error
+            if not err or any(b not in err for b in self.bits):
+                raise SvdllmError(f"The joint rank-and-bits allocation needs the quantization errors of {m.name} "
+                                  "(pipeline bug).")
+            g = gains[m.name]
+            pts = []
+            for r in range(multiple, m.dense_rank(multiple) + 1, multiple):
+                kept = float(g[min(r, g.numel() - 1)])
+                pts.append((m.lowrank_params(r) * FLOAT_BITS, kept, (r, None)))
+                for b in self.bits:
+                    cost = weight_bits(m.out_features, r, b, self.group_size) + weight_bits(r, m.in_features, b,
+                                                                                            self.group_size)
+                    pts.append((cost, kept * (1.0 - err[b][1]), (r, b)))
+            kept = float(g[-1])
+            pts.append((m.dense_params * FLOAT_BITS, kept, (None, None)))
+            for b in self.bits:
+                pts.append((weight_bits(m.out_features, m.in_features, b, self.group_size), kept * (1.0 - err[b][0]),
+                            (None, b)))
+            pts.sort(key=lambda p: (p[0], -p[1]))
+            units.append(pts)
+        target = (1.0 - ratio) * sum(m.dense_params for m in matrices) * FLOAT_BITS
+        if sum(u[0][0] for u in units) > target:
+            raise SvdllmError(f"R = {ratio} leaves {target / 8 / 2**20:.1f} MiB for the compressed linears, less than "
+                              f"their smallest choice at widths {self.bits} takes; choose a smaller ratio or a lower "
+                              "width.")
+        chosen = _greedy(units, target)
+        picks = {m.name: units[u][chosen[u]][2] for u, m in enumerate(matrices)}
+        self.last_bits[ratio] = {name: b for name, (_, b) in picks.items()}
+        self.last_bytes[ratio] = int(sum(units[u][chosen[u]][0] for u in range(len(units)))) // 8
+        return {name: r for name, (r, _) in picks.items()}
+
+
+FLOAT_BITS = 32  # the unquantized weights: float32, as svdllm quantize computes
+OVERHEAD_BITS = 40  # a float32 scale and an int8 zero point per group of a row
+
+
 def _greedy(units: list[list[tuple[float, float, object]]], target: float) -> list[int]:
     """Choose one point (cost, gain, state) per unit, costs ascending within a unit, maximising the total gain
     with the total cost ≤ target: the budget goes to the steepest segments of each unit's upper concave hull
     first (the exact optimum of the Lagrangian relaxation); where a segment does not fit whole, the unit takes the
-    costliest of its own points that fits and stops."""
+    point of most gain among its own that fit and stops."""
     chosen = [0] * len(units)
     kept = sum(pts[0][0] for pts in units)
     hulls = [_upper_hull(pts) for pts in units]
@@ -346,9 +422,12 @@ def _greedy(units: list[list[tuple[float, float, object]]], target: float) -> li
                 heapq.heappush(heap, (-(b[1] - a[1]) / max(b[0] - a[0], 1e-30), u, j + 1))
         else:
             fits = [k for k in range(cur + 1, nxt) if kept + pts[k][0] - pts[cur][0] <= target]
-            if fits:
-                kept += pts[fits[-1]][0] - pts[cur][0]
-                chosen[u] = fits[-1]
+            # the point of most gain among those (the costliest, where gain grows with cost as it does with rank
+            # alone; a joint rank-and-width unit also holds cheaper points of more gain)
+            best = max(fits, key=lambda k: (pts[k][1], k)) if fits else None
+            if best is not None and pts[best][1] >= pts[cur][1]:
+                kept += pts[best][0] - pts[cur][0]
+                chosen[u] = best
     return chosen
 
 

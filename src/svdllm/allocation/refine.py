@@ -26,13 +26,14 @@ Measure = Callable[[dict[str, int]], float]
 
 
 def refined_allocation(allocator, matrices: list[MatrixInfo], ratios: list[float], spectra: dict, multiple: int,
-                       measure: Measure, refine: int) -> tuple[dict, dict]:
-    """(ratio -> ranks, ratio -> what the search measured) for `allocator` (global) with `refine` rounds."""
+                       measure: Measure, refine: int, start: dict | None = None) -> tuple[dict, dict]:
+    """(ratio -> ranks, ratio -> what the search measured) for `allocator` (global) with `refine` rounds; round 0
+    measures at the `start` ranks of each ratio (default: the uniform ranks)."""
     from .allocators import Uniform
 
     kinds = sorted({m.kind for m in matrices})
     base = measure({})
-    at = {r: Uniform().allocate(matrices, r) for r in ratios}
+    at = dict(start) if start is not None else {r: Uniform().allocate(matrices, r) for r in ratios}
     rounds: dict[str, list] = {str(r): [] for r in ratios}
     best: dict[float, tuple] = {}
     for k in range(refine + 2):

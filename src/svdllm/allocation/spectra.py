@@ -9,7 +9,7 @@ import torch
 from .allocators import Spectrum
 
 
-def spectrum(weight: torch.Tensor, dec, stats, grads, name: str) -> Spectrum:
+def spectrum(weight: torch.Tensor, dec, stats, grads, name: str, bits: tuple = (), group_size: int = 32) -> Spectrum:
     """The Spectrum of W = Σ_k u_k s_k ṽ_kᵀ (`dec`: a factorization.Decomposition, u_k and ṽ_k un-whitened; `stats`:
     the linear's input statistics, `grads`: the model's gradient statistics or None).
 
@@ -27,4 +27,33 @@ def spectrum(weight: torch.Tensor, dec, stats, grads, name: str) -> Spectrum:
             in_energy = ((right @ stats.gram.to(torch.float64)) * right).sum(1)
             out_weight = (left.pow(2) * grads.outputs[name].to(torch.float64)[:, None]).sum(0)
             loss = (s.pow(2) * in_energy.cpu() * out_weight.cpu()).clamp_min(0)
-    return Spectrum(s, loss, grad_norm, float(weight.detach().double().norm()))
+    error = quantization_errors(weight, dec, stats.gram, bits, group_size) if bits else None
+    return Spectrum(s, loss, grad_norm, float(weight.detach().double().norm()), error)
+
+
+def quantization_errors(weight: torch.Tensor, dec, gram: torch.Tensor | None, bits: tuple, group_size: int) -> dict:
+    """bits -> (dense, low-rank) relative output errors ‖ΔW·X‖²/‖W·X‖² of GPTQ at that width, for W and for its
+    factor pair at half the largest useful rank (the relative error of a pair barely depends on its rank; the
+    joint allocation scales it by the loss each rank keeps)."""
+    from ..gptq import Grid, gptq, gptq_low_rank_codes, output_error
+    from ..quantization import _group
+
+    if gram is None:
+        raise ValueError("the joint rank-and-bits allocation needs the input Grams")
+    g = gram.to(torch.float64)
+    w = weight.detach().to(torch.float64)
+    rank = max(1, dec.left.shape[1] // 2)
+    w_u, w_v = dec.factors(rank, torch.float64)
+    pair = w_u @ w_v
+    zero = torch.zeros_like(w)
+    norm_w, norm_pair = output_error(w, zero, g), output_error(pair, zero, g)
+    out = {}
+    for b in bits:
+        def grid(n: int) -> Grid:  # as svdllm quantize groups a matrix of n inputs (W_u's inputs are the rank)
+            return Grid(b, None if b == 8 else _group(n, group_size))
+
+        dense = output_error(w, gptq(w, g, grid(w.shape[1])), g) / max(norm_w, 1e-300)
+        q_u, q_v = gptq_low_rank_codes(w_u, w_v, g, grid(w.shape[1]), grid_u=grid(rank))
+        low = output_error(pair, q_u.dequantized @ q_v.dequantized, g) / max(norm_pair, 1e-300)
+        out[b] = (float(dense), float(low))
+    return out

@@ -32,8 +32,9 @@ def usable_rank(lin: nn.Module) -> int:
 
 
 def spectra(model: nn.Module, method: Method, stats_of, grads, store: DecompositionStore | None,
-            progress: bool = True) -> dict:
-    """name -> Spectrum for every compressible linear; `stats_of(i)` gives layer i's input statistics (or None)."""
+            progress: bool = True, bits: tuple = (), group_size: int = 32) -> dict:
+    """name -> Spectrum for every compressible linear; `stats_of(i)` gives layer i's input statistics (or None).
+    With `bits`, each Spectrum also holds the quantization errors at those widths (the joint allocation)."""
     out = {}
     family = family_of(model)
     linears = family.linear_names
@@ -47,7 +48,7 @@ def spectra(model: nn.Module, method: Method, stats_of, grads, store: Decomposit
                 lin = layer.get_submodule(name)
                 one = linear_stats(stats, grads, full, family.group_of[name])
                 dec = decompose(method, full, lin, one)
-                out[full] = spectrum(lin.weight, dec, one, grads, full)
+                out[full] = spectrum(lin.weight, dec, one, grads, full, bits, group_size)
                 if store is not None:
                     store.put(full, dec, usable_rank(lin))
     return distributed.gather_merge(out)

@@ -143,7 +143,11 @@ def model_card(manifest: dict, results: dict | None = None) -> str:
                   f"| allocation | `{manifest.get('alloc')}` {manifest.get('alloc_options') or ''} |",
                   f"| update | `{manifest.get('update')}` |",
                   f"| compression ratio R (of the compressed linears' parameters) | {manifest.get('ratio')} "
-                  f"(achieved {p.get('achieved_ratio', float('nan')):.4f}) |"]
+                  f"(achieved {p.get('achieved_ratio', float('nan')):.4f}) |"
+                  if not (manifest.get("alloc_options") or {}).get("bits") else
+                  f"| compression ratio R (of the compressed linears' float32 bytes; ranks and widths chosen "
+                  f"together) | {manifest.get('ratio')} (parameters: {p.get('achieved_ratio', float('nan')):.4f} "
+                  "removed) |"]
     else:
         lines += [f"# {name}, quantized by svdllm", "",
                   f"The dense model with its decoder linears quantized by svdllm {manifest.get('svdllm_version', '')}; "

@@ -1,0 +1,104 @@
+"""Rank and bit width chosen together (--bits): the allocator's choice, its byte count, and the model it makes."""
+import json
+
+import pytest
+import torch
+
+import svdllm
+from svdllm.allocation import MatrixInfo
+from svdllm.allocation.allocators import Global, Spectrum
+from svdllm.cli import main
+from svdllm.quantization import weight_bits
+from tiny import tiny_model
+
+
+def _spectra(errors):
+    """Two 64 × 64 matrices: `a` whose components all matter, `b` whose loss sits in its first few."""
+    loss_a = torch.full((64,), 1.0, dtype=torch.float64)
+    loss_b = torch.tensor([10.0] * 4 + [1e-4] * 60, dtype=torch.float64)
+    return {n: Spectrum(torch.ones(64), loss, quant_error=errors) for n, loss in (("a", loss_a), ("b", loss_b))}
+
+
+MATRICES = [MatrixInfo("a", 64, 64, 0), MatrixInfo("b", 64, 64, 0)]
+
+
+def test_free_quantization_is_taken_and_ruinous_quantization_is_not():
+    alloc = Global(calibrate=0, bits=(3, 4, 8))
+    # quantization that costs almost nothing: `a` dense and quantized, at a budget float32 cannot meet; `b` keeps
+    # its four useful components (in float32: what is left of the budget pays for it)
+    free = {3: (1e-3, 1e-3), 4: (5e-4, 5e-4), 8: (1e-4, 1e-4)}
+    ranks = alloc.allocate(MATRICES, 0.85, _spectra(free))
+    assert ranks == {"a": None, "b": 4} and alloc.last_bits[0.85]["a"] is not None
+    # quantization that loses everything: float ranks only, b cut to its four useful components, a kept longer
+    ruin = {b: (1.0, 1.0) for b in (3, 4, 8)}
+    ranks = alloc.allocate(MATRICES, 0.85, _spectra(ruin))
+    assert set(alloc.last_bits[0.85].values()) == {None} and ranks["b"] == 4 and ranks["a"] > 4
+    # the budget holds, in bits as svdllm stores the weights
+    for errors in (free, ruin, {3: (0.3, 0.5), 4: (0.05, 0.1), 8: (1e-4, 2e-4)}):
+        for ratio in (0.7, 0.85, 0.9):
+            ranks = alloc.allocate(MATRICES, ratio, _spectra(errors))
+            used = 0
+            for m in MATRICES:
+                r, b = ranks[m.name], alloc.last_bits[ratio][m.name]
+                shapes = [(64, 64)] if r is None else [(64, r), (r, 64)]
+                used += sum(o * i * 32 if b is None else weight_bits(o, i, b) for o, i in shapes)
+            assert used // 8 == alloc.last_bytes[ratio] <= (1 - ratio) * 2 * 64 * 64 * 4
+    with pytest.raises(svdllm.SvdllmError, match="less than their smallest choice"):
+        alloc.allocate(MATRICES, 0.99, _spectra(free))
+
+
+def test_quantization_errors_fall_with_the_width(tok):
+    from svdllm.allocation.spectra import quantization_errors
+    from svdllm.factorization import get_method
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64, dtype=torch.float64)
+    x = torch.randn(512, 64, dtype=torch.float64) * torch.linspace(0.1, 3, 64)
+    gram = x.T @ x
+    stats = type("S", (), {"gram": gram})()
+    dec = get_method("svd-llm").decompose(w, stats)
+    err = quantization_errors(w, dec, gram, (3, 4, 8), 16)
+    for k in (0, 1):  # dense, then the factor pair
+        assert 0 < err[8][k] < err[4][k] < err[3][k] < 1
+
+
+def test_compress_with_bits_makes_the_model_the_allocation_priced(tok, data_dir, tmp_path, capsys):
+    """`svdllm compress --bits 3,4,8 --ratio 0.85`: the saved model's decoder linears take exactly the bytes the
+    allocation planned, within the budget; every matrix holds the width it was given; it loads and runs."""
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    assert main(["compress", "--model", str(tmp_path / "dense"), "--ratio", "0.85", "--bits", "3,4,8",
+                 "--group-size", "16", "--nsamples", "4", "--seqlen", "32", "--grad-samples", "2", "--data-dir",
+                 str(data_dir), "--no-cache", "--out", str(tmp_path / "j"), "--json", "-q"]) == 0
+    manifest = json.loads((tmp_path / "j" / "svdllm_manifest.json").read_text())
+    alloc, quant = manifest["allocation"], manifest["quantization"]
+    dense_bytes = sum(m.weight.numel() for layer in model.model.layers for m in layer.modules()
+                      if isinstance(m, torch.nn.Linear)) * 4
+    assert quant["linear_bytes"] == alloc["linear_bytes_planned"] <= 0.15 * dense_bytes
+    assert quant["method"] == "gptq" and quant["bits"] == alloc["bits"] and manifest["alloc_options"]["bits"] == [3, 4, 8]
+    q = svdllm.load(tmp_path / "j")
+    for name, bits in alloc["bits"].items():
+        module = q.get_submodule(name)
+        weights = [module.weight] if manifest["ranks"][name] is None else [module.u.weight, module.v.weight]
+        for w in weights:
+            if bits is None:
+                assert type(w) is torch.nn.Parameter
+            else:
+                assert -(2 ** (bits - 1)) <= int(w.qdata.min()) and int(w.qdata.max()) < 2 ** (bits - 1)
+                assert w.target_dtype == getattr(torch, f"int{bits}")
+    with torch.no_grad():
+        logits = q(tok("The game began development in 2010.", return_tensors="pt").input_ids).logits
+    assert torch.isfinite(logits).all()
+    card = (tmp_path / "j" / "README.md").read_text()
+    assert "float32 bytes; ranks and widths chosen together" in card
+
+
+@pytest.mark.parametrize("extra,message", [(["--alloc", "uniform"], "chooses ranks only"),
+                                           (["--update", "closed-form"], "takes no update"),
+                                           (["--bits", "5"], "widths among 3, 4 and 8")])
+def test_bad_bits_requests_are_named(extra, message, tmp_path, capsys):
+    args = ["compress", "--model", str(tmp_path / "nothing"), "--ratio", "0.8", "--bits", "4", *extra,
+            "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
