@@ -18,15 +18,7 @@ mkdir -p "$OUT" "$RUNS"
 machine() { nproc; lscpu | grep -E "Model name|^CPU\(s\)" || true; }
 [ -s "$OUT/machine.txt" ] || machine > "$OUT/machine.txt"  # the machine of the scored run, kept
 
-step() {  # step NAME COMMAND...: run once, keep the last stdout line (the command's --json) as OUT/NAME.json
-  local name=$1; shift
-  [ -s "$OUT/$name.json" ] && return 0
-  local t0=$SECONDS
-  "$@" --json -q > "$OUT/$name.out" 2> "$OUT/$name.log"
-  tail -1 "$OUT/$name.out" > "$OUT/$name.json.tmp" && mv "$OUT/$name.json.tmp" "$OUT/$name.json"
-  rm -f "$OUT/$name.out"
-  echo "$name: $((SECONDS - t0)) s" >> "$OUT/wall.txt"
-}
+source "$(dirname "$0")/step.sh"
 
 # 1. the default, three ratios, one run
 step compress-best $SVDLLM compress --model smollm2-135m --ratio 0.2,0.4,0.6 --cache-dir "$CACHE" \

@@ -15,15 +15,7 @@ DEFAULT_MODEL=${DEFAULT_MODEL:-runs/best-models/best/ratio-0.4}
 export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 mkdir -p "$OUT" "$RUNS"
 
-step() {  # step NAME COMMAND...: run once, keep the last stdout line (the command's --json) as OUT/NAME.json
-  local name=$1; shift
-  [ -s "$OUT/$name.json" ] && return 0
-  local t0=$SECONDS
-  "$@" --json -q > "$OUT/$name.out" 2> "$OUT/$name.log"
-  tail -1 "$OUT/$name.out" > "$OUT/$name.json.tmp" && mv "$OUT/$name.json.tmp" "$OUT/$name.json"
-  rm -f "$OUT/$name.out"
-  echo "$name: $((SECONDS - t0)) s" >> "$OUT/wall.txt"
-}
+source "$(dirname "$0")/step.sh"
 ppl() { step "eval-$1" $SVDLLM eval --model "$2" --ppl wikitext2 --max-windows "$WINDOWS"; }
 
 step compress-paper $SVDLLM compress --model smollm2-135m --preset paper --ratio 0.4 --out "$RUNS/paper" --overwrite

@@ -71,7 +71,10 @@ def test_compress_with_bits_makes_the_model_the_allocation_priced(tok, data_dir,
     assert main(["compress", "--model", str(tmp_path / "dense"), "--ratio", "0.85", "--bits", "3,4,8",
                  "--group-size", "16", "--nsamples", "4", "--seqlen", "32", "--grad-samples", "2", "--data-dir",
                  str(data_dir), "--no-cache", "--out", str(tmp_path / "j"), "--json", "-q"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]
     manifest = json.loads((tmp_path / "j" / "svdllm_manifest.json").read_text())
+    assert row["linear_bytes"] == manifest["quantization"]["linear_bytes"]
+    assert sum(row["widths"].values()) == len(manifest["ranks"])
     alloc, quant = manifest["allocation"], manifest["quantization"]
     dense_bytes = sum(m.weight.numel() for layer in model.model.layers for m in layer.modules()
                       if isinstance(m, torch.nn.Linear)) * 4

@@ -394,6 +394,10 @@ def cmd_compress(args) -> dict:
         print(f"ratio {row['ratio']:.2f} ({m['method']} + {m['alloc']}, update {m['update']}): parameters "
               f"{row['model_before']:,} → {row['model_after']:,} ({100 * row['achieved_ratio']:.2f}% of the compressed "
               f"linears removed); saved to {row['out']}")
+        if "linear_bytes" in row:
+            print(f"  quantized as allocated: {', '.join(f'{n} × {w}' for w, n in row['widths'].items())}; "
+                  f"{row['linear_bytes'] / 2**20:.1f} MiB of decoder linears, {row['bits_per_weight']:.2f} bits per "
+                  "quantized weight")
     t = results[0].timings
     print(f"calibration {t['calibration_s']:.1f} s, factorization {t['factorization_s']:.1f} s, "
           f"peak RSS {t['peak_rss_mb']:.0f} MB")

@@ -643,4 +643,14 @@ def _alloc_options(allocator: Allocator) -> dict:
 def summarize(results: list[CompressionResult]) -> list[dict]:
     return [{"ratio": r.ratio, "out": str(r.out) if r.out else None, **r.params, **r.timings,
              "mean_truncation_loss": (sum(r.truncation_loss.values()) / max(len(r.truncation_loss), 1))
-             if r.truncation_loss else math.nan} for r in results]
+             if r.truncation_loss else math.nan, **_quantized(r.manifest)} for r in results]
+
+
+def _quantized(manifest: dict) -> dict:
+    """What --bits made of a result: its bytes and the count of matrices at each width."""
+    q = manifest.get("quantization")
+    if not q:
+        return {}
+    widths = [str(b) if b else "float" for b in q["bits"].values()]
+    return {"linear_bytes": q["linear_bytes"], "bits_per_weight": q["bits_per_weight"],
+            "widths": {w: widths.count(w) for w in sorted(set(widths))}}

@@ -1,0 +1,75 @@
+"""The frontier's table (OUT/frontier.md) and picture (OUT/frontier.png) from frontier_smollm2.sh's raw results.
+
+x: bytes of the decoder layers' linears as stored (`linear_bytes` of `svdllm quantize` / `compress --bits`; float32
+models: 4 bytes per parameter of those linears); y: WikiText-2 perplexity, all 148 windows.
+Usage: python benchmarks/frontier_plot.py OUT_DIR BEST_RESULTS_DIR
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows(out: Path, best: Path) -> list[dict]:
+    found = []
+
+    def add(series, label, bytes_, eval_):
+        if bytes_ is not None and eval_ is not None:
+            found.append({"series": series, "label": label, "bytes": bytes_,
+                          "ppl": eval_["ppl"]["wikitext2"]["ppl"], "windows": eval_["ppl"]["wikitext2"]["windows"]})
+
+    dense_q = _json(out / "quantize-dense-int4-gptq.json")
+    if dense_q:
+        add("dense", "dense float32", 4 * dense_q["quantized_weights"], _json(out / "eval-dense-float.json"))
+    for method in ("rtn", "gptq"):
+        for scheme in ("int8", "int4", "int3"):
+            q = _json(out / f"quantize-dense-{scheme}-{method}.json")
+            add(f"dense {method}", f"dense {scheme} {method}", q and q["linear_bytes"],
+                _json(out / f"eval-dense-{scheme}-{method}.json"))
+    compress = _json(best / "compress-best.json")
+    for r in ("0.2", "0.4", "0.6"):
+        kept = next((x["linear_kept"] for x in (compress or {}).get("results", []) if f"{x['ratio']:g}" == r), None)
+        add("default float32", f"default R = {r} float32", kept and 4 * kept, _json(best / f"eval-best-r{r}.json"))
+        for scheme in ("int8", "int4"):
+            q = _json(out / f"quantize-default-r{r}-{scheme}.json")
+            add(f"default {scheme}", f"default R = {r} {scheme} gptq", q and q["linear_bytes"],
+                _json(out / f"eval-default-r{r}-{scheme}.json"))
+    joint = _json(out / "compress-joint.json")
+    for res in (joint or {}).get("results", []):
+        r = f"{res['ratio']:g}"
+        add("rank and bits", f"--bits 3,4,8 R = {r}", res["linear_bytes"], _json(out / f"eval-joint-r{r}.json"))
+    return found
+
+
+def main(out: Path, best: Path) -> None:
+    found = rows(out, best)
+    lines = ["| model | bytes of the decoder linears | WikiText-2 ppl |", "|---|---|---|"]
+    for row in sorted(found, key=lambda x: -x["bytes"]):
+        lines.append(f"| {row['label']} | {row['bytes'] / 2**20:.1f} MiB | {row['ppl']:.2f} |")
+    (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for series in dict.fromkeys(r["series"] for r in found):
+        pts = sorted((r["bytes"] / 2**20, r["ppl"]) for r in found if r["series"] == series)
+        ax.plot(*zip(*pts), marker="o", label=series)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes of the decoder layers' linears (MiB)")
+    ax.set_ylabel("WikiText-2 perplexity (148 × 2048 tokens)")
+    ax.set_title("SmolLM2-135M: perplexity against memory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The bytes–perplexity frontier of SmolLM2-135M (issue 31): WikiText-2 perplexity at the full protocol (all 148
+# windows of 2048 tokens) against the bytes of the decoder layers' linears as svdllm stores them (values, and a
+# float32 scale and int8 zero point per row and group of 32), for
+#   dense            float32, and int8 / int4 / int3 by round-to-nearest and by GPTQ (64 × 2048 calibration tokens)
+#   the default      R = 0.2 / 0.4 / 0.6 (best_smollm2.sh's models and evaluations) in float32, int8 and int4 (GPTQ)
+#   rank and bits    `compress --bits 3,4,8` at the bytes of the dense int8, int4 and int3 GPTQ models
+# then the table and the PNG (frontier_plot.py). Resumable: a step whose JSON exists is skipped.
+# Usage: bash benchmarks/frontier_smollm2.sh [OUT_DIR]   (BEST: best_smollm2.sh's model directory; about 6 h alone on
+# 2 cores, most of it the 16 full evaluations)
+set -euo pipefail
+OUT=${1:-runs/frontier}
+RUNS=${RUNS:-runs/frontier-models}
+BEST=${BEST:-runs/best-models/best}
+BEST_RESULTS=${BEST_RESULTS:-benchmarks/results/best_smollm2}
+SVDLLM=${SVDLLM:-svdllm}
+export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+mkdir -p "$OUT" "$RUNS"
+source "$(dirname "$0")/step.sh"
+ppl() { step "eval-$1" $SVDLLM eval --model "$2" --ppl wikitext2; }
+
+# 1. dense
+ppl dense-float smollm2-135m
+for scheme in int4 int3 int8; do
+  for method in gptq rtn; do
+    step "quantize-dense-$scheme-$method" $SVDLLM quantize --model smollm2-135m --scheme $scheme --method $method \
+      --out "$RUNS/dense-$scheme-$method" --overwrite
+    ppl "dense-$scheme-$method" "$RUNS/dense-$scheme-$method"
+  done
+done
+# 2. rank and bits together, at the byte counts of the dense GPTQ models (R rounded up: never more bytes than they)
+ratios=$(python3 - "$OUT" <<'PY'
+import json, math, sys
+r = []
+for scheme in ("int8", "int4", "int3"):
+    q = json.load(open(f"{sys.argv[1]}/quantize-dense-{scheme}-gptq.json"))
+    r.append(math.ceil((1 - q["linear_bytes"] / (4 * q["quantized_weights"])) * 1e4) / 1e4)
+print(",".join(f"{x:g}" for x in r))
+PY
+)
+step compress-joint $SVDLLM compress --model smollm2-135m --ratio "$ratios" --bits 3,4,8 --out "$RUNS/joint" --overwrite
+for r in ${ratios//,/ }; do
+  ppl "joint-r$r" "$RUNS/joint/ratio-$r"
+done
+# 3. the default's models, quantized
+for r in 0.4 0.2 0.6; do
+  if [ ! -d "$BEST/ratio-$r" ]; then
+    echo "No $BEST/ratio-$r: build the default's models first (benchmarks/best_smollm2.sh), or set BEST." >&2
+    exit 1
+  fi
+  for scheme in int4 int8; do
+    step "quantize-default-r$r-$scheme" $SVDLLM quantize --model "$BEST/ratio-$r" --scheme $scheme --method gptq \
+      --out "$RUNS/default-r$r-$scheme" --overwrite
+    ppl "default-r$r-$scheme" "$RUNS/default-r$r-$scheme"
+  done
+done
+python3 "$(dirname "$0")/frontier_plot.py" "$OUT" "$BEST_RESULTS"
