@@ -96,17 +96,25 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01, block
     return gptq_codes(w, h, grid, damp, block).dequantized
 
 
-@torch.no_grad()
-def gptq_codes(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01, block: int = 128) -> Quantized:
-    """W (m × n) quantized on `grid` with error feedback through H (n × n). `block` is rounded to a multiple of the
-    group size, so that every group is quantized from up-to-date columns."""
-    w = w.to(torch.float64).clone()
+def inverse_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead): the upper Cholesky factor of (H + λI)⁻¹ that the column loop reads, and the dead inputs; one per
+    Hessian, for every matrix and grid quantized on it."""
     h, dead = damped(h, damp)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
+
+
+@torch.no_grad()
+def gptq_codes(w: torch.Tensor, h: torch.Tensor | None, grid: Grid, damp: float = 0.01, block: int = 128,
+               factor: tuple | None = None) -> Quantized:
+    """W (m × n) quantized on `grid` with error feedback through H (n × n), or through `factor`, H's
+    inverse_factor computed once. `block` is rounded to a multiple of the group size, so that every group is
+    quantized from up-to-date columns."""
+    w = w.to(torch.float64).clone()
+    u, dead = factor if factor is not None else inverse_factor(h, damp)
     w[:, dead] = 0  # inputs that never carry a signal: their weights cost nothing to drop
     n = w.shape[1]
     g = _groups(n, grid)
     block = max(g, block // g * g) if grid.group_size is not None else block
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q, codes = torch.empty_like(w), torch.empty(w.shape, dtype=torch.int16)
     scales, zeros = [], []
     scale, zero = grid_params(w, grid)  # the per-row grid (group_size None); groups get theirs in the loop
@@ -149,11 +157,16 @@ def gptq_low_rank(w_u: torch.Tensor, w_v: torch.Tensor, gram: torch.Tensor, grid
 
 
 @torch.no_grad()
-def gptq_low_rank_codes(w_u, w_v, gram, grid: Grid, damp: float = 0.01, grid_u: Grid | None = None):
-    """gptq_low_rank with the codes: (Quantized W_u, Quantized W_v); `grid_u` for W_u if its grid differs."""
+def gptq_low_rank_codes(w_u, w_v, gram, grid: Grid, damp: float = 0.01, grid_u: Grid | None = None,
+                        factor: tuple | None = None, rows: torch.Tensor | None = None):
+    """gptq_low_rank with the codes: (Quantized W_u, Quantized W_v); `grid_u` for W_u if its grid differs, `factor`
+    the Gram's inverse_factor if at hand, `rows`: only those rows of W_u (an estimate of the error, rows being
+    quantized independently)."""
     g = gram.to(torch.float64)
     w_u, w_v = w_u.to(torch.float64), w_v.to(torch.float64)
-    q_v = gptq_codes(w_v, g, grid, damp)
+    if rows is not None:
+        w_u = w_u[rows]
+    q_v = gptq_codes(w_v, g, grid, damp, factor=factor)
     d = q_v.dequantized
     h_u = d @ g @ d.T
     target = torch.linalg.solve(damped(h_u, 1e-10)[0], (w_u @ (w_v @ g @ d.T)).T).T  # (h_u symmetric)
