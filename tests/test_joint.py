@@ -48,7 +48,7 @@ def test_free_quantization_is_taken_and_ruinous_quantization_is_not():
 
 
 def test_quantization_errors_fall_with_the_width(tok):
-    from svdllm.allocation.spectra import quantization_errors
+    from svdllm.factorization.spectra import quantization_errors
     from svdllm.factorization import get_method
 
     torch.manual_seed(0)

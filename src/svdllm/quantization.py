@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from .allocation.budget import quant_group as _group, weight_bits  # noqa: F401 (weight_bits: for callers)
 from .errors import SvdllmError
 
 log = logging.getLogger(__name__)
@@ -52,24 +53,6 @@ def _targets(model: nn.Module) -> dict[str, nn.Linear]:
     except SvdllmError:  # a dense model of a type that is not listed
         layers = find_layers(model)
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(layers + ".")}
-
-
-def _group(in_features: int, group_size: int) -> int | None:
-    """The largest power-of-two group ≤ group_size that divides the input size (None: per channel)."""
-    g = group_size
-    while g >= 8:
-        if in_features % g == 0:
-            return g
-        g //= 2
-    return None
-
-
-def weight_bits(out_features: int, in_features: int, bits: int, group_size: int = 32) -> int:
-    """Bits an out × in weight takes at `bits` as svdllm stores it: the values, and a float32 scale and an int8 zero
-    point per row and group (int8: per row; int4/int3: groups of `group_size`, or `_group`'s fallback)."""
-    group = None if bits == 8 else _group(in_features, group_size)
-    groups = 1 if group is None else in_features // group
-    return out_features * (in_features * bits + groups * (32 + 8))
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:

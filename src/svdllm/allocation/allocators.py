@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SvdllmError
-from .budget import MatrixInfo, budget, check_feasible, exact_rank, fit_to_budget
+from .budget import MatrixInfo, budget, check_feasible, exact_rank, fit_to_budget, weight_bits
 
 
 @dataclass
@@ -358,8 +358,6 @@ class Global(Allocator):
         quantization error gives back: gain = Σ_{k<r} loss_k · (1 − e_b), e_b the relative output error measured
         for quantizing the factor pair (or W, dense) at b bits; it costs its weights' bits with their scales and
         zero points. The same greedy on each matrix's concave hull spends the bits."""
-        from ..quantization import weight_bits
-
         gains = self._losses(matrices, spectra)
         units = []
         for m in matrices:
