@@ -29,8 +29,8 @@ if [ ! -d "$RUNS/best/ratio-0.6" ]; then  # a new machine: the models again (sam
     --out "$RUNS/best" --overwrite
 fi
 for r in 0.2 0.4 0.6; do
-  if [ -s "$OUT/manifest-best-r$r.json" ]; then  # rebuilt models: the rows below must start from the scored ones
-    python3 - "$OUT/manifest-best-r$r.json" "$RUNS/best/ratio-$r/svdllm_manifest.json" <<'PY'
+  if [ -s "$OUT/manifest-best-r$r.json" ] && ! python3 - "$OUT/manifest-best-r$r.json" \
+      "$RUNS/best/ratio-$r/svdllm_manifest.json" <<'PY'
 import json, sys
 a, b = (json.load(open(p)) for p in sys.argv[1:])
 diff = [k for k in a["ranks"] if a["ranks"][k] != b["ranks"].get(k)]
@@ -39,6 +39,11 @@ if diff or a["params"] != b["params"]:
              f"{b['params']['model_after']} against {a['params']['model_after']} parameters.")
 print(f"{sys.argv[2]}: the same {len(a['ranks'])} ranks and parameter count as the model scored")
 PY
+  then
+    # another machine's float32 moved ranks at the margin: the rows below start from this model, scored here too
+    cp "$RUNS/best/ratio-$r/svdllm_manifest.json" "$OUT/manifest-best-rebuild-r$r.json"
+    REBUILT="${REBUILT:-} $r"
+    continue
   fi
   cp "$RUNS/best/ratio-$r/svdllm_manifest.json" "$OUT/manifest-best-r$r.json"
   step eval-best-r$r $SVDLLM eval --model "$RUNS/best/ratio-$r" --ppl wikitext2
@@ -53,6 +58,9 @@ lora 0.4
 step compress-none-r0.6 $SVDLLM compress --model smollm2-135m --ratio 0.6 --update none --cache-dir "$CACHE" \
   --out "$RUNS/none-r0.6" --overwrite
 step eval-none-r0.6 $SVDLLM eval --model "$RUNS/none-r0.6" --ppl wikitext2
+for r in ${REBUILT:-}; do
+  step eval-best-rebuild-r$r $SVDLLM eval --model "$RUNS/best/ratio-$r" --ppl wikitext2
+done
 step compress-closed-form $SVDLLM compress --model smollm2-135m --ratio 0.2,0.4 --update closed-form \
   --cache-dir "$CACHE" --out "$RUNS/closed-form" --overwrite
 for r in 0.4 0.2; do
