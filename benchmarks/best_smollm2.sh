@@ -45,7 +45,11 @@ PY
     REBUILT="${REBUILT:-} $r"
     continue
   fi
-  cp "$RUNS/best/ratio-$r/svdllm_manifest.json" "$OUT/manifest-best-r$r.json"
+  if [ -s "$OUT/manifest-best-r$r.json" ]; then  # the scored model's record stays; the rebuild's beside it
+    cp "$RUNS/best/ratio-$r/svdllm_manifest.json" "$OUT/manifest-best-rebuilt-r$r.json"
+  else
+    cp "$RUNS/best/ratio-$r/svdllm_manifest.json" "$OUT/manifest-best-r$r.json"
+  fi
   step eval-best-r$r $SVDLLM eval --model "$RUNS/best/ratio-$r" --ppl wikitext2
 done
 # 2. in the order a session cut short loses least (the models live on one machine): R = 0.4's LoRA row, R = 0.6
