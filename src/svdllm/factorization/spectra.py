@@ -48,7 +48,8 @@ def spectra(model: nn.Module, method: Method, stats_of, grads, store: Decomposit
                 lin = layer.get_submodule(name)
                 one = linear_stats(stats, grads, full, family.group_of[name])
                 dec = decompose(method, full, lin, one)
-                error = quantization_errors(lin.weight, dec, one.gram, bits, group_size) if bits else None
+                error = quantization_errors(lin.weight, dec, one.gram, bits, group_size,
+                                            usable=usable_rank(lin)) if bits else None
                 out[full] = spectrum(lin.weight, dec, one, grads, full, error)
                 if store is not None:
                     store.put(full, dec, usable_rank(lin))
@@ -56,11 +57,12 @@ def spectra(model: nn.Module, method: Method, stats_of, grads, store: Decomposit
 
 
 def quantization_errors(weight: torch.Tensor, dec, gram: torch.Tensor | None, bits: tuple, group_size: int,
-                        rows: int = 128) -> dict:
+                        rows: int = 128, usable: int | None = None) -> dict:
     """bits -> (dense, low-rank) relative output errors ‖ΔW·X‖²/‖W·X‖² of GPTQ at that width, for W and for its
-    factor pair at half the largest useful rank (the relative error of a pair barely depends on its rank; the
-    joint allocation scales it by the loss each rank keeps). GPTQ quantizes rows independently, so `rows` of them,
-    evenly spaced, estimate the error; the Gram's inverse factor is computed once for every width."""
+    factor pair at half the `usable` rank, the largest at which a pair is smaller than W (the relative error of a
+    pair barely depends on its rank; the joint allocation scales it by the loss each rank keeps). GPTQ quantizes
+    rows independently, so `rows` of them, evenly spaced, estimate the error; the Gram's inverse factor is computed
+    once for every width."""
     from ..allocation.budget import quant_group
     from ..gptq import Grid, gptq_codes, gptq_low_rank_codes, inverse_factor, output_error
 
@@ -70,7 +72,7 @@ def quantization_errors(weight: torch.Tensor, dec, gram: torch.Tensor | None, bi
     factor = inverse_factor(g)
     picked = torch.linspace(0, weight.shape[0] - 1, min(rows, weight.shape[0])).round().long().unique()
     w = weight.detach().to(torch.float64)[picked]
-    rank = max(1, dec.left.shape[1] // 2)
+    rank = max(1, min(dec.left.shape[1], usable or dec.left.shape[1]) // 2)
     w_u, w_v = dec.factors(rank, torch.float64)
     pair = w_u[picked] @ w_v
     zero = torch.zeros_like(w)
