@@ -351,7 +351,6 @@ class Global(Allocator):
         chosen = _greedy(units, target)
         return {m.name: units[u][chosen[u]][2] for u, m in enumerate(matrices)}
 
-
     def _joint(self, matrices, ratio, spectra, multiple):
         """Rank and bit width together: R is the fraction of the compressed linears' float32 bytes removed. A
         matrix at rank r and b bits keeps the predicted loss its top r components avoid, less the share its
