@@ -167,8 +167,9 @@ def _gptq_model(model: nn.Module, scheme: str, group_size: int, windows: torch.T
     return info
 
 
-def _value_bits(weight) -> int:
-    return {torch.int8: 8, torch.int4: 4, torch.int3: 3}[getattr(weight, "target_dtype", torch.int8)]
+def value_bits(weight) -> int | None:
+    """Bits per value of a quantized (torchao) weight; None for a width svdllm does not make."""
+    return {torch.int8: 8, torch.int4: 4, torch.int3: 3}.get(getattr(weight, "target_dtype", torch.int8))
 
 
 def quantization_report(model: nn.Module, scheme: str | None) -> dict:
@@ -184,7 +185,7 @@ def quantization_report(model: nn.Module, scheme: str | None) -> dict:
             linear_bits += n * w.element_size() * 8
             continue
         weights += n
-        values += n * _value_bits(w)
+        values += n * value_bits(w)
         for attr in ("qdata", "scale", "zero_point"):
             t = getattr(w, attr, None)
             if t is not None:

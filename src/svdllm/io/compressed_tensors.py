@@ -26,7 +26,9 @@ PACKED, UNPACKED = "pack-quantized", "int-quantized"
 
 def _grid(weight) -> tuple[int, int | None, bool]:
     """(bits, group size or None for one scale per output row, symmetric) of a torchao weight."""
-    bits = {torch.int8: 8, torch.int4: 4, torch.int3: 3, torch.int2: 2}.get(getattr(weight, "target_dtype", torch.int8))
+    from ..quantization import value_bits
+
+    bits = value_bits(weight)
     if bits is None:
         raise SvdllmError(f"compressed-tensors export: a weight of type {getattr(weight, 'target_dtype', None)} "
                           "has no integer grid svdllm knows.")
