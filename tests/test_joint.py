@@ -60,6 +60,10 @@ def test_quantization_errors_fall_with_the_width(tok):
     err = quantization_errors(w, dec, gram, (3, 4, 8), 16)
     for k in (0, 1):  # dense, then the factor pair
         assert 0 < err[8][k] < err[4][k] < err[3][k] < 1
+    from svdllm.gptq import inverse_factor
+
+    # the spectra phase hands matrices that share a Gram (q/k/v, gate/up) one inverse factor: the same errors
+    assert quantization_errors(w, dec, gram, (3, 4, 8), 16, factor=inverse_factor(gram)) == err
 
 
 def test_compress_with_bits_makes_the_model_the_allocation_priced(tok, data_dir, tmp_path, capsys):

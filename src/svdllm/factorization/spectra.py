@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from ..allocation.spectra import spectrum
 from ..calibration import distributed, linear_stats
 from ..errors import SvdllmError
+from ..gptq import inverse_factor
 from ..models.families import family_of
 from ..models.lazy import resident
 from .base import Decomposition, Method
@@ -40,6 +41,7 @@ def spectra(model: nn.Module, method: Method, stats_of, grads, store: Decomposit
     linears = family.linear_names
     for i, layer in enumerate(tqdm(family.decoder_layers(model), desc="spectra", unit="layer", disable=not progress)):
         stats = stats_of(i)
+        factors = {}  # GPTQ's inverse factor, one per input group (q/k/v share a Gram, as do gate/up)
         with resident(model, i):
             for k, name in enumerate(linears):
                 if not distributed.mine(i * len(linears) + k):  # round-robin across ranks (torchrun)
@@ -48,8 +50,13 @@ def spectra(model: nn.Module, method: Method, stats_of, grads, store: Decomposit
                 lin = layer.get_submodule(name)
                 one = linear_stats(stats, grads, full, family.group_of[name])
                 dec = decompose(method, full, lin, one)
-                error = quantization_errors(lin.weight, dec, one.gram, bits, group_size,
-                                            usable=usable_rank(lin)) if bits else None
+                error = None
+                if bits:
+                    group = family.group_of[name]
+                    if group not in factors and one.gram is not None:
+                        factors[group] = inverse_factor(one.gram.to(torch.float64))
+                    error = quantization_errors(lin.weight, dec, one.gram, bits, group_size, usable=usable_rank(lin),
+                                                factor=factors.get(group))
                 out[full] = spectrum(lin.weight, dec, one, grads, full, error)
                 if store is not None:
                     store.put(full, dec, usable_rank(lin))
@@ -57,19 +64,19 @@ def spectra(model: nn.Module, method: Method, stats_of, grads, store: Decomposit
 
 
 def quantization_errors(weight: torch.Tensor, dec, gram: torch.Tensor | None, bits: tuple, group_size: int,
-                        rows: int = 128, usable: int | None = None) -> dict:
+                        rows: int = 128, usable: int | None = None, factor: tuple | None = None) -> dict:
     """bits -> (dense, low-rank) relative output errors ‖ΔW·X‖²/‖W·X‖² of GPTQ at that width, for W and for its
     factor pair at half the `usable` rank, the largest at which a pair is smaller than W (the relative error of a
     pair barely depends on its rank; the joint allocation scales it by the loss each rank keeps). GPTQ quantizes
-    rows independently, so `rows` of them, evenly spaced, estimate the error; the Gram's inverse factor is computed
-    once for every width."""
+    rows independently, so `rows` of them, evenly spaced, estimate the error; the Gram's inverse factor (`factor`,
+    gptq.inverse_factor of the Gram, when the caller shares it between matrices) serves every width."""
     from ..allocation.budget import quant_group
-    from ..gptq import Grid, gptq_codes, gptq_low_rank_codes, inverse_factor, output_error
+    from ..gptq import Grid, gptq_codes, gptq_low_rank_codes, output_error
 
     if gram is None:
         raise ValueError("the joint rank-and-bits allocation needs the input Grams")
     g = gram.to(torch.float64)
-    factor = inverse_factor(g)
+    factor = factor if factor is not None else inverse_factor(g)
     picked = torch.linspace(0, weight.shape[0] - 1, min(rows, weight.shape[0])).round().long().unique()
     w = weight.detach().to(torch.float64)[picked]
     rank = max(1, min(dec.left.shape[1], usable or dec.left.shape[1]) // 2)
