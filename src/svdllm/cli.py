@@ -437,7 +437,7 @@ def cmd_quantize(args) -> dict:
 
     from .io.checkpoint import check_out_dir, read_manifest, save
     from .io.manifest import Manifest
-    from .quantization import quantization_report, quantize_model
+    from .quantization import quantize_and_report
 
     check_out_dir(args.out, args.overwrite)
     if _is_svdllm_dir(args.model):
@@ -464,13 +464,9 @@ def cmd_quantize(args) -> dict:
                                 data_dir=args.data_dir)
         cal.validate()
         windows = calibration_set(tok, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
-    t0 = time.perf_counter()
-    info = quantize_model(model, args.scheme, args.group_size, args.method, windows, progress=not args.quiet)
-    info["quantize_s"] = time.perf_counter() - t0
-    if windows is not None:
-        info["calibration"] = {"dataset": args.calib_dataset, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                               "seed": args.seed}
-    info.update(quantization_report(model, args.scheme))
+    info = quantize_and_report(model, args.scheme, args.group_size, args.method, windows,
+                               {"dataset": args.calib_dataset, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                "seed": args.seed}, progress=not args.quiet)
     manifest.update(quantization=info, dtype="float32", source=str(args.model))
     save(model, tok, args.out, manifest, overwrite=args.overwrite)
     disk = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))

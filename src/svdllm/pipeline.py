@@ -216,19 +216,16 @@ def _quantize_as_allocated(model, tokenizer, config: CompressConfig, results: li
     """The joint allocation's widths applied: each ratio's model quantized by GPTQ, matrix by matrix at the width
     the allocation chose (float where it chose none), on the calibration windows, and saved again."""
     from .io.checkpoint import load
-    from .quantization import quantization_report, quantize_model
+    from .quantization import quantize_and_report
 
     cal = config.calibration
     windows = calibration_set(tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
+    record = {"dataset": cal.dataset if isinstance(cal.dataset, str) else "given windows", "nsamples": cal.nsamples,
+              "seqlen": cal.seqlen, "seed": cal.seed}
     for res in results:
         target = model if len(results) == 1 else load(res.out)
-        t = time.perf_counter()
-        info = quantize_model(target, "mixed", config.group_size, "gptq", windows, progress,
-                              bits_of=res.manifest["allocation"]["bits"])
-        info["quantize_s"] = time.perf_counter() - t
-        info["calibration"] = {"dataset": cal.dataset if isinstance(cal.dataset, str) else "given windows",
-                               "nsamples": cal.nsamples, "seqlen": cal.seqlen, "seed": cal.seed}
-        info.update(quantization_report(target, "mixed"))
+        info = quantize_and_report(target, "mixed", config.group_size, "gptq", windows, record, progress,
+                                   bits_of=res.manifest["allocation"]["bits"])
         res.manifest.update(quantization=info, dtype="float32")
         res.timings["quantize_s"] = info["quantize_s"]
         if res.out is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 
 import torch
 from torch import nn
@@ -105,6 +106,20 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, method: 
             config = IntxConfig(weight_dtype=torch.int4, granularity=PerGroup(g) if g else PerAxis(0))
         quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
     return _info(scheme, "rtn", group_size, groups)
+
+
+def quantize_and_report(model: nn.Module, scheme: str, group_size: int = 32, method: str = "rtn",
+                        windows: torch.Tensor | None = None, calibration: dict | None = None, progress: bool = True,
+                        bits_of: dict | None = None) -> dict:
+    """quantize_model, and the manifest's record of it: what was done, its wall time, the calibration it read
+    (`calibration`, when `windows` are given) and quantization_report's bits and bytes."""
+    t0 = time.perf_counter()
+    info = quantize_model(model, scheme, group_size, method, windows, progress, bits_of)
+    info["quantize_s"] = time.perf_counter() - t0
+    if windows is not None and calibration is not None:
+        info["calibration"] = calibration
+    info.update(quantization_report(model, scheme))
+    return info
 
 
 def _info(scheme: str, method: str, group_size: int, groups: dict) -> dict:
