@@ -29,10 +29,14 @@ def rows(out: Path, best: Path) -> list[dict]:
             q = _json(out / f"quantize-dense-{scheme}-{method}.json")
             add(f"dense {method}", f"dense {scheme} {method}", q and q["linear_bytes"],
                 _json(out / f"eval-dense-{scheme}-{method}.json"))
-    compress = _json(best / "compress-best.json")
     for r in ("0.2", "0.4", "0.6"):
+        # the model quantized below is the one in best_smollm2's model directory: where a rebuild on another CPU
+        # moved ranks (manifest-best-rebuild-r*.json), that rebuild, scored as itself
+        rebuilt = (best / f"manifest-best-rebuild-r{r}.json").exists()
+        compress = _json(best / ("compress-best-rebuild.json" if rebuilt else "compress-best.json"))
         kept = next((x["linear_kept"] for x in (compress or {}).get("results", []) if f"{x['ratio']:g}" == r), None)
-        add("default float32", f"default R = {r} float32", kept and 4 * kept, _json(best / f"eval-best-r{r}.json"))
+        add("default float32", f"default R = {r} float32", kept and 4 * kept,
+            _json(best / f"eval-best-{'rebuild-' if rebuilt else ''}r{r}.json"))
         for scheme in ("int8", "int4"):
             q = _json(out / f"quantize-default-r{r}-{scheme}.json")
             add(f"default {scheme}", f"default R = {r} {scheme} gptq", q and q["linear_bytes"],

@@ -15,33 +15,64 @@ def _problem(m=12, n=48, tokens=200, seed=0):
     return torch.randn(m, n, generator=g, dtype=torch.float64), x.T @ x
 
 
-def obq_reference(w, h, grid: Grid, damp: float):
-    """Column by column with the explicit inverse: q_i = quant(w_i); W[:, j>i] -= (w_i − q_i)/Hinv_ii · Hinv_i,j;
-    then Hinv ← Hinv − Hinv[:, i]·Hinv[i, :]/Hinv_ii (the inverse of H without input i)."""
+def obq_reference(w, h, grid: Grid, damp: float, order=None):
+    """Column by column in `order`, with the explicit inverse: q_i = quant(w_i); W[:, j not yet done] −=
+    (w_i − q_i)/Hinv_ii · Hinv_i,j; then Hinv ← Hinv − Hinv[:, i]·Hinv[i, :]/Hinv_ii (the inverse of H without
+    input i). Each group's grid from W before the loop."""
     w = w.clone()
     h, dead = damped(h, damp)
     w[:, dead] = 0
     hinv = torch.linalg.inv(h)
     n = w.shape[1]
     g = n if grid.group_size is None else grid.group_size
+    grids = [grid_params(w[:, s : s + g], grid) for s in range(0, n, g)]
     q = torch.empty_like(w)
-    scale, zero = grid_params(w, grid)
-    for i in range(n):
-        if grid.group_size is not None and i % g == 0:
-            scale, zero = grid_params(w[:, i : i + g], grid)
+    todo = list(range(n) if order is None else order.tolist())
+    while todo:
+        i = todo.pop(0)
+        scale, zero = grids[i // g]
         q[:, i : i + 1] = fake_quantize(w[:, i : i + 1], scale, zero, grid)
         err = (w[:, i] - q[:, i]) / hinv[i, i]
-        w[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
+        w[:, todo] -= err[:, None] * hinv[i, todo][None, :]
         hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
     return q
 
 
-@pytest.mark.parametrize("grid", [Grid(4, 16), Grid(3, 8), Grid(8, None), Grid(4, None)])
+@pytest.mark.parametrize("grid", [Grid(4, 16), Grid(3, 8, clip=True), Grid(8, None), Grid(4, None, clip=True)])
 @pytest.mark.parametrize("block", [8, 16, 128])
-def test_cholesky_form_equals_the_sequential_inverse_updates(grid, block):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cholesky_form_equals_the_sequential_inverse_updates(grid, block, act_order):
     w, h = _problem()
-    torch.testing.assert_close(gptq(w, h, grid, damp=0.01, block=block), obq_reference(w, h, grid, 0.01),
-                               rtol=1e-9, atol=1e-9)
+    order = torch.argsort(damped(h, 0.01)[0].diagonal(), descending=True, stable=True) if act_order else None
+    torch.testing.assert_close(gptq(w, h, grid, damp=0.01, block=block, act_order=act_order),
+                               obq_reference(w, h, grid, 0.01, order), rtol=1e-9, atol=1e-9)
+
+
+def test_act_order_takes_the_loud_inputs_first():
+    """A few inputs carrying most of the energy (the outlier channels of real activations): quantized first, while
+    every other column can still absorb their error, they cost less."""
+    ratios = []
+    for seed in range(10):
+        w, h = _problem(m=16, n=64, seed=seed)
+        loud = torch.ones(64, dtype=torch.float64)
+        loud[torch.randperm(64, generator=torch.Generator().manual_seed(seed))[:4]] = 20.0
+        h = loud[:, None] * h * loud[None, :]
+        grid = Grid(3, 16)
+        ratios.append(output_error(w, gptq(w, h, grid), h) / output_error(w, gptq(w, h, grid, act_order=False), h))
+    assert max(ratios) < 1 and sum(ratios) / len(ratios) < 0.8
+
+
+def test_clipping_search_never_loses_to_min_max():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, dtype=torch.float64)
+    w[:, 3] *= 8  # an outlier column stretches min-max's range
+    for bits in (3, 4):
+        errs = []
+        for clip in (False, True):
+            grid = Grid(bits, 32, clip=clip)
+            scale, zero = grid_params(w, grid)
+            errs.append(((fake_quantize(w, scale, zero, grid) - w) ** 2).sum(dim=1))
+        assert (errs[1] <= errs[0]).all() and errs[1].sum() < 0.95 * errs[0].sum()
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3])

@@ -30,9 +30,11 @@ SCHEMES = {"int8": "int8 weights, one scale per output channel", "int4": "int4 w
            "input channels (default 32; smaller where the input size is not a multiple)",
            "int3": "int3 weights, grouped as int4 (stored in 4-bit nibbles on disk)"}
 BITS = {"int8": 8, "int4": 4, "int3": 3}
-METHODS = {"rtn": "round-to-nearest, no calibration data (int8/int4: torchao's symmetric grid; int3: GPTQ's grid)",
-           "gptq": "error feedback through each linear's input Gram (GPTQ; asymmetric min-max grid), layer by layer "
-                   "on the quantized model's own inputs; a factor pair's W_u also takes up W_v's error"}
+METHODS = {"rtn": "round-to-nearest, no calibration data (int8/int4: torchao's symmetric grid; int3: an asymmetric "
+                  "min-max grid)",
+           "gptq": "error feedback through each linear's input Gram (GPTQ, columns in act-order, static groups, an "
+                   "asymmetric grid with a clipping search), layer by layer on the quantized model's own inputs; a "
+                   "factor pair's W_u also takes up W_v's error"}
 
 
 def _torchao():
@@ -90,7 +92,8 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, method: 
             raise SvdllmError("GPTQ needs calibration windows (svdllm quantize --method gptq reads --calib-dataset).")
         return _gptq_model(model, scheme, group_size, windows, progress, bits_of)
     groups = {}
-    if scheme == "int3":  # torchao has no int3 round-to-nearest on the CPU: GPTQ's grid, without the error feedback
+    if scheme == "int3":  # torchao has no int3 round-to-nearest on the CPU: an asymmetric min-max grid, as GPTQ's
+        # without its clipping search or error feedback
         from .gptq import Grid, rtn_codes
 
         for name, module in targets.items():
@@ -167,14 +170,14 @@ def _gptq_model(model: nn.Module, scheme: str, group_size: int, windows: torch.T
             gram = stats.grams[family.group_of[name]]
             if isinstance(module, LowRankLinear):
                 gv, gu = grouped(module.in_features), grouped(module.rank)
-                q_u, q_v = gptq_low_rank_codes(module.u.weight, module.v.weight, gram, Grid(bits, gv),
-                                               grid_u=Grid(bits, gu))
+                q_u, q_v = gptq_low_rank_codes(module.u.weight, module.v.weight, gram, Grid(bits, gv, clip=True),
+                                               grid_u=Grid(bits, gu, clip=True))
                 _store(module.v, q_v, bits, gv)
                 _store(module.u, q_u, bits, gu)
                 groups[f"{full}.v"], groups[f"{full}.u"] = gv, gu
             else:
                 g = grouped(module.in_features)
-                _store(module, gptq_codes(module.weight, gram, Grid(bits, g)), bits, g)
+                _store(module, gptq_codes(module.weight, gram, Grid(bits, g, clip=True)), bits, g)
                 groups[full] = g
     info = _info(scheme, "gptq", group_size, groups)
     if bits_of is not None:

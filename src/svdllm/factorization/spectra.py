@@ -87,7 +87,7 @@ def quantization_errors(weight: torch.Tensor, dec, gram: torch.Tensor | None, bi
     out = {}
     for b in bits:
         def grid(n: int) -> Grid:  # as svdllm quantize groups a matrix of n inputs (W_u's inputs are the rank)
-            return Grid(b, None if b == 8 else quant_group(n, group_size))
+            return Grid(b, None if b == 8 else quant_group(n, group_size), clip=True)
 
         dense = output_error(w, gptq_codes(w, None, grid(w.shape[1]), factor=factor).dequantized, g)
         q_u, q_v = gptq_low_rank_codes(w_u, w_v, g, grid(w.shape[1]), grid_u=grid(rank), factor=factor, rows=picked)
