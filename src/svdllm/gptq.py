@@ -10,9 +10,9 @@ columns defer the update of the columns after them to one matrix product.
 The columns go in decreasing H_ii ("act-order"): the inputs with the most energy are quantized first, while the
 most columns remain to absorb their error. Each group's grid is fixed before the loop from the weights as they
 are ("static groups"), so a group stays a contiguous range of inputs, the layout every runtime stores, whatever
-the order. On SmolLM2's own weights and Grams, act-order leaves about a sixth less output error at int4 than the
-columns in order, and the clipping search on the grid (`Grid.clip`) about 6% less again
-(benchmarks/gptq_variants.py; BENCHMARKS.md, "Quantization").
+the order. On SmolLM2's own weights and Grams, act-order leaves 17% less output error at int4 than the columns in
+order, and the clipping search on the grid (`Grid.clip`) 5% less again (benchmarks/gptq_variants.py; BENCHMARKS.md,
+"Error feedback").
 
 For a low-rank pair W ≈ W_u·W_v with input Gram G = XᵀX: W_v's Hessian is G, and W_u's is Q_v·G·Q_vᵀ, W_v's own
 quantized value feeding it, so W_u also corrects what quantizing W_v did.
