@@ -41,6 +41,11 @@ def rows(out: Path, best: Path) -> list[dict]:
             q = _json(out / f"quantize-default-r{r}-{scheme}.json")
             add(f"default {scheme}", f"default R = {r} {scheme} gptq", q and q["linear_bytes"],
                 _json(out / f"eval-default-r{r}-{scheme}.json"))
+    paper = _json(out / "compress-paper-r0.4.json")
+    kept = paper and paper["results"][0]["linear_kept"]
+    add("SVD-LLM", "SVD-LLM R = 0.4 float32", kept and 4 * kept, _json(out / "eval-paper-r0.4-float.json"))
+    q = _json(out / "quantize-paper-r0.4-int4.json")
+    add("SVD-LLM", "SVD-LLM R = 0.4 int4 gptq", q and q["linear_bytes"], _json(out / "eval-paper-r0.4-int4.json"))
     joint = _json(out / "compress-joint.json")
     for res in (joint or {}).get("results", []):
         r = f"{res['ratio']:g}"

@@ -5,9 +5,10 @@
 #   dense            float32, and int8 / int4 / int3 by round-to-nearest and by GPTQ (64 × 2048 calibration tokens)
 #   the default      R = 0.2 / 0.4 / 0.6 (best_smollm2.sh's models and evaluations) in float32, int8 and int4 (GPTQ)
 #   rank and bits    `compress --bits 3,4,8` at the bytes of the dense int8, int4 and int3 GPTQ models
+#   SVD-LLM          R = 0.4 (`--preset paper`) in float32 and int4 (GPTQ): the issue's first goal
 # then the table and the PNG (frontier_plot.py). Resumable: a step whose JSON exists is skipped.
-# Usage: bash benchmarks/frontier_smollm2.sh [OUT_DIR]   (BEST: best_smollm2.sh's model directory; about 6 h alone on
-# 2 cores, most of it the 16 full evaluations)
+# Usage: bash benchmarks/frontier_smollm2.sh [OUT_DIR]   (BEST: best_smollm2.sh's model directory; about 6.5 h alone on
+# 2 cores, most of it the 18 full evaluations)
 set -euo pipefail
 OUT=${1:-runs/frontier}
 RUNS=${RUNS:-runs/frontier-models}
@@ -54,4 +55,11 @@ for r in 0.4 0.2 0.6; do
     ppl "default-r$r-$scheme" "$RUNS/default-r$r-$scheme"
   done
 done
+# 4. SVD-LLM at R = 0.4, the paper's method, in float32 and int4
+step compress-paper-r0.4 $SVDLLM compress --model smollm2-135m --preset paper --ratio 0.4 --out "$RUNS/paper" \
+  --overwrite
+ppl paper-r0.4-float "$RUNS/paper"
+step quantize-paper-r0.4-int4 $SVDLLM quantize --model "$RUNS/paper" --scheme int4 --method gptq \
+  --out "$RUNS/paper-r0.4-int4" --overwrite
+ppl paper-r0.4-int4 "$RUNS/paper-r0.4-int4"
 python3 "$(dirname "$0")/frontier_plot.py" "$OUT" "$BEST_RESULTS"
