@@ -31,6 +31,7 @@ def main(out: Path) -> str:
     paper = {r["ratio"]: r for r in _json(ROOT / "benchmarks/results/protocol_smollm2/compress.json")["results"]}
     rows = ["| R | parameters (achieved R) | update | WikiText-2 ppl | SVD-LLM (`--preset paper`) | "
             "with the other update | + LoRA (`finetune --preset cpu`) |", "|---|---|---|---|---|---|---|"]
+    notes = []
     for res in compress["results"]:
         r = res["ratio"]
         manifest = _json(out / f"manifest-best-r{r:g}.json")
@@ -41,11 +42,18 @@ def main(out: Path) -> str:
         best = _json(out / f"eval-best-r{r:g}.json")
         vs = (f" ({100 * (best['ppl']['wikitext2']['ppl'] / svd - 1):+.0f}%)".replace("-", "−")
               if best else "")
+        lora = _ppl(out / f'eval-lora-r{r:g}.json')
+        rebuild = _json(out / f"manifest-best-rebuild-r{r:g}.json")
+        if rebuild:  # the other rows start from a rebuild whose ranks moved: marked, and the rebuild's own score given
+            other, lora = f"{other} †", f"{lora} †"
+            notes.append(f"† from R = {r:g}'s rebuild on the other CPU ({rebuild['params']['model_after']:,} "
+                         f"parameters), which itself scores {_ppl(out / f'eval-best-rebuild-r{r:g}.json')}.")
         rows.append(f"| {r:g} | {res['model_after']:,} ({res['achieved_ratio']:.4f}) | {update} | "
                     f"**{_ppl(out / f'eval-best-r{r:g}.json')}**{vs} | {svd:.2f} ({paper[r]['model_after']:,}) | "
-                    f"{other} | {_ppl(out / f'eval-lora-r{r:g}.json')} |")
+                    f"{other} | {lora} |")
     t = compress["results"][0]
     wall = (out / "wall.txt").read_text().split("compress-best: ")[1].split(" s")[0] if (out / "wall.txt").is_file() else "?"
+    rows += [""] + notes if notes else []
     rows += ["", f"Compression of the three ratios in one run: {wall} s wall (gradient pass "
              f"{t.get('gradient_pass_s', 0):.0f} s, allocation with its measurements {t.get('loss_scale_s', 0):.0f} s, "
              f"R = 0.6's closed-form pass {compress['results'][-1]['total_s']:.0f} s), peak RSS "
