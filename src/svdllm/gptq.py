@@ -132,7 +132,7 @@ class InverseFactor(NamedTuple):
 def inverse_factor(h: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> InverseFactor:
     h, dead = damped(h, damp)
     n = h.shape[0]
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n, device=h.device)
     h = h[order][:, order]
     return InverseFactor(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead,
                          order)
