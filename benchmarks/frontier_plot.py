@@ -71,6 +71,12 @@ def main(out: Path, best: Path) -> None:
         ax.plot(*zip(*pts), marker="o", label=series)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes (MiB, perplexity), not powers of ten
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(which="minor", labelsize=7)
     ax.set_xlabel("bytes of the decoder layers' linears (MiB)")
     ax.set_ylabel("WikiText-2 perplexity (148 × 2048 tokens)")
     ax.set_title("SmolLM2-135M: perplexity against memory")
