@@ -7,8 +7,10 @@
 #   rank and bits    `compress --bits 3,4,8` at the bytes of the dense int8, int4 and int3 GPTQ models
 #   SVD-LLM          R = 0.4 (`--preset paper`) in float32 and int4 (GPTQ): the issue's first goal
 # then the table and the PNG (frontier_plot.py). Resumable: a step whose JSON exists is skipped.
-# Usage: bash benchmarks/frontier_smollm2.sh [OUT_DIR]   (BEST: best_smollm2.sh's model directory; about 6.5 h alone on
-# 2 cores, most of it the 18 full evaluations)
+# Usage: bash benchmarks/frontier_smollm2.sh [OUT_DIR [UNIT...]]   (BEST: best_smollm2.sh's model directory; about
+# 6.5 h alone on 2 cores, most of it the 18 full evaluations). Without units it runs them all in order; a unit is
+# dense:SCHEME:METHOD, joint, default:R:SCHEME, paper or plot, so that two runs (one thread each) can share the work:
+#   bash benchmarks/frontier_smollm2.sh OUT default:0.4:int4 paper &  bash benchmarks/frontier_smollm2.sh OUT joint &
 set -euo pipefail
 OUT=${1:-runs/frontier}
 RUNS=${RUNS:-runs/frontier-models}
@@ -20,46 +22,74 @@ mkdir -p "$OUT" "$RUNS"
 source "$(dirname "$0")/step.sh"
 ppl() { step "eval-$1" $SVDLLM eval --model "$2" --ppl wikitext2; }
 
-# 1. dense
-ppl dense-float smollm2-135m
-for scheme in int4 int3 int8; do
-  for method in gptq rtn; do
-    step "quantize-dense-$scheme-$method" $SVDLLM quantize --model smollm2-135m --scheme $scheme --method $method \
-      --out "$RUNS/dense-$scheme-$method" --overwrite
-    ppl "dense-$scheme-$method" "$RUNS/dense-$scheme-$method"
+dense() {  # $1 scheme, $2 method
+  step "quantize-dense-$1-$2" $SVDLLM quantize --model smollm2-135m --scheme "$1" --method "$2" \
+    --out "$RUNS/dense-$1-$2" --overwrite
+  ppl "dense-$1-$2" "$RUNS/dense-$1-$2"
+}
+
+# rank and bits together, at the byte counts of the dense int8 / int4 / int3 models (GPTQ and round-to-nearest store
+# the same bytes, so the cheap RTN run gives the budget; R rounded up: never more bytes than they)
+joint() {
+  local scheme
+  for scheme in int8 int4 int3; do
+    step "quantize-dense-$scheme-rtn" $SVDLLM quantize --model smollm2-135m --scheme $scheme --method rtn \
+      --out "$RUNS/dense-$scheme-rtn" --overwrite
   done
-done
-# 2. rank and bits together, at the byte counts of the dense GPTQ models (R rounded up: never more bytes than they)
-ratios=$(python3 - "$OUT" <<'PY'
+  local ratios
+  ratios=$(python3 - "$OUT" <<'PY'
 import json, math, sys
 r = []
 for scheme in ("int8", "int4", "int3"):
-    q = json.load(open(f"{sys.argv[1]}/quantize-dense-{scheme}-gptq.json"))
+    q = json.load(open(f"{sys.argv[1]}/quantize-dense-{scheme}-rtn.json"))
     r.append(math.ceil((1 - q["linear_bytes"] / (4 * q["quantized_weights"])) * 1e4) / 1e4)
 print(",".join(f"{x:g}" for x in r))
 PY
-)
-step compress-joint $SVDLLM compress --model smollm2-135m --ratio "$ratios" --bits 3,4,8 --out "$RUNS/joint" --overwrite
-for r in ${ratios//,/ }; do
-  ppl "joint-r$r" "$RUNS/joint/ratio-$r"
-done
-# 3. the default's models, quantized
-for r in 0.4 0.2 0.6; do
-  if [ ! -d "$BEST/ratio-$r" ]; then
-    echo "No $BEST/ratio-$r: build the default's models first (benchmarks/best_smollm2.sh), or set BEST." >&2
+  )
+  step compress-joint $SVDLLM compress --model smollm2-135m --ratio "$ratios" --bits 3,4,8 --out "$RUNS/joint" \
+    --overwrite
+  local r
+  for r in ${ratios//,/ }; do
+    ppl "joint-r$r" "$RUNS/joint/ratio-$r"
+  done
+}
+
+# the default's models (best_smollm2.sh), quantized by GPTQ
+default() {  # $1 ratio, $2 scheme
+  if [ ! -d "$BEST/ratio-$1" ]; then
+    echo "No $BEST/ratio-$1: build the default's models first (benchmarks/best_smollm2.sh), or set BEST." >&2
     exit 1
   fi
-  for scheme in int4 int8; do
-    step "quantize-default-r$r-$scheme" $SVDLLM quantize --model "$BEST/ratio-$r" --scheme $scheme --method gptq \
-      --out "$RUNS/default-r$r-$scheme" --overwrite
-    ppl "default-r$r-$scheme" "$RUNS/default-r$r-$scheme"
-  done
+  step "quantize-default-r$1-$2" $SVDLLM quantize --model "$BEST/ratio-$1" --scheme "$2" --method gptq \
+    --out "$RUNS/default-r$1-$2" --overwrite
+  ppl "default-r$1-$2" "$RUNS/default-r$1-$2"
+}
+
+# SVD-LLM at R = 0.4, the paper's method, in float32 and int4: the issue's first goal
+paper() {
+  step compress-paper-r0.4 $SVDLLM compress --model smollm2-135m --preset paper --ratio 0.4 --out "$RUNS/paper" \
+    --overwrite
+  ppl paper-r0.4-float "$RUNS/paper"
+  step quantize-paper-r0.4-int4 $SVDLLM quantize --model "$RUNS/paper" --scheme int4 --method gptq \
+    --out "$RUNS/paper-r0.4-int4" --overwrite
+  ppl paper-r0.4-int4 "$RUNS/paper-r0.4-int4"
+}
+
+plot() { python3 "$(dirname "$0")/frontier_plot.py" "$OUT" "$BEST_RESULTS"; }
+
+units=("${@:2}")
+if [ ${#units[@]} -eq 0 ]; then
+  units=(dense-float)
+  for scheme in int4 int3 int8; do units+=("dense:$scheme:gptq" "dense:$scheme:rtn"); done
+  units+=(joint)
+  for r in 0.4 0.2 0.6; do units+=("default:$r:int4" "default:$r:int8"); done
+  units+=(paper plot)
+fi
+for unit in "${units[@]}"; do
+  case $unit in
+    dense-float) ppl dense-float smollm2-135m ;;
+    dense:*:*|default:*:*) IFS=: read -r kind a b <<< "$unit"; "$kind" "$a" "$b" ;;
+    joint|paper|plot) "$unit" ;;
+    *) echo "unknown unit $unit (dense:SCHEME:METHOD, dense-float, joint, default:R:SCHEME, paper, plot)" >&2; exit 2 ;;
+  esac
 done
-# 4. SVD-LLM at R = 0.4, the paper's method, in float32 and int4
-step compress-paper-r0.4 $SVDLLM compress --model smollm2-135m --preset paper --ratio 0.4 --out "$RUNS/paper" \
-  --overwrite
-ppl paper-r0.4-float "$RUNS/paper"
-step quantize-paper-r0.4-int4 $SVDLLM quantize --model "$RUNS/paper" --scheme int4 --method gptq \
-  --out "$RUNS/paper-r0.4-int4" --overwrite
-ppl paper-r0.4-int4 "$RUNS/paper-r0.4-int4"
-python3 "$(dirname "$0")/frontier_plot.py" "$OUT" "$BEST_RESULTS"
