@@ -16,9 +16,10 @@ def _json(path: Path):
 def rows(out: Path, best: Path) -> list[dict]:
     found = []
 
-    def add(series, label, bytes_, eval_):
+    def add(series, label, bytes_, eval_, float_label=None):
+        """float_label: the float32 row of the same model, for the cost of quantizing it"""
         if bytes_ is not None and eval_ is not None:
-            found.append({"series": series, "label": label, "bytes": bytes_,
+            found.append({"series": series, "label": label, "bytes": bytes_, "float": float_label,
                           "ppl": eval_["ppl"]["wikitext2"]["ppl"], "windows": eval_["ppl"]["wikitext2"]["windows"]})
 
     dense_q = _json(out / "quantize-dense-int4-gptq.json")
@@ -28,7 +29,7 @@ def rows(out: Path, best: Path) -> list[dict]:
         for scheme in ("int8", "int4", "int3"):
             q = _json(out / f"quantize-dense-{scheme}-{method}.json")
             add(f"dense {method}", f"dense {scheme} {method}", q and q["linear_bytes"],
-                _json(out / f"eval-dense-{scheme}-{method}.json"))
+                _json(out / f"eval-dense-{scheme}-{method}.json"), "dense float32")
     for r in ("0.2", "0.4", "0.6"):
         # the model quantized below is the one in best_smollm2's model directory: where a rebuild on another CPU
         # moved ranks (manifest-best-rebuild-r*.json), that rebuild, scored as itself
@@ -40,12 +41,13 @@ def rows(out: Path, best: Path) -> list[dict]:
         for scheme in ("int8", "int4"):
             q = _json(out / f"quantize-default-r{r}-{scheme}.json")
             add(f"default {scheme}", f"default R = {r} {scheme} gptq", q and q["linear_bytes"],
-                _json(out / f"eval-default-r{r}-{scheme}.json"))
+                _json(out / f"eval-default-r{r}-{scheme}.json"), f"default R = {r} float32")
     paper = _json(out / "compress-paper-r0.4.json")
     kept = paper and paper["results"][0]["linear_kept"]
     add("SVD-LLM", "SVD-LLM R = 0.4 float32", kept and 4 * kept, _json(out / "eval-paper-r0.4-float.json"))
     q = _json(out / "quantize-paper-r0.4-int4.json")
-    add("SVD-LLM", "SVD-LLM R = 0.4 int4 gptq", q and q["linear_bytes"], _json(out / "eval-paper-r0.4-int4.json"))
+    add("SVD-LLM", "SVD-LLM R = 0.4 int4 gptq", q and q["linear_bytes"], _json(out / "eval-paper-r0.4-int4.json"),
+        "SVD-LLM R = 0.4 float32")
     joint = _json(out / "compress-joint.json")
     for res in (joint or {}).get("results", []):
         r = f"{res['ratio']:g}"
@@ -55,9 +57,12 @@ def rows(out: Path, best: Path) -> list[dict]:
 
 def main(out: Path, best: Path) -> None:
     found = rows(out, best)
-    lines = ["| model | bytes of the decoder linears | WikiText-2 ppl |", "|---|---|---|"]
-    for row in sorted(found, key=lambda x: -x["bytes"]):
-        lines.append(f"| {row['label']} | {row['bytes'] / 2**20:.1f} MiB | {row['ppl']:.2f} |")
+    ppl = {row["label"]: row["ppl"] for row in found}
+    lines = ["| model | bytes of the decoder linears | WikiText-2 ppl | against its float32 |", "|---|---|---|---|"]
+    for row in sorted(found, key=lambda x: (-x["bytes"], x["ppl"])):
+        base = ppl.get(row["float"])
+        cost = f"{100 * (row['ppl'] / base - 1):+.0f}%".replace("-", "−") if base else ""
+        lines.append(f"| {row['label']} | {row['bytes'] / 2**20:.1f} MiB | {row['ppl']:.2f} | {cost} |")
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
