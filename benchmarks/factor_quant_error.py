@@ -1,7 +1,7 @@
 """Is a compressed model's int4 cost in its matrices or in its sensitivity? The relative output error
 ‖(W − Q)X‖² / ‖WX‖² that int4 leaves on each linear of a compressed model (a low-rank pair: W = W_u·W_v against
-Q_u·Q_v, GPTQ's pair update of svdllm quantize; a matrix the allocation kept dense: GPTQ alone), on that model's own
-input Grams, beside round-to-nearest on both. Same layers, rows, groups and calibration as gptq_variants.py, whose
+Q_u·Q_v, GPTQ's pair update of svdllm quantize, in the basis of gptq.gauge and in the factorization's own; a matrix
+the allocation kept dense: GPTQ alone), on that model's own input Grams, beside round-to-nearest on both. Same layers, rows, groups and calibration as gptq_variants.py, whose
 dense numbers it is read against.
 Usage: python benchmarks/factor_quant_error.py MODEL_DIR OUT.json [NSAMPLES] [SEQLEN]   (one thread, a few minutes)
 """
@@ -45,18 +45,22 @@ def main(model_dir: str, out: str, nsamples: int = 16, seqlen: int = 2048) -> No
                 w = w_u[pick] @ w_v
                 q_u, q_v = gptq_low_rank_codes(w_u, w_v, gram, grid, rows=pick)
                 gptq = q_u.dequantized @ q_v.dequantized
+                q_u, q_v = gptq_low_rank_codes(w_u, w_v, gram, grid, rows=pick, rebase=False)
+                plain = q_u.dequantized @ q_v.dequantized
                 rtn = rtn_codes(w_u[pick], Grid(4, 32)).dequantized @ rtn_codes(w_v, Grid(4, 32)).dequantized
                 kind = f"pair, rank {module.rank}"
             else:
                 w = module.weight.detach().double()
                 w = w[torch.linspace(0, w.shape[0] - 1, 96).round().long().unique()]
                 gptq, rtn = gptq_codes(w, gram, grid).dequantized, rtn_codes(w, Grid(4, 32)).dequantized
+                plain = gptq
                 kind = "dense"
             norm = output_error(w, torch.zeros_like(w), gram)
             row = {"layer": i, "linear": name, "kind": kind, "gptq": output_error(w, gptq, gram) / norm,
+                   "gptq, factors as factorized": output_error(w, plain, gram) / norm,
                    "rtn": output_error(w, rtn, gram) / norm}
             rows.append(row)
-            for key in ("gptq", "rtn"):
+            for key in ("gptq", "gptq, factors as factorized", "rtn"):
                 errors.setdefault(kind.split(",")[0], {}).setdefault(key, []).append(row[key])
                 errors.setdefault("all", {}).setdefault(key, []).append(row[key])
             print(row, flush=True)
