@@ -5,6 +5,7 @@ models: 4 bytes per parameter of those linears); y: WikiText-2 perplexity, all 1
 Usage: python benchmarks/frontier_plot.py OUT_DIR BEST_RESULTS_DIR
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,10 +49,18 @@ def rows(out: Path, best: Path) -> list[dict]:
     q = _json(out / "quantize-paper-r0.4-int4.json")
     add("SVD-LLM", "SVD-LLM R = 0.4 int4 gptq", q and q["linear_bytes"], _json(out / "eval-paper-r0.4-int4.json"),
         "SVD-LLM R = 0.4 float32")
+    # the joint runs' budgets, named by the dense model whose bytes they are (frontier_smollm2.sh's `joint`)
+    budget = {}
+    for scheme in ("int8", "int4", "int3"):
+        q = _json(out / f"quantize-dense-{scheme}-rtn.json")
+        if q:
+            budget[f"{math.ceil((1 - q['linear_bytes'] / (4 * q['quantized_weights'])) * 1e4) / 1e4:g}"] = scheme
     joint = _json(out / "compress-joint.json")
     for res in (joint or {}).get("results", []):
         r = f"{res['ratio']:g}"
-        add("rank and bits", f"--bits 3,4,8 R = {r}", res["linear_bytes"], _json(out / f"eval-joint-r{r}.json"))
+        at = f"at dense {budget[r]}'s bytes" if r in budget else f"R = {r}"
+        add("rank and bits", f"rank and bits {at} ({res['bits_per_weight']:.2f} bits per weight)",
+            res["linear_bytes"], _json(out / f"eval-joint-r{r}.json"), "dense float32")
     return found
 
 
