@@ -267,6 +267,21 @@ def test_global_with_measured_type_scales(tok, data_dir, tmp_path):
     assert res.params["achieved_ratio"] == pytest.approx(0.5, abs=TOLERANCE)
 
 
+def test_type_scales_leave_an_unmeasured_type_where_its_prediction_puts_it():
+    """The secant of a type not truncated at the measurement's ranks is unknown: it takes the measured types' own
+    scale, whatever units the prediction is in (the joint allocation at dense int8's bytes measured only the MLP,
+    whose measured/predicted was 1e-3, and the attention, left at 1, came out 1000× as costly)."""
+    from svdllm.allocation.refine import _type_scales
+
+    kinds = ["attn", "down", "gate", "up"]
+    for unit in (1.0, 1e-3, 1e4):  # the prediction's units must not matter
+        types = {"down": {"measured": 2 * unit, "predicted": 1.0}, "gate": {"measured": 8 * unit, "predicted": 1.0},
+                 "up": {"measured": -1.0, "predicted": 1.0}}  # up: noise, not a measurement
+        scales = _type_scales(types, kinds)
+        assert scales == pytest.approx({"attn": 1.0, "down": 0.5, "gate": 2.0, "up": 1.0})
+    assert _type_scales({}, kinds) == {k: 1.0 for k in kinds}
+
+
 def test_global_refine_keeps_the_allocation_with_the_lowest_measured_loss(tok, data_dir, tmp_path):
     """Each refinement round measures the previous allocation's loss increase with every matrix truncated; the
     saved model is the round with the lowest, and its loss on those windows, recomputed here from the saved model
