@@ -58,6 +58,8 @@ def rows(out: Path, best: Path) -> list[dict]:
     joint = _json(out / "compress-joint.json")
     for res in (joint or {}).get("results", []):
         r = f"{res['ratio']:g}"
+        # a budget compressed again on its own (`compress --ratio R --bits 3,4,8`, after a fix) replaces its entry
+        res = (_json(out / f"compress-joint-r{r}.json") or {"results": [res]})["results"][0]
         at = f"at dense {budget[r]}'s bytes" if r in budget else f"R = {r}"
         add("rank and bits", f"rank and bits {at} ({res['bits_per_weight']:.2f} bits per weight)",
             res["linear_bytes"], _json(out / f"eval-joint-r{r}.json"), "dense float32")
