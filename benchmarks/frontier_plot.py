@@ -1,4 +1,4 @@
-"""The frontier's table (OUT/frontier.md) and picture (OUT/frontier.png) from frontier_smollm2.sh's raw results.
+"""The frontier's table (OUT/frontier.md), its rows as numbers (OUT/frontier.json) and picture (OUT/frontier.png) from frontier_smollm2.sh's raw results.
 
 x: bytes of the decoder layers' linears as stored (`linear_bytes` of `svdllm quantize` / `compress --bits`; float32
 models: 4 bytes per parameter of those linears); y: WikiText-2 perplexity, all 148 windows.
@@ -75,6 +75,9 @@ def main(out: Path, best: Path) -> None:
         cost = f"{100 * (row['ppl'] / base - 1):+.0f}%".replace("-", "−") if base else ""
         lines.append(f"| {row['label']} | {row['bytes'] / 2**20:.1f} MiB | {row['ppl']:.2f} | {cost} |")
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    # the rows as numbers: a float32 model's bytes are 4 per parameter of its linears, computed here, not stored
+    (out / "frontier.json").write_text(json.dumps([{k: row[k] for k in ("label", "bytes", "ppl", "windows")}
+                                                   | {"mib": row["bytes"] / 2**20} for row in found], indent=1) + "\n")
     print("\n".join(lines))
     import matplotlib
 
