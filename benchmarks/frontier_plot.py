@@ -49,6 +49,11 @@ def rows(out: Path, best: Path) -> list[dict]:
     q = _json(out / "quantize-paper-r0.4-int4.json")
     add("SVD-LLM", "SVD-LLM R = 0.4 int4 gptq", q and q["linear_bytes"], _json(out / "eval-paper-r0.4-int4.json"),
         "SVD-LLM R = 0.4 float32")
+    for path in sorted(out.glob("compress-rank-only-r*.json")):
+        res = _json(path)["results"][0]
+        r = f"{res['ratio']:g}"
+        add("default float32", f"default R = {r} float32 (rank only)", 4 * res["linear_kept"],
+            _json(out / f"eval-rank-only-r{r}.json"))
     # the joint runs' budgets, named by the dense model whose bytes they are (frontier_smollm2.sh's `joint`)
     budget = {}
     for scheme in ("int8", "int4", "int3"):

@@ -5,11 +5,12 @@
 #   dense            float32, and int8 / int4 / int3 by round-to-nearest and by GPTQ (64 × 2048 calibration tokens)
 #   the default      R = 0.2 / 0.4 / 0.6 (best_smollm2.sh's models and evaluations) in float32, int8 and int4 (GPTQ)
 #   rank and bits    `compress --bits 3,4,8` at the bytes of the dense int8, int4 and int3 GPTQ models
+#   rank only        the default in float32 at the bytes of the dense int4 model
 #   SVD-LLM          R = 0.4 (`--preset paper`) in float32 and int4 (GPTQ): the issue's first goal
 # then the table and the PNG (frontier_plot.py). Resumable: a step whose JSON exists is skipped.
 # Usage: bash benchmarks/frontier_smollm2.sh [OUT_DIR [UNIT...]]   (BEST: best_smollm2.sh's model directory; about
 # 6.5 h alone on 2 cores, most of it the 18 full evaluations). Without units it runs them all in order; a unit is
-# dense:SCHEME:METHOD, joint, default:R:SCHEME, paper or plot, so that two runs (one thread each) can share the work:
+# dense:SCHEME:METHOD, joint, default:R:SCHEME, paper, rank-only or plot, so that two runs (one thread each) can share the work:
 #   bash benchmarks/frontier_smollm2.sh OUT default:0.4:int4 paper &  bash benchmarks/frontier_smollm2.sh OUT joint &
 set -euo pipefail
 OUT=${1:-runs/frontier}
@@ -54,6 +55,21 @@ PY
   done
 }
 
+# rank only: the default in float32 at dense int4's bytes (R = the fraction of the linears' float32 bytes removed)
+rank_only() {
+  step quantize-dense-int4-rtn $SVDLLM quantize --model smollm2-135m --scheme int4 --method rtn \
+    --out "$RUNS/dense-int4-rtn" --overwrite
+  local r
+  r=$(python3 - "$OUT/quantize-dense-int4-rtn.json" <<'PY'
+import json, math, sys
+q = json.load(open(sys.argv[1]))
+print(f"{math.ceil((1 - q['linear_bytes'] / (4 * q['quantized_weights'])) * 1e4) / 1e4:g}")
+PY
+  )
+  step "compress-rank-only-r$r" $SVDLLM compress --model smollm2-135m --ratio "$r" --out "$RUNS/rank-only-r$r" --overwrite
+  ppl "rank-only-r$r" "$RUNS/rank-only-r$r"
+}
+
 # the default's models (best_smollm2.sh), quantized by GPTQ
 default() {  # $1 ratio, $2 scheme
   if [ ! -d "$BEST/ratio-$1" ]; then
@@ -83,13 +99,14 @@ if [ ${#units[@]} -eq 0 ]; then
   for scheme in int4 int3 int8; do units+=("dense:$scheme:gptq" "dense:$scheme:rtn"); done
   units+=(joint)
   for r in 0.4 0.2 0.6; do units+=("default:$r:int4" "default:$r:int8"); done
-  units+=(paper plot)
+  units+=(paper rank-only plot)
 fi
 for unit in "${units[@]}"; do
   case $unit in
     dense-float) ppl dense-float smollm2-135m ;;
     dense:*:*|default:*:*) IFS=: read -r kind a b <<< "$unit"; "$kind" "$a" "$b" ;;
     joint|paper|plot) "$unit" ;;
-    *) echo "unknown unit $unit (dense:SCHEME:METHOD, dense-float, joint, default:R:SCHEME, paper, plot)" >&2; exit 2 ;;
+    rank-only) rank_only ;;
+    *) echo "unknown unit $unit (dense:SCHEME:METHOD, dense-float, joint, default:R:SCHEME, paper, rank-only, plot)" >&2; exit 2 ;;
   esac
 done
