@@ -196,7 +196,8 @@ def test_spectral_allocation_with_the_closed_form_update(tok, data_dir, tmp_path
 
 def test_allocation_is_kept_beside_the_statistics_and_reused_across_updates(tok, data_dir, tmp_path, monkeypatch):
     """The spectra and global's measured loss scales are computed once; the same configuration with another update
-    reads the ranks back (identical) instead of recomputing them, and a changed option computes them anew."""
+    reads the ranks back (identical) instead of recomputing them, and a changed option, or
+    another revision of the allocators, computes them anew."""
     import svdllm.factorization.spectra as spectra
 
     calls = []
@@ -217,6 +218,10 @@ def test_allocation_is_kept_beside_the_statistics_and_reused_across_updates(tok,
     assert again.ranks == first.ranks and again.manifest["allocation"] == first.manifest["allocation"]
     svdllm.compress(tiny_model("llama"), tok, config(calibrate=2), progress=False)
     assert len(calls) == 2 * n
+    # a fixed allocator (a new REVISION) does not reuse what the old one chose
+    monkeypatch.setattr("svdllm.pipeline.ALLOCATOR_REVISION", -1)
+    svdllm.compress(tiny_model("llama"), tok, config(), progress=False)
+    assert len(calls) == 3 * n
 
 
 def test_compare_reads_eval_and_bench_results(tok, data_dir, tmp_path, capsys):

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .allocation import REVISION as ALLOCATOR_REVISION
 from .allocation import Allocator, MatrixInfo, get_allocator, param_counts
 from .calibration import distributed
 from .calibration import (AllocationRecord, StatsCache, calibrate_layers, capture_layer_inputs, gradient_stats,
@@ -427,8 +428,9 @@ def _recorded_allocation(run: Run) -> None:
             # every option's value, defaults included, so that a changed default is not served an old allocation
             "alloc_options": _alloc_options(run.allocator), "rank_multiple": config.rank_multiple,
             "grad_samples": config.calibration.grad_samples, "dtype": str(next(run.model.parameters()).dtype),
-            "version": __version__, **({"gram_dtype": config.gram_dtype} if run.needs_grams and
-                                       config.gram_dtype not in (None, "float64") else {})})
+            "version": __version__, "allocator_revision": ALLOCATOR_REVISION,
+            **({"gram_dtype": config.gram_dtype} if run.needs_grams and config.gram_dtype not in (None, "float64")
+               else {})})
     shared = run.shared.get("rank_maps", {})
     if all(r in shared for r in run.ratios):
         run.ranks, run.alloc_info = shared, run.shared["alloc_info"]
