@@ -8,8 +8,9 @@
 #   rank only        the default in float32 at the bytes of the dense int4 model
 #   SVD-LLM          R = 0.4 (`--preset paper`) in float32 and int4 (GPTQ): the issue's first goal
 # then the table and the PNG (frontier_plot.py). Resumable: a step whose JSON exists is skipped.
-# Usage: bash benchmarks/frontier_smollm2.sh [OUT_DIR [UNIT...]]   (BEST: best_smollm2.sh's model directory; about
-# 6.5 h alone on 2 cores, most of it the 18 full evaluations). Without units it runs them all in order; a unit is
+# Usage: bash benchmarks/frontier_smollm2.sh [OUT_DIR [UNIT...]]   (BEST: best_smollm2.sh's model directory. Its
+# steps took 11.4 h of one thread in all, run as 2-3 streams beside one another (wall.txt), most of it the 19 full
+# evaluations and the GPTQ runs.) Without units it runs them all in order; a unit is
 # dense:SCHEME:METHOD, joint, default:R:SCHEME, paper, rank-only or plot, so that two runs (one thread each) can share the work:
 #   bash benchmarks/frontier_smollm2.sh OUT default:0.4:int4 paper &  bash benchmarks/frontier_smollm2.sh OUT joint &
 set -euo pipefail
