@@ -1,8 +1,10 @@
-"""The frontier's table (OUT/frontier.md), its rows as numbers (OUT/frontier.json) and picture (OUT/frontier.png) from frontier_smollm2.sh's raw results.
+"""The frontier's table (OUT/frontier.md), its rows as numbers (OUT/frontier.json) and picture (OUT/frontier.png)
+from frontier_smollm2.sh's raw results; and, for that script, the ratio R at a dense model's bytes.
 
 x: bytes of the decoder layers' linears as stored (`linear_bytes` of `svdllm quantize` / `compress --bits`; float32
 models: 4 bytes per parameter of those linears); y: WikiText-2 perplexity, all 148 windows.
 Usage: python benchmarks/frontier_plot.py OUT_DIR BEST_RESULTS_DIR
+       python benchmarks/frontier_plot.py --budget OUT_DIR SCHEME...   (R of each dense SCHEME's bytes, comma-joined)
 """
 import json
 import math
@@ -12,6 +14,13 @@ from pathlib import Path
 
 def _json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def budget_ratio(out: Path, scheme: str) -> str:
+    """R (the fraction of the linears' float32 bytes removed) that leaves the bytes of the dense model quantized at
+    `scheme` (its round-to-nearest run: GPTQ stores the same bytes), rounded up: never more bytes than it."""
+    q = json.loads((out / f"quantize-dense-{scheme}-rtn.json").read_text())
+    return f"{math.ceil((1 - q['linear_bytes'] / (4 * q['quantized_weights'])) * 1e4) / 1e4:g}"
 
 
 def rows(out: Path, best: Path) -> list[dict]:
@@ -55,11 +64,8 @@ def rows(out: Path, best: Path) -> list[dict]:
         add("default float32", f"default R = {r} float32 (rank only)", 4 * res["linear_kept"],
             _json(out / f"eval-rank-only-r{r}.json"))
     # the joint runs' budgets, named by the dense model whose bytes they are (frontier_smollm2.sh's `joint`)
-    budget = {}
-    for scheme in ("int8", "int4", "int3"):
-        q = _json(out / f"quantize-dense-{scheme}-rtn.json")
-        if q:
-            budget[f"{math.ceil((1 - q['linear_bytes'] / (4 * q['quantized_weights'])) * 1e4) / 1e4:g}"] = scheme
+    budget = {budget_ratio(out, scheme): scheme for scheme in ("int8", "int4", "int3")
+              if (out / f"quantize-dense-{scheme}-rtn.json").exists()}
     joint = _json(out / "compress-joint.json")
     for res in (joint or {}).get("results", []):
         r = f"{res['ratio']:g}"
@@ -111,4 +117,7 @@ def main(out: Path, best: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "--budget":
+        print(",".join(budget_ratio(Path(sys.argv[2]), scheme) for scheme in sys.argv[3:]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

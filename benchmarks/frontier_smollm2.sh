@@ -10,8 +10,8 @@
 # then the table and the PNG (frontier_plot.py). Resumable: a step whose JSON exists is skipped.
 # Usage: bash benchmarks/frontier_smollm2.sh [OUT_DIR [UNIT...]]   (BEST: best_smollm2.sh's model directory. Its
 # steps took 11.4 h of one thread in all, run as 2-3 streams beside one another (wall.txt), most of it the 19 full
-# evaluations and the GPTQ runs.) Without units it runs them all in order; a unit is
-# dense:SCHEME:METHOD, joint, default:R:SCHEME, paper, rank-only or plot, so that two runs (one thread each) can share the work:
+# evaluations and the GPTQ runs.) Without units it runs them all in order; a unit is dense:SCHEME:METHOD, joint,
+# default:R:SCHEME, paper, rank-only or plot, so that two runs (one thread each) can share the work:
 #   bash benchmarks/frontier_smollm2.sh OUT default:0.4:int4 paper &  bash benchmarks/frontier_smollm2.sh OUT joint &
 set -euo pipefail
 OUT=${1:-runs/frontier}
@@ -23,6 +23,7 @@ export SVDLLM_DATA_DIR=${SVDLLM_DATA_DIR:-../shared/data} HF_HUB_OFFLINE=${HF_HU
 mkdir -p "$OUT" "$RUNS"
 source "$(dirname "$0")/step.sh"
 ppl() { step "eval-$1" $SVDLLM eval --model "$2" --ppl wikitext2; }
+budget() { python3 "$(dirname "$0")/frontier_plot.py" --budget "$OUT" "$@"; }  # R at those dense models' bytes
 
 dense() {  # $1 scheme, $2 method
   step "quantize-dense-$1-$2" $SVDLLM quantize --model smollm2-135m --scheme "$1" --method "$2" \
@@ -39,15 +40,7 @@ joint() {
       --out "$RUNS/dense-$scheme-rtn" --overwrite
   done
   local ratios
-  ratios=$(python3 - "$OUT" <<'PY'
-import json, math, sys
-r = []
-for scheme in ("int8", "int4", "int3"):
-    q = json.load(open(f"{sys.argv[1]}/quantize-dense-{scheme}-rtn.json"))
-    r.append(math.ceil((1 - q["linear_bytes"] / (4 * q["quantized_weights"])) * 1e4) / 1e4)
-print(",".join(f"{x:g}" for x in r))
-PY
-  )
+  ratios=$(budget int8 int4 int3)
   step compress-joint $SVDLLM compress --model smollm2-135m --ratio "$ratios" --bits 3,4,8 --out "$RUNS/joint" \
     --overwrite
   local r
@@ -61,13 +54,9 @@ rank_only() {
   step quantize-dense-int4-rtn $SVDLLM quantize --model smollm2-135m --scheme int4 --method rtn \
     --out "$RUNS/dense-int4-rtn" --overwrite
   local r
-  r=$(python3 - "$OUT/quantize-dense-int4-rtn.json" <<'PY'
-import json, math, sys
-q = json.load(open(sys.argv[1]))
-print(f"{math.ceil((1 - q['linear_bytes'] / (4 * q['quantized_weights'])) * 1e4) / 1e4:g}")
-PY
-  )
-  step "compress-rank-only-r$r" $SVDLLM compress --model smollm2-135m --ratio "$r" --out "$RUNS/rank-only-r$r" --overwrite
+  r=$(budget int4)
+  step "compress-rank-only-r$r" $SVDLLM compress --model smollm2-135m --ratio "$r" --out "$RUNS/rank-only-r$r" \
+    --overwrite
   ppl "rank-only-r$r" "$RUNS/rank-only-r$r"
 }
 

@@ -37,8 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .allocation import REVISION as ALLOCATOR_REVISION
-from .allocation import Allocator, MatrixInfo, get_allocator, param_counts
+from .allocation import REVISION as ALLOCATOR_REVISION, Allocator, MatrixInfo, get_allocator, param_counts
 from .calibration import distributed
 from .calibration import (AllocationRecord, StatsCache, calibrate_layers, capture_layer_inputs, gradient_stats,
                           layerwise_loss, linear_stats, model_fingerprint)
