@@ -14,7 +14,7 @@ import sys
 import torch
 
 from svdllm.data import resolve_data_dir
-from svdllm.atomic import atomic_write_text
+from svdllm.utils.atomic import atomic_write_text
 from svdllm import load_model
 
 

@@ -54,7 +54,7 @@ def main() -> None:
                      "compress_s": round(seconds, 1), "threads": torch.get_num_threads()})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        from svdllm.atomic import atomic_write_text
+        from svdllm.utils.atomic import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(rows, indent=1))
 

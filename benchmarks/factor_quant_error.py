@@ -15,9 +15,9 @@ import torch
 import svdllm
 from svdllm.calibration import calibrate_layers
 from svdllm.data.windows import calibration_set
-from svdllm.gptq import Grid, gptq_codes, gptq_low_rank_codes, output_error, rtn_codes
+from svdllm.quantization.gptq import Grid, gptq_codes, gptq_low_rank_codes, output_error, rtn_codes
 from svdllm.models.families import family_of
-from svdllm.modules import LowRankLinear
+from svdllm.nn.low_rank import LowRankLinear
 
 torch.set_num_threads(1)
 LAYERS = (0, 5, 15, 25)

@@ -14,8 +14,8 @@ import torch
 
 from svdllm.calibration import calibrate_layers
 from svdllm.data.windows import calibration_set
-from svdllm.gptq import Grid, gptq_codes, output_error, rtn_codes
-from svdllm.loader import load_model
+from svdllm.quantization.gptq import Grid, gptq_codes, output_error, rtn_codes
+from svdllm.io.loader import load_model
 from svdllm.models.families import family_of
 
 torch.set_num_threads(1)

@@ -3,7 +3,7 @@ spread of channel scales), one thread: the method's decomposition and quantizati
 on its factor pair at half the usable rank). Usage: python benchmarks/joint_cost_8b.py OUT.json"""
 import torch, time, json, sys
 torch.set_num_threads(1)
-from svdllm.factorization.spectra import quantization_errors
+from svdllm.quantization.sensitivity import quantization_errors
 from svdllm.factorization import get_method
 torch.manual_seed(0)
 out = {}

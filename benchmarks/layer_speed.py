@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from svdllm.modules import LowRankLinear
+from svdllm.nn.low_rank import LowRankLinear
 from svdllm.models.families import LINEAR_NAMES
 
 

@@ -178,7 +178,7 @@ def test_compress_with_each_allocator_on_a_tiny_model(alloc, tok, data_dir, tmp_
         assert manifest["alloc"] == alloc and manifest["ranks"] == res.ranks
         loaded = svdllm.load(res.out)
         assert torch.isfinite(loaded(torch.tensor([[1, 2, 3, 4]])).logits).all()
-    from svdllm.report import report
+    from svdllm.evaluation.report import report
 
     out = report(tmp_path / "out")
     assert (tmp_path / "out" / "ranks.png").stat().st_size > 1000

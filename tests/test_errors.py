@@ -205,7 +205,7 @@ def test_written_files_follow_the_umask(tok, data_dir, tmp_path):
 def test_a_missing_extra_is_named(tmp_path, tok, data_dir, monkeypatch, capsys):
     import importlib
 
-    import svdllm.extras as extras
+    import svdllm.utils.extras as extras
     from svdllm.cli import main
     from tiny import saved_tiny
 

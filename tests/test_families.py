@@ -169,7 +169,7 @@ def test_bad_patterns_and_layer_paths_are_named():
 
 def test_layerwise_model_of_another_layout(tok, tmp_path):
     """OPT read one layer at a time from its shards gives the same model as loaded whole."""
-    from svdllm.loader import load_model
+    from svdllm.io.loader import load_model
     from tiny import byte_tokenizer
 
     model = tiny_model("opt")

@@ -4,7 +4,7 @@ blocked Cholesky form; and the error it leaves must be below round-to-nearest's 
 import pytest
 import torch
 
-from svdllm.gptq import Grid, damped, fake_quantize, gptq, gptq_low_rank, grid_params, output_error, rtn
+from svdllm.quantization.gptq import Grid, damped, fake_quantize, gptq, gptq_low_rank, grid_params, output_error, rtn
 
 
 def _problem(m=12, n=48, tokens=200, seed=0):
@@ -122,7 +122,7 @@ def _whitened_pair(seed, rank=24):
 
 
 def test_gauge_keeps_the_product_and_gives_gptq_room_on_whitened_factors():
-    from svdllm.gptq import gauge
+    from svdllm.quantization.gptq import gauge
 
     ratios = []  # error with the gauge / without, GPTQ at int4 in groups of 16 (0.69–0.81 on these seeds)
     for seed in range(6):
@@ -138,7 +138,7 @@ def test_gauge_keeps_the_product_and_gives_gptq_room_on_whitened_factors():
 
 
 def test_codes_scales_and_zeros_rebuild_the_matrix():
-    from svdllm.gptq import gptq_codes
+    from svdllm.quantization.gptq import gptq_codes
 
     w, h = _problem()
     for grid in (Grid(4, 16), Grid(8, None)):

@@ -126,7 +126,7 @@ _PEAK = """
 import json, resource, sys, torch
 sys.path.insert(0, {tests!r})
 from svdllm.calibration.fisher import gradient_stats
-from svdllm.loader import load_model
+from svdllm.io.loader import load_model
 model, _ = load_model({path!r}, layerwise=True)
 windows = torch.randint(0, 256, (2, 512), generator=torch.Generator().manual_seed(0))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -8,7 +8,7 @@ import svdllm
 from svdllm.allocation import MatrixInfo
 from svdllm.allocation.allocators import Global, Spectrum
 from svdllm.cli import main
-from svdllm.quantization import weight_bits
+from svdllm.quantization.pricing import weight_bits
 from tiny import tiny_model
 
 
@@ -48,7 +48,7 @@ def test_free_quantization_is_taken_and_ruinous_quantization_is_not():
 
 
 def test_quantization_errors_fall_with_the_width(tok):
-    from svdllm.factorization.spectra import quantization_errors
+    from svdllm.quantization.sensitivity import quantization_errors
     from svdllm.factorization import get_method
 
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def test_quantization_errors_fall_with_the_width(tok):
     err = quantization_errors(w, dec, gram, (3, 4, 8), 16)
     for k in (0, 1):  # dense, then the factor pair
         assert 0 < err[8][k] < err[4][k] < err[3][k] < 1
-    from svdllm.gptq import inverse_factor
+    from svdllm.quantization.gptq import inverse_factor
 
     # the spectra phase hands matrices that share a Gram (q/k/v, gate/up) one inverse factor: the same errors
     assert quantization_errors(w, dec, gram, (3, 4, 8), 16, factor=inverse_factor(gram)) == err

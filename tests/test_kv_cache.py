@@ -5,7 +5,7 @@ from transformers import DynamicCache
 
 import svdllm
 from svdllm.errors import SvdllmError
-from svdllm.kv_cache import CACHE_KW, LowRankKVLayer, cache_nbytes, low_rank_kv_cache, output_cache
+from svdllm.nn.kv_cache import CACHE_KW, LowRankKVLayer, cache_nbytes, low_rank_kv_cache, output_cache
 from tiny import tiny_model
 
 

@@ -46,8 +46,9 @@ def test_the_parts_import_each_other_without_a_cycle():
 def test_each_part_imports_only_what_it_should():
     edges = _imports()
     # allocators see only spectra and the budget; models know architectures and loading, nothing of compression
-    assert edges.get("allocation", set()) <= {"errors"}
-    assert edges.get("models", set()) <= {"errors", "atomic"}
+    # (quantization: only its pricing of a width, quantization/pricing.py, which imports nothing of svdllm)
+    assert edges.get("allocation", set()) <= {"errors", "quantization"}
+    assert edges.get("models", set()) <= {"errors", "utils"}
     assert edges.get("data", set()) <= {"errors"}
     # only the entry points sequence a run
     assert {u for u, vs in edges.items() if "pipeline" in vs} <= {"__init__", "cli"}
@@ -65,3 +66,18 @@ def test_only_the_families_spell_out_where_the_decoder_layers_are():
                 if not (node.value.strip().startswith(("e.g.", "(")) or "\n" in node.value):  # docstrings may say it
                     offenders.append(f"{f.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not offenders, offenders
+
+
+def test_allocation_reads_only_the_price_of_a_width_from_quantization():
+    for f in (ROOT / "allocation").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and (node.module or "").startswith("quantization"):
+                assert node.module == "quantization.pricing", f"{f.name} imports {node.module}"
+    pricing = ast.parse((ROOT / "quantization" / "pricing.py").read_text())
+    assert not [n for n in ast.walk(pricing) if isinstance(n, ast.ImportFrom) and n.level], "pricing.py must stay a leaf"
+
+
+def test_the_top_of_the_package_holds_only_the_entry_points():
+    """Every stage is a package named after it; at the top only the entry points, the configs and the error type."""
+    loose = sorted(f.name for f in ROOT.glob("*.py"))
+    assert loose == ["__init__.py", "cli.py", "config.py", "errors.py", "pipeline.py"], loose

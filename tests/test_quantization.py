@@ -64,7 +64,7 @@ def test_dense_model_quantized_alone(tok, tmp_path, capsys):
 
 
 def test_int4_group_falls_back_where_the_rank_is_not_a_multiple(tok):
-    from svdllm.quantization import quantize_model
+    from svdllm.quantization.quantize import quantize_model
 
     model = tiny_model("llama")
     svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.37, method="svd"), progress=False)
@@ -76,7 +76,7 @@ def test_int4_group_falls_back_where_the_rank_is_not_a_multiple(tok):
 
 
 def test_int4_packing_is_exact_and_halves_the_bytes():
-    from svdllm.quantization import pack_int4, unpack_int4
+    from svdllm.quantization.formats import pack_int4, unpack_int4
 
     q = torch.randint(-8, 8, (7, 5), dtype=torch.int8)  # odd count: the last byte is half used
     q[0, :2] = torch.tensor([-8, 7])
@@ -114,7 +114,7 @@ def test_gptq_factors_round_trip_and_beat_round_to_nearest_on_the_grams(scheme, 
     round-to-nearest's on the same grid."""
     from svdllm.calibration import calibrate_layers
     from svdllm.data.windows import calibration_set
-    from svdllm.gptq import Grid, output_error, rtn
+    from svdllm.quantization.gptq import Grid, output_error, rtn
 
     model = tiny_model("llama")
     cal = svdllm.CalibrationConfig(nsamples=4, seqlen=64, data_dir=str(data_dir))
@@ -162,7 +162,7 @@ def test_gptq_dense_model_and_bad_requests(tok, data_dir, tmp_path, capsys):
     r = svdllm.load(tmp_path / "r")
     w = r.model.layers[0].mlp.down_proj.weight
     assert w.qdata.min() >= -4 and w.qdata.max() <= 3 and len(torch.unique(w.qdata)) <= 8
-    from svdllm.gptq import Grid, rtn
+    from svdllm.quantization.gptq import Grid, rtn
 
     expected = rtn(dense.model.layers[0].mlp.down_proj.weight, Grid(3, w.block_size[-1]))
     torch.testing.assert_close(w.dequantize().double(), expected, rtol=0, atol=1e-6)
@@ -172,7 +172,7 @@ def test_eval_scores_a_quantized_model_and_its_fingerprint_sees_the_codes(tok, d
     """`svdllm eval --ppl` on an int4 directory (the resumable evaluation hashes the weights: a quantized weight is
     hashed through its codes and scales), and two different quantizations get different fingerprints."""
     from svdllm.evaluation.resume import weights_fingerprint
-    from svdllm.quantization import quantize_model
+    from svdllm.quantization.quantize import quantize_model
 
     dense = tiny_model("llama")
     dense.save_pretrained(tmp_path / "dense")

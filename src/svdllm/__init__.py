@@ -19,7 +19,7 @@ for _name in ("torchao", "torch.utils._pytree"):
 from .config import CalibrationConfig, CompressConfig  # noqa: E402
 from .errors import SvdllmError  # noqa: E402
 from .io import load, save  # noqa: E402
-from .loader import load_model  # noqa: E402
+from .io.loader import load_model  # noqa: E402
 from .pipeline import CompressionResult, compress  # noqa: E402
 
 __all__ = ["__version__", "CalibrationConfig", "CompressConfig", "SvdllmError", "load", "save", "load_model",

@@ -338,7 +338,7 @@ def _patterns(text: str) -> list[str]:
 
 
 def _load(args):
-    from .loader import load_model
+    from .io.loader import load_model
 
     model, tok = load_model(args.model, args.dtype, layerwise=getattr(args, "layerwise", False),
                             layers_path=getattr(args, "layers_path", None))
@@ -437,7 +437,7 @@ def cmd_quantize(args) -> dict:
 
     from .io.checkpoint import check_out_dir, read_manifest, save
     from .io.manifest import Manifest
-    from .quantization import quantize_and_report
+    from .quantization.quantize import quantize_and_report
 
     check_out_dir(args.out, args.overwrite)
     if _is_svdllm_dir(args.model):
@@ -515,7 +515,7 @@ def _export_compressed_tensors(args, manifest: dict) -> dict:
     from pathlib import Path
 
     from .io.checkpoint import load, save
-    from .io.compressed_tensors import to_compressed_tensors
+    from .quantization.compressed_tensors import to_compressed_tensors
 
     if not manifest.get("quantization"):
         raise SvdllmError(f"{args.run_dir} is not quantized: run `svdllm quantize --model {args.run_dir} ...` first, "
@@ -618,7 +618,7 @@ def cmd_demo(args) -> dict:
     with one reply each: what the product does, in about 10 minutes on 2 CPU cores."""
     from .config import CalibrationConfig, CompressConfig
     from .evaluation import generate, perplexity
-    from .loader import load_model
+    from .io.loader import load_model
     from pathlib import Path
 
     from .pipeline import compress, swap_back
@@ -663,7 +663,7 @@ def cmd_demo(args) -> dict:
         print(f"  {r['model']}:\n    {r['reply']}")
     result = {"command": "demo", "model": args.model, "note": note, "ratio": args.ratio, "prompt": args.prompt,
               "rows": rows, "wall_s": time.perf_counter() - t0}
-    from .atomic import atomic_write_text
+    from .utils.atomic import atomic_write_text
 
     atomic_write_text(Path(args.out) / "demo.json", json.dumps(result, indent=1))
     print(f"\nmodels and demo.json (these figures) saved under {args.out}; total {result['wall_s']:.0f} s")
@@ -768,13 +768,13 @@ def _machine() -> dict:
 
 
 def cmd_compare(args) -> dict:
-    from .report import compare
+    from .evaluation.report import compare
 
     return compare(args.run_dirs, args.out)
 
 
 def cmd_report(args) -> dict:
-    from .report import report
+    from .evaluation.report import report
 
     return report(args.run_dir, args.png)
 

@@ -50,7 +50,7 @@ from .factorization import Method, get_method
 from .factorization.apply import LayerFactorizer
 from .factorization.spectra import decompose, spectra
 from .factorization.store import DecompositionStore
-from .modules import swap_back, swap_in
+from .nn.low_rank import swap_back, swap_in
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
 from .io.manifest import Manifest
 from .models.lazy import is_lazy, resident, resident_bytes
@@ -216,7 +216,7 @@ def _quantize_as_allocated(model, tokenizer, config: CompressConfig, results: li
     """The joint allocation's widths applied: each ratio's model quantized by GPTQ, matrix by matrix at the width
     the allocation chose (float where it chose none), on the calibration windows, and saved again."""
     from .io.checkpoint import load
-    from .quantization import quantize_and_report
+    from .quantization.quantize import quantize_and_report
 
     cal = config.calibration
     windows = calibration_set(tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SvdllmError
-from .budget import MatrixInfo, budget, check_feasible, exact_rank, fit_to_budget, weight_bits
+from ..quantization.pricing import FLOAT_BITS, OVERHEAD_BITS, weight_bits
+from .budget import MatrixInfo, budget, check_feasible, exact_rank, fit_to_budget
 
 
 @dataclass
@@ -390,10 +391,6 @@ class Global(Allocator):
         self.last_bits[ratio] = {name: b for name, (_, b) in picks.items()}
         self.last_bytes[ratio] = int(sum(units[u][chosen[u]][0] for u in range(len(units)))) // 8
         return {name: r for name, (r, _) in picks.items()}
-
-
-FLOAT_BITS = 32  # the unquantized weights: float32, as svdllm quantize computes
-OVERHEAD_BITS = 40  # a float32 scale and an int8 zero point per group of a row
 
 
 def _greedy(units: list[list[tuple[float, float, object]]], target: float) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_path, atomic_write_text
+from ..utils.atomic import atomic_path, atomic_write_text
 from ..models.families import family_of
 from .fisher import GradientStats, LayerGradients
 from . import distributed

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 from ..errors import SvdllmError
 from ..models.families import family_of
 from ..models.lazy import resident

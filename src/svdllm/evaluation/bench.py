@@ -64,7 +64,7 @@ def disk_bytes(path: str | Path | None) -> int | None:
 
 def _decode_seconds(model, ids: torch.Tensor, steps: int, device) -> float:
     """Wall time of `steps` greedy single-token forwards with the KV cache, after an untimed prefill."""
-    from ..kv_cache import CACHE_KW, output_cache
+    from ..nn.kv_cache import CACHE_KW, output_cache
 
     out = model(input_ids=ids, use_cache=True)
     past, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
@@ -110,8 +110,8 @@ def kv_cache_bytes(model, lengths=(2048,), batch: int = 1, seed: int = 0) -> lis
     where the model has low-rank k/v projections."""
     from transformers import DynamicCache
 
-    from ..kv_cache import CACHE_KW, cache_nbytes, low_rank_kv_cache
-    from ..modules import LowRankLinear
+    from ..nn.kv_cache import CACHE_KW, cache_nbytes, low_rank_kv_cache
+    from ..nn.low_rank import LowRankLinear
 
     device = next(model.parameters()).device
     low_rank = any(isinstance(m, LowRankLinear) for n, m in model.named_modules() if n.endswith(("k_proj", "v_proj")))

@@ -13,8 +13,8 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat
                   kv_cache: str = "dynamic") -> dict:
     """The continuation, how many tokens it has, and the wall time (prefill included) it took.
 
-    kv_cache="low-rank" caches the rank-r intermediates of low-rank k/v projections (svdllm.kv_cache)."""
-    from ..kv_cache import CACHE_KW, cache_nbytes, low_rank_kv_cache, output_cache
+    kv_cache="low-rank" caches the rank-r intermediates of low-rank k/v projections (svdllm.nn.kv_cache)."""
+    from ..nn.kv_cache import CACHE_KW, cache_nbytes, low_rank_kv_cache, output_cache
 
     templated = chat and bool(getattr(tokenizer, "chat_template", None))
     if templated:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_text
+from ..utils.atomic import atomic_write_text
 
 
 def weights_fingerprint(model, tokenizer) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import SvdllmError
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 from .resume import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | os.PathLike | 
     (the result then covers whatever the scores file holds so far; `complete` says whether that is every
     document). scores_dir: where the per-document scores are kept (default: in `cache`, per model fingerprint).
     resume: reuse the scored requests and documents an earlier run kept; False scores everything afresh."""
-    from ..extras import require
+    from ..utils.extras import require
 
     lm_eval = require("lm_eval", "Zero-shot evaluation (--tasks)")
     from lm_eval.models.huggingface import HFLM

@@ -1,7 +1,7 @@
 """Factorization: *how* a weight matrix becomes two low-rank factors (the rank itself comes from allocation)."""
 from ..errors import SvdllmError
 from .base import Decomposition, Method
-from ..modules import LowRankLinear
+from ..nn.low_rank import LowRankLinear
 from .methods import ASVD, FWSVD, SVDLLM, DipSVD, KFACSVD, PlainSVD, SVDLLMV2
 
 METHODS: dict[str, Method] = {m.name: m for m in (PlainSVD(), FWSVD(), ASVD(), SVDLLM(), SVDLLMV2(), DipSVD(), KFACSVD())}

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..calibration import distributed, linear_stats
 from ..errors import SvdllmError
-from ..modules import swap_in
+from ..nn.low_rank import swap_in
 from ..models.families import family_of
 from ..models.lazy import resident_bytes
 from ..update import closed_form_w_u, output_error

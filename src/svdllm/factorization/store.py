@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 from .base import Decomposition
 
 

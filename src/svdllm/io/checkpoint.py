@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import SvdllmError
-from ..modules import LowRankLinear
+from ..nn.low_rank import LowRankLinear
 from ..models.families import family_of, from_record, set_submodule, use_family
-from ..quantization import flatten_state, is_quantized, unflatten_state
-from ..atomic import readable_as_usual
+from ..quantization.formats import flatten_state, unflatten_state
+from ..quantization.quantize import is_quantized
+from ..utils.atomic import readable_as_usual
 from .hf_native import MODELING_FILE, model_card, modeling_source, native_config, strip_native
 from .manifest import MANIFEST_NAME, read_manifest, stamped
 

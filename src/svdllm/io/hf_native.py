@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modules import LowRankLinear
+from ..nn.low_rank import LowRankLinear
 from ..models.families import set_submodule
 
 MODELING_FILE = "modeling_svdllm.py"
@@ -206,6 +206,6 @@ def export_dense(model: nn.Module) -> nn.Module:
 
 
 def write_card(directory: str | Path, manifest: dict, results: dict | None = None) -> None:
-    from ..atomic import atomic_write_text
+    from ..utils.atomic import atomic_write_text
 
     atomic_write_text(Path(directory) / "README.md", model_card(manifest, results))

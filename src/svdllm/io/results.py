@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..utils.atomic import atomic_write_text
 
 EVAL_NAME = "svdllm_eval.json"
 BENCH_NAME = "svdllm_bench.json"

@@ -129,7 +129,7 @@ def _load_builtin(name: str, dtype: torch.dtype):
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "svdllm_source.json").write_text(json.dumps({"builtin": name, "gguf": str(gguf)}))
-            from ..atomic import readable_as_usual
+            from ..utils.atomic import readable_as_usual
 
             readable_as_usual(tmp)
             os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)

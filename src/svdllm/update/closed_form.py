@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 from ..calibration import distributed
 from ..calibration.layerwise import (LayerStats, accumulate, capture_layer_inputs, check_finite, input_of,
                                      model_device, run_layer, shard_windows, sum_over_ranks)

@@ -25,9 +25,9 @@ from torch import nn
 
 from ..data.instructions import IGNORE, collate, load_items
 from ..errors import SvdllmError
-from ..modules import LowRankLinear
-from ..atomic import atomic_path, atomic_write_text, save_figure
-from ..extras import available
+from ..nn.low_rank import LowRankLinear
+from ..utils.atomic import atomic_path, atomic_write_text, save_figure
+from ..utils.extras import available
 
 log = logging.getLogger(__name__)
 STATE_NAME = "state.pt"
@@ -210,7 +210,7 @@ def finetune(model: nn.Module, tokenizer, config: FinetuneConfig | None = None,
     `checkpoint_dir`: where checkpoints go and where an interrupted run is resumed from (same settings only).
     `callback(stage, step, loss)` is called after every optimizer step (a progress hook; it may raise to stop).
     """
-    from ..extras import require
+    from ..utils.extras import require
 
     require("peft", "LoRA fine-tuning (--update lora, svdllm finetune)")
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -220,7 +220,7 @@ def finetune(model: nn.Module, tokenizer, config: FinetuneConfig | None = None,
     config = config or FinetuneConfig()
     config.validate()
     names = low_rank_names(model)
-    from ..quantization import is_quantized
+    from ..quantization.quantize import is_quantized
 
     if any(is_quantized(p) for p in model.parameters()):
         raise SvdllmError("The model is quantized; fine-tune the unquantized compressed model, then quantize it.")

@@ -6,10 +6,10 @@ import json
 import os
 from pathlib import Path
 
-from .errors import SvdllmError
-from .atomic import atomic_write_text, save_figure
-from .extras import available
-from .io.checkpoint import MANIFEST_NAME as MANIFEST
+from ..errors import SvdllmError
+from ..utils.atomic import atomic_write_text, save_figure
+from ..utils.extras import available
+from ..io.checkpoint import MANIFEST_NAME as MANIFEST
 
 
 def _run_dirs(run_dir: Path) -> list[Path]:
@@ -114,8 +114,8 @@ def _looks_like_a_path(model: str) -> bool:
 def _json_rows(files: list[Path]) -> list[dict]:
     """Rows from `svdllm eval --json` outputs, one per model: files of the same model (one perplexity set or task
     each, as long runs are split) merge into one row."""
-    from .evaluation.zeroshot import combine
-    from .io.results import how_made, ppl_key, zero_shot_key
+    from .zeroshot import combine
+    from ..io.results import how_made, ppl_key, zero_shot_key
 
     models: dict[str, dict] = {}
     for f in files:
@@ -153,7 +153,7 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "compare
     """Runs side by side, a markdown table and PNG plots. Each input is a directory written by `svdllm compress`
     (its manifest, svdllm_eval.json and svdllm_bench.json) or a JSON file written by `svdllm eval --json`
     (dense models too: they are drawn as the reference line)."""
-    from .io.results import BENCH_NAME, EVAL_NAME, how_made, read_results
+    from ..io.results import BENCH_NAME, EVAL_NAME, how_made, read_results
 
     rows, files = [], []
     for rd in run_dirs:
@@ -224,7 +224,7 @@ def _compare_plots(rows: list[dict], out: Path) -> list[Path]:
         written.append(save_figure(fig, out / "ppl_vs_ratio.png"))
     tasks = sorted({t for r in rows for t in r.get("zero_shot", {}).get("tasks", {})})
     if tasks:
-        from .evaluation.zeroshot import CHANCE
+        from .zeroshot import CHANCE
 
         # the average panel compares like with like: only the tasks every row has (all of them once a run is done)
         common = [t for t in tasks if all(t in r["zero_shot"]["tasks"] for r in rows if r.get("zero_shot"))]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import SvdllmError
-from ..extras import require
+from ..utils.extras import require
 
 # Symmetric grids (round-to-nearest) pack their codes into int32 words. Asymmetric ones (GPTQ's min-max grid) keep
 # one code per int8 byte: transformers 5.24 with compressed-tensors 0.20 cannot load a packed asymmetric
@@ -26,7 +26,7 @@ PACKED, UNPACKED = "pack-quantized", "int-quantized"
 
 def _grid(weight) -> tuple[int, int | None, bool]:
     """(bits, group size or None for one scale per output row, symmetric) of a torchao weight."""
-    from ..quantization import value_bits
+    from .quantize import value_bits
 
     bits = value_bits(weight)
     if bits is None:
@@ -62,7 +62,7 @@ def to_compressed_tensors(model: nn.Module):
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 
-    from ..quantization import is_quantized
+    from .quantize import is_quantized
 
     quantized = {name: m for name, m in model.named_modules()
                  if isinstance(m, nn.Linear) and is_quantized(m.weight)}

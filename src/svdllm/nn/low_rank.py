@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.families import set_submodule
+from ..models.families import set_submodule
 
 
 class LowRankLinear(nn.Module):

@@ -22,8 +22,8 @@ import time
 import torch
 from torch import nn
 
-from .allocation.budget import quant_group as _group, weight_bits  # noqa: F401 (weight_bits: for callers)
-from .errors import SvdllmError
+from .pricing import quant_group as _group
+from ..errors import SvdllmError
 
 log = logging.getLogger(__name__)
 SCHEMES = {"int8": "int8 weights, one scale per output channel", "int4": "int4 weights, one scale per group of "
@@ -39,7 +39,7 @@ METHODS = {"rtn": "round-to-nearest, no calibration data (int8/int4: torchao's s
 
 def _torchao():
     logging.getLogger("torchao").setLevel(logging.ERROR)  # it logs every GPU kernel library a CPU build lacks
-    from .extras import require
+    from ..utils.extras import require
 
     require("torchao", "Quantization")
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
@@ -49,7 +49,7 @@ def _torchao():
 
 def _targets(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside the decoder layers (the factors of a LowRankLinear are two)."""
-    from .models.families import family_of, find_layers
+    from ..models.families import family_of, find_layers
 
     try:
         layers = family_of(model).layers
@@ -149,10 +149,10 @@ def _gptq_model(model: nn.Module, scheme: str, group_size: int, windows: torch.T
     """GPTQ a decoder layer at a time: each layer's input Grams are taken with the layers before it already
     quantized (the sequential calibration mode), then every linear of the layer is quantized on its group's Gram.
     `bits_of`: the width of each linear by its full name (None: it stays float) instead of the scheme's."""
-    from .calibration import calibrate_layers
+    from ..calibration import calibrate_layers
     from .gptq import Grid, gptq_codes, gptq_low_rank_codes
-    from .models.families import family_of
-    from .modules import LowRankLinear
+    from ..models.families import family_of
+    from ..nn.low_rank import LowRankLinear
 
     family = family_of(model)
     layers = family.decoder_layers(model)
@@ -217,54 +217,3 @@ def quantization_report(model: nn.Module, scheme: str | None) -> dict:
                 "linear_bytes": linear_bits // 8}
     return {"quantized_weights": weights, "bits_per_weight": (values + extra) / weights,
             "memory_bits_per_weight": memory / weights, "linear_bytes": linear_bits // 8}
-
-
-PACKED_KEY = "svdllm_int4_packed"
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-8, 7] -> uint8 bytes holding two of them each (low nibble first)."""
-    if q.dtype != torch.int8 or (q.numel() and (int(q.min()) < -8 or int(q.max()) > 7)):
-        raise SvdllmError("int4 weights outside [-8, 7]; the quantized tensor is not int4.")
-    u = (q.reshape(-1).to(torch.int16) & 0x0F).to(torch.uint8)
-    if u.numel() % 2:
-        u = torch.cat([u, u.new_zeros(1)])
-    return u[0::2] | (u[1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[: math.prod(shape)]
-    q = nibbles.to(torch.int8)
-    return torch.where(q >= 8, q - 16, q).reshape(shape)
-
-
-def flatten_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    """Plain tensors and metadata for safetensors (None when nothing is quantized); int4 values packed two per byte."""
-    if not any(is_quantized(v) for v in state.values()):
-        return state, None
-    _torchao()
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-
-    tensors, metadata = flatten_tensor_state_dict(state)
-    packed = {}
-    for name, v in state.items():
-        if is_quantized(v) and getattr(v, "target_dtype", None) in (torch.int4, torch.int3):  # [-8, 7] holds int3
-            fqn, attr = name.rsplit(".", 1)
-            key = f"{fqn}._{attr}_qdata"  # torchao's name for the values of a flattened tensor
-            packed[key] = list(tensors[key].shape)
-            tensors[key] = pack_int4(tensors[key])
-    if packed:
-        metadata[PACKED_KEY] = json.dumps(packed)
-    return tensors, metadata
-
-
-def unflatten_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
-    _torchao()
-    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-
-    tensors = dict(tensors)
-    for key, shape in json.loads(metadata.get(PACKED_KEY, "{}")).items():
-        tensors[key] = unpack_int4(tensors[key], shape)
-    metadata = {k: v for k, v in metadata.items() if k != PACKED_KEY}
-    state, leftover = unflatten_tensor_state_dict(tensors, metadata)
-    return {**leftover, **state}

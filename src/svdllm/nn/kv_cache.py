@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .errors import SvdllmError
-from .modules import LowRankLinear
-from .models.families import FAMILIES, family_of
+from ..errors import SvdllmError
+from .low_rank import LowRankLinear
+from ..models.families import FAMILIES, family_of
 
 
 def _cache_kw() -> str:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import SvdllmError
-from .io import MANIFEST_NAME, load
-from .models.loading import BUILTIN_MODELS, _load_builtin, _load_gguf, _load_hf, cache_root, parse_dtype
+from ..errors import SvdllmError
+from . import MANIFEST_NAME, load
+from ..models.loading import BUILTIN_MODELS, _load_builtin, _load_gguf, _load_hf, cache_root, parse_dtype
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "float32", layerwise: bool = False,
@@ -22,7 +22,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", layerwise: bool 
     dtype = parse_dtype(dtype)
     path = Path(spec).expanduser()
     if layerwise:
-        from .models.lazy import load_lazy
+        from ..models.lazy import load_lazy
 
         if spec in BUILTIN_MODELS:
             target = cache_root() / "models" / spec

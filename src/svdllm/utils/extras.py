@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import SvdllmError
+from ..errors import SvdllmError
 
 # module -> (the PyPI package, the extra that installs it)
 EXTRAS = {"lm_eval": ("lm-eval", "eval"), "peft": ("peft", "lora"), "torchao": ("torchao", "quant"), "compressed_tensors": ("compressed-tensors", "quant"),
