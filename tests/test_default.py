@@ -80,19 +80,21 @@ def test_the_model_at_a_ratio_depends_on_that_ratio_alone(model_dir, data_dir, t
 
 
 def test_ratios_without_an_update_share_one_calibration_pass(model_dir, data_dir, tmp_path, monkeypatch):
-    import svdllm.pipeline as pipeline
+    from svdllm.calibration.walk import Walk
 
     passes = []
-    for name in ("calibrate_layers", "paired_layers"):
-        def counting(*args, real=getattr(pipeline, name), name=name, **kw):
-            passes.append(name)
-            return real(*args, **kw)
+    real = Walk.run
 
-        monkeypatch.setattr(pipeline, name, counting)
+    def counting(self, processor):
+        if self.windows is not None and type(processor).__name__ in ("InputStatistics", "ClosedFormPass"):
+            passes.append(type(processor).__name__)
+        return real(self, processor)
+
+    monkeypatch.setattr(Walk, "run", counting)
     results = _api(model_dir, data_dir, [0.2, 0.3, 0.6], tmp_path / "r", "")
     assert [r.manifest["update"] for r in results] == ["none", "none", "closed-form"]
     # one pass for the statistics of every ratio, one through the compressed model for R = 0.6's update
-    assert passes == ["calibrate_layers", "paired_layers"]
+    assert passes == ["InputStatistics", "ClosedFormPass"]
 
 
 def test_each_matrix_is_decomposed_once_per_run(model_dir, data_dir, tmp_path, monkeypatch):

@@ -34,12 +34,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import __version__
 from .allocation import REVISION as ALLOCATOR_REVISION, Allocator, MatrixInfo, get_allocator, param_counts
 from .calibration import distributed
-from .calibration import (AllocationRecord, StatsCache, calibrate_layers, capture_layer_inputs, gradient_stats,
+from .calibration import (AllocationRecord, InputStatistics, StatsCache, Walk, capture_layer_inputs, gradient_stats,
                           layerwise_loss, linear_stats, model_fingerprint)
 from .config import CompressConfig, free_disk
 from .data import CORPORA, calibration_set, check_token_ids
@@ -47,17 +46,17 @@ from .data.sources import describe
 from .data.texts import split_sources
 from .errors import SvdllmError
 from .factorization import Method, get_method
-from .factorization.apply import LayerFactorizer
+from .factorization.apply import FromStatistics, LayerFactorizer
 from .factorization.spectra import decompose, spectra
 from .factorization.store import DecompositionStore
 from .nn.low_rank import swap_back, swap_in
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
 from .io.manifest import Manifest
-from .models.lazy import is_lazy, resident, resident_bytes
+from .models.lazy import is_lazy, resident_bytes
 from .models.families import family_of, resolve_family
 from .models.loading import cache_root, source_metadata
 from .update import DRIFT_GROUPS, UPDATES, base_update
-from .update.closed_form import PartialFactors, paired_layers
+from .update.closed_form import ClosedFormPass, PartialFactors
 
 log = logging.getLogger(__name__)
 
@@ -449,10 +448,12 @@ def _dense_statistics(run: Run) -> None:
     t = time.perf_counter()
     cal = run.config.calibration
     if (run.ranks is None or not _ratio_dependent(run.config)) and not run.dense.has_all(run.num_layers):
-        for i, stats in calibrate_layers(run.model, run.windows, cal.batch_size, progress=run.progress,
-                                         cached=run.dense.load_if_present):
+        def keep(i: int, layer, stats) -> None:
             if not run.dense.has(i):
                 run.dense.save(i, stats)
+
+        Walk(run.model, run.windows, cal.batch_size, run.progress).run(
+            InputStatistics(cached=run.dense.load_if_present, use=keep))
     if not _ratio_dependent(run.config):
         run.cache = run.dense  # the factorization reads the statistics back instead of running the pass again
     run.timings["calibration_s"] += time.perf_counter() - t
@@ -545,35 +546,31 @@ def _factorization(run: Run, writers: dict) -> tuple[LayerFactorizer, bool]:
         "version": __version__}) if run.closed_form and run.cache is not None else None
     factorizer = LayerFactorizer(model, run.method, run.ratios, run.ranks, run.grads, run.store, run.closed_form,
                                  cal.mode == "sequential", run.timings, writers, partial)
-    layers = family_of(model).decoder_layers(model)
     t = time.perf_counter()
     if not run.needs_inputs or from_cache:  # no calibration pass: factorize from the cache (or the weights alone)
         if from_cache:
             log.info("Calibration statistics found in the cache (%s): skipping the calibration pass.", run.cache.dir)
-        for i, layer in enumerate(tqdm(layers, desc="factorization", unit="layer", disable=not run.progress)):
-            with resident(model, i):
-                factorizer.layer(i, layer, run.cache.load(i) if from_cache else None)
+        Walk(model, progress=run.progress).run(FromStatistics(factorizer, run.cache.load if from_cache else None))
         return factorizer, from_cache
     resume = run.cache.load_if_present if run.cache is not None and cal.mode == "original" else None
-    keep = (lambda i, stats: run.cache.save(i, stats)  # noqa: E731
-            if run.cache is not None and cal.mode == "original" and not run.cache.has(i) else None)
+
+    def keep(i: int, stats) -> None:
+        if run.cache is not None and cal.mode == "original" and not run.cache.has(i):
+            run.cache.save(i, stats)
+
+    walk = Walk(model, run.windows, cal.batch_size, run.progress)
     if run.closed_form:
         restored = frozenset(i for i in range(run.num_layers) if partial is not None and partial.has(i))
         if restored:
             log.info("Resuming the closed-form pass from the layers an earlier run finished (%s).", partial.dir)
-        for step in paired_layers(model, run.windows, cal.batch_size, run.progress, DRIFT_GROUPS[run.config.update],
-                                  resume, restored, dense_cached=resume is not None and run.cache.has_all(run.num_layers)):
-            if step.restore:
-                factorizer.restore(step.i, step.layer)
-            elif step.names:
-                factorizer.layer(step.i, step.layer, step.stats, step.names)
-            else:
-                keep(step.i, step.stats)
+        walk.run(ClosedFormPass(factorizer.layer, factorizer.restore, keep, DRIFT_GROUPS[run.config.update], resume,
+                                restored, dense_cached=resume is not None and run.cache.has_all(run.num_layers)))
     else:
-        for i, stats in calibrate_layers(model, run.windows, cal.batch_size, run.progress, cached=resume,
-                                         sequential=cal.mode == "sequential"):
-            factorizer.layer(i, layers[i], stats)
+        def factorize(i: int, layer, stats) -> None:
+            factorizer.layer(i, layer, stats)
             keep(i, stats)
+
+        walk.run(InputStatistics(cached=resume, sequential=cal.mode == "sequential", use=factorize))
     run.timings["calibration_s"] += time.perf_counter() - t - run.timings["factorization_s"]
     return factorizer, from_cache
 

@@ -28,15 +28,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..utils.atomic import atomic_path
 from ..errors import SvdllmError
 from ..models.families import family_of
-from ..models.lazy import resident
 from . import distributed
-from .layerwise import (_layer_output, capture_layer_inputs, check_finite, chunk_nll, model_device, run_layer,
-                        token_chunks)
+from .layerwise import chunk_nll, token_chunks
+from .walk import LayerProcessor, Step, Walk, layer_output, shard_windows, walk_backward
 
 @dataclass
 class GradientStats:
@@ -146,19 +144,16 @@ class LayerGradients(Mapping):
 
 def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = True, output_grams: bool = False,
                    directory: str | Path | None = None, gram_dtype: torch.dtype = torch.float64) -> GradientStats:
-    """One forward and backward pass per calibration window, a decoder layer at a time (module docstring).
+    """One forward and backward pass per calibration window, a decoder layer at a time (module docstring): the forward
+    walk with `SavedInputs` (each layer's input to disk), then the backward walk from the top.
 
     With a `directory`, each layer's results go there as the backward pass leaves the layer (LayerGradients, which
     the returned statistics read their Grams from), and the pass's intermediate tensors to its `pass-rank<r>/`
     sub-directory, removed at the end: a pass interrupted and started again with the same directory resumes at the
     layer where it stopped. Without one, everything is kept in memory and a temporary directory. The Grams are summed
     in float64 and stored in `gram_dtype` (float32 halves their disk; kfac-svd reads them back as float64)."""
-    windows = distributed.shard(windows)  # under torchrun: this rank's windows; sums all-reduced
-    if windows.shape[0] == 0:
-        raise SvdllmError(f"More processes ({distributed.world_size()}) than gradient windows; raise --grad-samples.")
+    windows = shard_windows(windows, "--grad-samples")  # under torchrun: this rank's windows; sums all-reduced
     family = family_of(model)
-    layers = family.decoder_layers(model)
-    device = model_device(model)
     temporary = tempfile.TemporaryDirectory(prefix="svdllm-gradients-") if directory is None else None
     results = LayerGradients(temporary.name if temporary else directory)
     files = _PassFiles(results.dir / f"pass-rank{distributed.rank()}")
@@ -171,29 +166,33 @@ def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = Tru
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        hidden, layer_kwargs = capture_layer_inputs(model, windows)
-        top = next((i for i in range(len(layers) + 1) if files.has(f"grad_{i}")), None)  # where the backward was
+        walk = Walk(model, windows, progress=progress, shard=None)
+        walk.capture()  # every layer's keyword arguments, which the backward needs too
+        num_layers = len(walk.layers)
+        top = next((i for i in range(num_layers + 1) if files.has(f"grad_{i}")), None)  # where the backward was
         if top is None:
-            _forward(model, family, layers, windows, hidden, layer_kwargs, files, device, progress)
-            top = len(layers)
-        grads = files.get(f"grad_{top}")
-        for i in tqdm(range(top - 1, -1, -1), desc="gradients (backward)", unit="layer", disable=not progress):
+            walk.run(SavedInputs(files, windows))
+            top = num_layers
+        grads = [files.get(f"grad_{top}")]
+
+        def backward(i: int, layer: nn.Module) -> None:
             rows, outputs = {}, {}
-            with resident(model, i):
-                grads, grams = _layer_backward(family, i, layers[i], files.get(f"input_{i}"), grads, layer_kwargs[i],
-                                               device, rows, outputs, output_grams)
+            grads[0], grams = _layer_backward(family, i, layer, files.get(f"input_{i}"), grads[0],
+                                              walk.layer_kwargs[i], walk.device, rows, outputs, output_grams)
             reduce = distributed.all_reduce_sum
             results.write(i, reduce(rows), reduce(outputs), reduce(grams) if grams is not None else None, gram_dtype)
-            files.put(f"grad_{i}", grads)  # after the layer's results: a resumed pass never skips a layer
+            files.put(f"grad_{i}", grads[0])  # after the layer's results: a resumed pass never skips a layer
             files.drop(f"grad_{i + 1}")
             files.drop(f"input_{i}")
+
+        walk_backward(model, top, backward, progress, desc="gradients (backward)")
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(previous.get(name, False))
         model.train(was_training)
     shutil.rmtree(files.dir, ignore_errors=True)
     rows, outputs = {}, {}
-    for i in range(len(layers)):
+    for i in range(num_layers):
         r, o = results.vectors(i)
         for name in (family.linear_name(i, n) for n in family.linear_names):  # in the order the family lists them
             rows[name], outputs[name] = r[name], o[name]
@@ -208,24 +207,33 @@ def gradient_stats(model: nn.Module, windows: torch.Tensor, progress: bool = Tru
     return GradientStats(rows, outputs, distributed.sum_int(len(windows)), grams)
 
 
-def _forward(model, family, layers, windows, hidden, layer_kwargs, files: _PassFiles, device, progress) -> None:
-    """Each layer's input to `files` (from the last one an interrupted forward saved), then the loss's gradient at
-    the last layer's output (`grad_L`)."""
-    start = max((i for i in range(len(layers) + 1) if files.has(f"input_{i}")), default=0)
-    hidden = files.get(f"input_{start}") if start > 0 else hidden
-    for i in tqdm(range(start, len(layers)), desc="gradients (forward)", unit="layer", disable=not progress):
-        files.put(f"input_{i}", hidden)
-        with resident(model, i):  # the input is on disk now: its memory takes the output
-            hidden = run_layer(layers[i], hidden, layer_kwargs[i], device, in_place=True)[0]
-        for h in hidden:
-            check_finite(h, f"the output of {family.linear_name(i, '').rstrip('.')}")
-    grads = []
-    for k, h in enumerate(hidden):
-        g, loss = head_gradient(model, h.to(device), windows[k : k + 1].to(device))
-        if not math.isfinite(loss):
-            raise SvdllmError(f"Non-finite loss on gradient window {k}; load the model with --dtype float32.")
-        grads.append(g)
-    files.put(f"grad_{len(layers)}", grads)
+class SavedInputs(LayerProcessor):
+    """The gradient pass's forward: each layer's input to `files` (from the last one an interrupted forward saved),
+    then the loss's gradient at the last layer's output (`grad_L`)."""
+
+    desc = "gradients (forward)"
+
+    def __init__(self, files: _PassFiles, windows: torch.Tensor):
+        self.files, self.windows = files, windows
+
+    def start(self, walk: Walk) -> None:
+        n = len(walk.layers)
+        walk.first = max((i for i in range(n + 1) if self.files.has(f"input_{i}")), default=0)
+        if walk.first > 0:
+            walk.hidden = self.files.get(f"input_{walk.first}")
+
+    def layer(self, step: Step) -> list[torch.Tensor]:
+        self.files.put(f"input_{step.i}", step.inputs)
+        return step.run(in_place=True)  # the input is on disk now: its memory takes the output
+
+    def finish(self, walk: Walk) -> None:
+        grads = []
+        for k, h in enumerate(walk.hidden):
+            g, loss = head_gradient(walk.model, h.to(walk.device), self.windows[k : k + 1].to(walk.device))
+            if not math.isfinite(loss):
+                raise SvdllmError(f"Non-finite loss on gradient window {k}; load the model with --dtype float32.")
+            grads.append(g)
+        self.files.put(f"grad_{len(walk.layers)}", grads)
 
 
 def _layer_backward(family, i: int, layer: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor],
@@ -259,7 +267,7 @@ def _layer_backward(family, i: int, layer: nn.Module, inputs: list[torch.Tensor]
         for x, g in zip(inputs, grads):
             x = x.to(device).requires_grad_(True)
             with torch.enable_grad():
-                out = _layer_output(layer(x, **kwargs))
+                out = layer_output(layer(x, **kwargs))
             out.backward(g.to(device, out.dtype))
             for name, m in linears.items():
                 if m.weight.grad is not None:  # (None: an expert no token of this window was routed to)

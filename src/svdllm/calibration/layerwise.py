@@ -1,4 +1,5 @@
-"""Layer-by-layer calibration: the inputs of decoder layer 0 are captured once, then one layer runs at a time.
+"""What the forward walk (walk.py) gathers at each layer: the input statistics of every linear (InputStatistics)
+and the model's loss with some matrices changed (LossMeasurement).
 
 Peak memory is the calibration activations of one layer plus that layer's Gram matrices, never the whole model's.
 For every group of linears that read the same tensor (q/k/v, gate/up, o, down) one Gram matrix XᵀX is
@@ -7,20 +8,15 @@ accumulated in float64: 4 per layer, not 7.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..errors import SvdllmError
-from . import distributed
 from ..models.families import family_of
-from ..models.lazy import is_lazy, materialize, pass_through, release, resident
-
-log = logging.getLogger(__name__)
+from . import distributed
+from .walk import LayerProcessor, Step, Walk, check_finite
 
 
 @dataclass
@@ -70,83 +66,6 @@ def linear_stats(stats: LayerStats | None, grads, full: str, group: str) -> Line
     return out
 
 
-class _StopForward(Exception):
-    """Raised inside a layer once the input wanted from it is captured: the rest of the forward need not run."""
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _layer_output(out) -> torch.Tensor:
-    # transformers >= 5 returns a tensor from a decoder layer, older releases a tuple
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 1):
-    """Run the embeddings only, returning (hidden-state batches of layer 0, per-layer keyword arguments).
-
-    The keyword arguments (attention masks, rotary embeddings) differ per layer in some families (Gemma 3 mixes
-    sliding-window and global layers), so they are recorded for every layer from one full forward of one window;
-    they depend only on the sequence length, which every calibration window shares.
-    """
-    layers = family_of(model).decoder_layers(model)
-    device = model_device(model)
-    body = model.base_model  # the decoder without its LM head (model.model, model.gpt_neox, ...)
-    layer_kwargs: list[dict | None] = [None] * len(layers)
-    captured: list[torch.Tensor] = []
-    buffer: list[torch.Tensor] = []
-    stop_at_first = [False]
-
-    def make_hook(i):
-        def hook(module, args, kwargs):
-            kw = dict(kwargs)
-            hidden = args[0] if args else kw.pop("hidden_states")
-            if layer_kwargs[i] is None:
-                layer_kwargs[i] = kw
-            if i == 0 and stop_at_first[0]:
-                if not buffer:
-                    buffer.extend(batch_views(windows.shape[0], batch_size, hidden.shape[1:], hidden.dtype))
-                captured.append(buffer[len(captured)].copy_(hidden.detach()))
-                raise _StopForward
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        if is_lazy(model):  # the layers are not in memory: let them pass the hidden state through unchanged
-            with pass_through(layers):
-                body(input_ids=windows[:1].to(device), use_cache=False)
-        else:
-            body(input_ids=windows[:1].to(device), use_cache=False)  # records every layer's kwargs
-        stop_at_first[0] = True
-        for start in range(0, windows.shape[0], batch_size):
-            try:
-                body(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return captured, layer_kwargs
-
-
-def batch_views(windows: int, batch_size: int, shape, dtype) -> list[torch.Tensor]:
-    """Hidden-state batches of `windows` windows as views into one allocation. Kept as many small tensors, every
-    window's activations would sit among the layer's freed temporaries in the C heap, which then cannot shrink:
-    on SmolLM2 with 64 windows that held the forward pass 0.8 GB above its live data."""
-    buffer = torch.empty((windows, *shape), dtype=dtype)
-    return list(buffer.split(batch_size))
-
-
-def check_finite(x: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(x).all():
-        raise SvdllmError(
-            f"Non-finite activations (NaN or inf) at the input of {where}. The model overflows in its dtype on the "
-            "calibration text: load it with --dtype float32 (or bfloat16 instead of float16)."
-        )
-
-
 class _GroupInputs:
     """Forward hooks that record, for the batch being run, the input of the first linear of each group
     (`groups`: group -> the linears reading that input, as a Family lists them)."""
@@ -187,66 +106,29 @@ def accumulate_product(acc: dict, key: str, a: torch.Tensor, b: torch.Tensor) ->
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device, groups=None, where: str = "",
-              in_place: bool = False):
-    """Run one decoder layer on every input batch and return (outputs, LayerStats or None).
-
-    With `groups`, the Gram matrix XᵀX and Σ|x| of each group's input are accumulated (float64). With `in_place`,
-    each batch's output overwrites its input once the layer is done with it: the pass then holds one copy of the
-    activations, not two (2.1 GB saved for a Llama-3-8B at 64 × 2048 tokens in float32).
-    """
+def layer_statistics(step: Step, groups: dict[str, tuple[str, ...]], in_place: bool = False,
+                     inputs: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], LayerStats]:
+    """Run the layer of `step` on its inputs (or `inputs`) and return (outputs, LayerStats): the Gram matrix XᵀX and
+    Σ|x| of each group's input, accumulated in float64 batch by batch."""
     grams, abs_sums = {}, {}
-    capture = _GroupInputs(layer, groups, where) if groups else None
-    outputs: list[torch.Tensor] = []
+    capture = _GroupInputs(step.layer, groups, step.where)
+
+    def add() -> None:
+        for g, x in capture.take().items():
+            accumulate_product(grams, g, x.T, x)
+            accumulate(abs_sums, g, x.abs().sum(0))
+
     try:
-        for j, h in enumerate(inputs):
-            out = _layer_output(layer(h.to(device), **kwargs)).detach()
-            if in_place:
-                outputs = inputs
-            elif j == 0:
-                outputs = batch_views(sum(b.shape[0] for b in inputs), inputs[0].shape[0], out.shape[1:], out.dtype)
-            outputs[j].copy_(out)
-            del out
-            if capture is None:
-                continue
-            for g, x in capture.take().items():
-                accumulate_product(grams, g, x.T, x)
-                accumulate(abs_sums, g, x.abs().sum(0))
+        outputs = step.run(in_place, inputs, after_batch=add)
     finally:
-        if capture is not None:
-            capture.remove()
-    if capture is None:
-        return outputs, None
+        capture.remove()
     for g, names in groups.items():  # an expert no calibration token was routed to: its input has no moments
         if g not in grams:
-            n = layer.get_submodule(names[0]).in_features
+            n = step.layer.get_submodule(names[0]).in_features
             grams[g], abs_sums[g] = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     cpu = lambda d: {g: t.to("cpu") for g, t in d.items()}  # noqa: E731
-    tokens = sum(int(h.shape[0] * h.shape[1]) for h in inputs)
+    tokens = sum(int(h.shape[0] * h.shape[1]) for h in outputs)
     return outputs, LayerStats(cpu(grams), cpu(abs_sums), tokens)
-
-
-@torch.no_grad()
-def input_of(layer: nn.Module, name: str, hidden: torch.Tensor, kwargs: dict, device, where: str) -> torch.Tensor:
-    """The input (tokens × n, float64) that linear `name` of `layer` receives; the forward stops right there."""
-    got = []
-
-    def hook(module, args):
-        got.append(args[0].reshape(-1, args[0].shape[-1]).to(torch.float64))
-        raise _StopForward
-
-    linear = layer.get_submodule(name)
-    handle = linear.register_forward_pre_hook(hook)
-    try:
-        layer(hidden.to(device), **kwargs)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not got:  # an expert the router sent none of these tokens to
-        return torch.zeros(0, linear.in_features, dtype=torch.float64, device=device)
-    check_finite(got[0], f"{where}.{name}")
-    return got[0]
 
 
 def sum_over_ranks(stats: LayerStats) -> LayerStats:
@@ -257,42 +139,50 @@ def sum_over_ranks(stats: LayerStats) -> LayerStats:
                       reduce(stats.cross), reduce(stats.grams_compressed))
 
 
+class InputStatistics(LayerProcessor):
+    """The calibration processor: each layer's input statistics (summed over ranks under torchrun), handed to `use`.
+
+    `cached(i)` may return layer i's statistics from an earlier, interrupted run: the layer then only runs forward
+    (no Gram accumulation, most of a layer's cost). With `sequential`, `use` may change the layer (factorize it,
+    quantize it) and the layer's outputs are then recomputed with the changed layer before they feed the next one:
+    every layer sees the activations of the already-compressed layers before it (the sequential mode). Without it,
+    the dense model's activations flow on, whatever `use` did to the layer."""
+
+    desc = "calibration"
+
+    def __init__(self, cached: Callable[[int], LayerStats | None] | None = None, sequential: bool = False,
+                 use: Callable[[int, nn.Module, LayerStats], None] | None = None):
+        self.cached, self.sequential, self._use = cached, sequential, use
+
+    def gather(self, step: Step) -> tuple[LayerStats, list[torch.Tensor]]:
+        """(the layer's statistics, its outputs before any change)."""
+        stats = self.cached(step.i) if self.cached is not None else None
+        if stats is None:
+            outputs, stats = layer_statistics(step, step.family.groups, in_place=not self.sequential)
+            return sum_over_ranks(stats), outputs
+        return stats, step.run(in_place=not self.sequential)
+
+    def use(self, step: Step, stats: LayerStats) -> None:
+        if self._use is not None:
+            self._use(step.i, step.layer, stats)
+
+    def layer(self, step: Step) -> list[torch.Tensor]:
+        stats, outputs = self.gather(step)
+        self.use(step, stats)
+        return step.run() if self.sequential else outputs
+
+
 def calibrate_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
                      cached: Callable[[int], LayerStats | None] | None = None,
                      sequential: bool = False) -> Iterator[tuple[int, LayerStats]]:
-    """Yield (layer index, statistics) for every decoder layer, one layer at a time.
-
-    While the generator waits at its yield, the consumer may change layer i (factorize it). With `sequential`, the
-    layer's outputs are then recomputed with the changed layer before they feed the next one: every layer is
-    calibrated on the activations of the already-compressed layers before it (the sequential mode). Without it, the
-    dense model's activations flow on, whatever the consumer did to the layer.
-
-    `cached(i)` may return layer i's statistics from an earlier, interrupted run: the layer then only runs forward
-    (no Gram accumulation, most of a layer's cost). A layer-wise (lazy) model has each layer read from its checkpoint
-    just before it runs and dropped once its outputs are passed on.
-    """
-    family = family_of(model)
-    layers = family.decoder_layers(model)
-    device = model_device(model)
-    hidden, layer_kwargs = capture_layer_inputs(model, shard_windows(windows), batch_size)
-    for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not progress)):
-        if is_lazy(model):
-            materialize(model, family.layer_prefix(i))
-        kwargs, where = layer_kwargs[i], family.layer_prefix(i).rstrip(".")
-        stats = cached(i) if cached is not None else None
-        if stats is None:
-            outputs, stats = run_layer(layer, hidden, kwargs, device, family.groups, where, in_place=not sequential)
-            stats = sum_over_ranks(stats)
-        else:
-            outputs = run_layer(layer, hidden, kwargs, device, in_place=not sequential)[0]
-        yield i, stats
-        if sequential:
-            outputs = run_layer(layer, hidden, kwargs, device)[0]
-        for out in outputs:
-            check_finite(out, f"the output of {where}")
-        hidden = outputs
-        if is_lazy(model):
-            release(model, family.layer_prefix(i))
+    """InputStatistics as a generator: (layer index, statistics) for every decoder layer, one layer at a time; while
+    it waits at its yield, the consumer may change layer i (see InputStatistics for `cached` and `sequential`)."""
+    processor = InputStatistics(cached, sequential)
+    walk = Walk(model, windows, batch_size, progress)
+    for step in walk.steps(processor.desc):
+        stats, outputs = processor.gather(step)
+        yield step.i, stats
+        walk.pass_on(step.run() if sequential else outputs)
 
 
 LOGIT_CHUNK_ELEMENTS = 2**25  # logits formed at once by the loss: 128 MB in float32, whatever the vocabulary
@@ -324,31 +214,34 @@ def chunk_nll(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, span: t
     return torch.nn.functional.cross_entropy(logits.reshape(e - s, -1), ids[0, s + 1 : e + 1], reduction="sum")
 
 
+class LossMeasurement(LayerProcessor):
+    """The mean over the windows of each window's mean next-token loss (`model(input_ids=w, labels=w).loss`), one
+    decoder layer at a time: memory holds one layer and one window's logits chunk, whatever the depth. While layer
+    i runs, the context `changed(i)` is entered (the allocation's measurements truncate the layer's matrices)."""
+
+    check_outputs = False  # a non-finite loss is the caller's to name (it knows what was truncated)
+
+    def __init__(self, windows: torch.Tensor,
+                 changed: Callable[[int], contextlib.AbstractContextManager] | None = None):
+        self.windows, self.changed = windows, changed
+
+    def layer(self, step: Step) -> list[torch.Tensor]:
+        with self.changed(step.i) if self.changed is not None else contextlib.nullcontext():
+            return step.run()
+
+    def finish(self, walk: Walk) -> float:
+        model, windows, total = walk.model, self.windows, 0.0
+        for k, h in enumerate(walk.hidden):
+            ids, n = windows[k : k + 1].to(walk.device), windows.shape[1] - 1
+            h = h.to(walk.device)
+            total += sum(float(chunk_nll(model, h, ids, span)) for span in token_chunks(model, n)) / n
+        return total / len(walk.hidden)
+
+
 @torch.no_grad()
 def layerwise_loss(model: nn.Module, windows: torch.Tensor,
                    changed: Callable[[int], contextlib.AbstractContextManager] | None = None,
                    inputs: tuple | None = None) -> float:
-    """The mean over `windows` of each window's mean next-token loss (`model(input_ids=w, labels=w).loss`), one
-    decoder layer at a time: memory holds one layer and one window's logits chunk, whatever the depth. While layer
-    i runs, the context `changed(i)` is entered (the allocation's measurements truncate the layer's matrices).
-    `inputs`: what `capture_layer_inputs(model, windows)` returns, when many measurements share the windows."""
-    layers = family_of(model).decoder_layers(model)
-    device = model_device(model)
-    hidden, layer_kwargs = inputs if inputs is not None else capture_layer_inputs(model, windows)
-    for i, layer in enumerate(layers):
-        with resident(model, i), (changed(i) if changed is not None else contextlib.nullcontext()):
-            hidden = run_layer(layer, hidden, layer_kwargs[i], device)[0]
-    total = 0.0
-    for k, h in enumerate(hidden):
-        ids, n = windows[k : k + 1].to(device), windows.shape[1] - 1
-        h = h.to(device)
-        total += sum(float(chunk_nll(model, h, ids, span)) for span in token_chunks(model, n)) / n
-    return total / len(hidden)
-
-
-def shard_windows(windows: torch.Tensor) -> torch.Tensor:
-    """Under torchrun, this rank's windows (the sums are all-reduced across ranks)."""
-    windows = distributed.shard(windows)
-    if windows.shape[0] == 0:
-        raise SvdllmError(f"More processes ({distributed.world_size()}) than calibration windows; raise --nsamples.")
-    return windows
+    """LossMeasurement's loss on `windows`. `inputs`: what `capture_layer_inputs(model, windows)` returns, when many
+    measurements share the windows."""
+    return Walk(model, windows, progress=False, shard=None, inputs=inputs).run(LossMeasurement(windows, changed))

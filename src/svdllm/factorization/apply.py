@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..calibration import distributed, linear_stats
+from ..calibration.walk import LayerProcessor, Step
 from ..errors import SvdllmError
 from ..nn.low_rank import swap_in
 from ..models.families import family_of
@@ -127,6 +128,19 @@ class LayerFactorizer:
         self.jitters.update(info["jitter"])
         self.applied.update(swap_in(self.model, pairs))
         self.write(i, layer)
+
+
+class FromStatistics(LayerProcessor):
+    """The factorization processor of a walk without windows: each layer factorized from statistics already at hand
+    (`stats_of(i)`, from the cache) or from the weights alone (`stats_of` None)."""
+
+    desc = "factorization"
+
+    def __init__(self, factorizer: LayerFactorizer, stats_of=None):
+        self.factorizer, self.stats_of = factorizer, stats_of
+
+    def layer(self, step: Step) -> None:
+        self.factorizer.layer(step.i, step.layer, self.stats_of(step.i) if self.stats_of is not None else None)
 
 
 def layer_tensors(layer: nn.Module, prefix: str, factors: dict, linears: tuple[str, ...]) -> dict[str, torch.Tensor]:

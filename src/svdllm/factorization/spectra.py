@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..allocation.spectra import spectrum
 from ..calibration import distributed, linear_stats
+from ..calibration.walk import LayerProcessor, Step, Walk
 from ..errors import SvdllmError
 from ..quantization.gptq import inverse_factor
 from ..quantization.sensitivity import quantization_errors
-from ..models.families import family_of
-from ..models.lazy import resident
 from .base import Decomposition, Method
 from .store import DecompositionStore
 
@@ -33,32 +31,46 @@ def usable_rank(lin: nn.Module) -> int:
     return (m * n - 1) // (m + n)
 
 
+class Spectra(LayerProcessor):
+    """The spectra phase, a processor of a walk without windows: every matrix of each layer decomposed on its
+    statistics (`stats_of(i)`, or None), its spectrum kept for the allocator and the decomposition put in the store.
+    With `bits`, each Spectrum also holds the quantization errors at those widths (the joint allocation)."""
+
+    desc = "spectra"
+
+    def __init__(self, method: Method, stats_of, grads, store: DecompositionStore | None, bits: tuple = (),
+                 group_size: int = 32):
+        self.method, self.stats_of, self.grads, self.store = method, stats_of, grads, store
+        self.bits, self.group_size = bits, group_size
+        self.out = {}
+
+    def layer(self, step: Step) -> None:
+        family, linears = step.family, step.family.linear_names
+        stats = self.stats_of(step.i)
+        factors = {}  # GPTQ's inverse factor, one per input group (q/k/v share a Gram, as do gate/up)
+        for k, name in enumerate(linears):
+            if not distributed.mine(step.i * len(linears) + k):  # round-robin across ranks (torchrun)
+                continue
+            full = family.linear_name(step.i, name)
+            lin = step.layer.get_submodule(name)
+            one = linear_stats(stats, self.grads, full, family.group_of[name])
+            dec = decompose(self.method, full, lin, one)
+            error = None
+            if self.bits:
+                group = family.group_of[name]
+                if group not in factors and one.gram is not None:
+                    factors[group] = inverse_factor(one.gram.to(torch.float64))
+                error = quantization_errors(lin.weight, dec, one.gram, self.bits, self.group_size,
+                                            usable=usable_rank(lin), factor=factors.get(group))
+            self.out[full] = spectrum(lin.weight, dec, one, self.grads, full, error)
+            if self.store is not None:
+                self.store.put(full, dec, usable_rank(lin))
+
+    def finish(self, walk: Walk) -> dict:
+        return distributed.gather_merge(self.out)
+
+
 def spectra(model: nn.Module, method: Method, stats_of, grads, store: DecompositionStore | None,
             progress: bool = True, bits: tuple = (), group_size: int = 32) -> dict:
-    """name -> Spectrum for every compressible linear; `stats_of(i)` gives layer i's input statistics (or None).
-    With `bits`, each Spectrum also holds the quantization errors at those widths (the joint allocation)."""
-    out = {}
-    family = family_of(model)
-    linears = family.linear_names
-    for i, layer in enumerate(tqdm(family.decoder_layers(model), desc="spectra", unit="layer", disable=not progress)):
-        stats = stats_of(i)
-        factors = {}  # GPTQ's inverse factor, one per input group (q/k/v share a Gram, as do gate/up)
-        with resident(model, i):
-            for k, name in enumerate(linears):
-                if not distributed.mine(i * len(linears) + k):  # round-robin across ranks (torchrun)
-                    continue
-                full = family.linear_name(i, name)
-                lin = layer.get_submodule(name)
-                one = linear_stats(stats, grads, full, family.group_of[name])
-                dec = decompose(method, full, lin, one)
-                error = None
-                if bits:
-                    group = family.group_of[name]
-                    if group not in factors and one.gram is not None:
-                        factors[group] = inverse_factor(one.gram.to(torch.float64))
-                    error = quantization_errors(lin.weight, dec, one.gram, bits, group_size, usable=usable_rank(lin),
-                                                factor=factors.get(group))
-                out[full] = spectrum(lin.weight, dec, one, grads, full, error)
-                if store is not None:
-                    store.put(full, dec, usable_rank(lin))
-    return distributed.gather_merge(out)
+    """name -> Spectrum for every compressible linear (the Spectra processor over every layer)."""
+    return Walk(model, progress=progress).run(Spectra(method, stats_of, grads, store, bits, group_size))

@@ -14,7 +14,6 @@ memory; on disk two values share a byte (`pack_int4`), so an int4 file really is
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,8 +21,12 @@ import time
 import torch
 from torch import nn
 
-from .pricing import quant_group as _group
+from ..calibration.layerwise import InputStatistics
+from ..calibration.walk import Step, Walk
 from ..errors import SvdllmError
+from ..nn.low_rank import LowRankLinear
+from .gptq import Grid, gptq_codes, gptq_low_rank_codes
+from .pricing import quant_group as _group
 
 log = logging.getLogger(__name__)
 SCHEMES = {"int8": "int8 weights, one scale per output channel", "int4": "int4 weights, one scale per group of "
@@ -94,7 +97,7 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, method: 
     groups = {}
     if scheme == "int3":  # torchao has no int3 round-to-nearest on the CPU: an asymmetric min-max grid, as GPTQ's
         # without its clipping search or error feedback
-        from .gptq import Grid, rtn_codes
+        from .gptq import rtn_codes
 
         for name, module in targets.items():
             groups[name] = g = _group(module.in_features, group_size)
@@ -146,26 +149,36 @@ def _store(linear: nn.Linear, q, bits: int, group: int | None) -> None:
 
 def _gptq_model(model: nn.Module, scheme: str, group_size: int, windows: torch.Tensor, progress: bool,
                 bits_of: dict | None = None) -> dict:
-    """GPTQ a decoder layer at a time: each layer's input Grams are taken with the layers before it already
-    quantized (the sequential calibration mode), then every linear of the layer is quantized on its group's Gram.
-    `bits_of`: the width of each linear by its full name (None: it stays float) instead of the scheme's."""
-    from ..calibration import calibrate_layers
-    from .gptq import Grid, gptq_codes, gptq_low_rank_codes
-    from ..models.families import family_of
-    from ..nn.low_rank import LowRankLinear
+    """GPTQ a decoder layer at a time (the GPTQLayers processor on the forward walk). `bits_of`: the width of each
+    linear by its full name (None: it stays float) instead of the scheme's."""
+    processor = GPTQLayers(BITS[scheme] if bits_of is None else None, group_size, bits_of)
+    Walk(model, windows, progress=progress).run(processor)
+    info = _info(scheme, "gptq", group_size, processor.groups)
+    if bits_of is not None:
+        info["bits"] = {k: v for k, v in bits_of.items()}
+    return info
 
-    family = family_of(model)
-    layers = family.decoder_layers(model)
-    groups = {}
-    for i, stats in calibrate_layers(model, windows, progress=progress, sequential=True):
+
+class GPTQLayers(InputStatistics):
+    """GPTQ as a processor of the forward walk: each layer's input Grams are taken with the layers before it already
+    quantized (the sequential mode), then every linear of the layer is quantized on its group's Gram, at `bits` or at
+    its own width in `bits_of` (None there: it stays float). A factor pair's W_u also takes up W_v's error."""
+
+    def __init__(self, bits: int | None, group_size: int, bits_of: dict | None = None):
+        super().__init__(sequential=True)
+        self.bits, self.group_size, self.bits_of = bits, group_size, bits_of
+        self.groups: dict = {}
+
+    def use(self, step: Step, stats) -> None:
+        family = step.family
         for name in family.linear_names:
-            module, full = layers[i].get_submodule(name), family.linear_name(i, name)
-            bits = BITS[scheme] if bits_of is None else bits_of.get(full)
+            module, full = step.layer.get_submodule(name), family.linear_name(step.i, name)
+            bits = self.bits if self.bits_of is None else self.bits_of.get(full)
             if bits is None:
                 continue
 
             def grouped(n: int) -> int | None:
-                return None if bits == 8 else _group(n, group_size)
+                return None if bits == 8 else _group(n, self.group_size)
 
             gram = stats.grams[family.group_of[name]]
             if isinstance(module, LowRankLinear):
@@ -174,15 +187,11 @@ def _gptq_model(model: nn.Module, scheme: str, group_size: int, windows: torch.T
                                                grid_u=Grid(bits, gu, clip=True))
                 _store(module.v, q_v, bits, gv)
                 _store(module.u, q_u, bits, gu)
-                groups[f"{full}.v"], groups[f"{full}.u"] = gv, gu
+                self.groups[f"{full}.v"], self.groups[f"{full}.u"] = gv, gu
             else:
                 g = grouped(module.in_features)
                 _store(module, gptq_codes(module.weight, gram, Grid(bits, g, clip=True)), bits, g)
-                groups[full] = g
-    info = _info(scheme, "gptq", group_size, groups)
-    if bits_of is not None:
-        info["bits"] = {k: v for k, v in bits_of.items()}
-    return info
+                self.groups[full] = g
 
 
 def value_bits(weight) -> int | None:

@@ -2,7 +2,7 @@
 
 W_v stays as the truncation made it and W_u is refitted by least squares, so that W_u·W_v·X′ best matches W·X′ (or
 W·X), X′ being the inputs the linear receives in the compressed model. Those exist only in a pass through the
-model as it is being compressed: `paired_layers` runs two streams side by side, the dense model's activations and
+model as it is being compressed: the `ClosedFormPass` processor runs two streams side by side, the dense model's activations and
 the compressed model's, and stops at every input group of every layer so that the consumer compresses the group
 before the moments of the next group are taken. `PartialFactors` keeps each finished layer, so an interrupted pass
 resumes after it.
@@ -13,22 +13,18 @@ import contextlib
 import copy
 import json
 import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..utils.atomic import atomic_path
 from ..calibration import distributed
-from ..calibration.layerwise import (LayerStats, accumulate, capture_layer_inputs, check_finite, input_of,
-                                     model_device, run_layer, shard_windows, sum_over_ranks)
+from ..calibration.layerwise import LayerStats, accumulate, layer_statistics, sum_over_ranks
+from ..calibration.walk import LayerProcessor, Step, Walk, check_finite, input_of
 from ..errors import SvdllmError
-from ..models.families import family_of
-from ..models.lazy import is_lazy, materialize, release
 
 
 def closed_form_w_u(weight: torch.Tensor, w_v: torch.Tensor, gram_compressed: torch.Tensor,
@@ -64,68 +60,58 @@ def output_error(w, w_u, w_v, stats) -> float:
                  + ((wp @ stats.gram_compressed) * wp).sum())
 
 
-@dataclass
-class PairedStep:
-    """Where `paired_layers` waits for its consumer, at layer i: compress `names` (their moments are in `stats`);
-    or, with `restore`, swap in the factors an interrupted run finished for the layer; or, with `done`, the layer's
-    outputs have passed on (its dense statistics can be stored)."""
-
-    i: int
-    layer: nn.Module
-    stats: LayerStats
-    names: tuple[str, ...] = ()
-    restore: bool = False
-    done: bool = False
-
-
-def paired_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
-                  drift_groups: tuple[str, ...] = (), cached: Callable[[int], LayerStats | None] | None = None,
-                  restored: frozenset[int] = frozenset(), dense_cached: bool = False) -> Iterator[PairedStep]:
-    """The pass of the closed-form update: the dense model's activations (whose statistics come with every step) and
-    the compressed model's side by side, one layer at a time. Within a layer the input groups come in forward order,
-    one step each: the moments X′ᵀX′ of the group's inputs on the compressed stream, taken with the groups before it
-    already compressed (and, for `drift_groups`, XᵀX′ against the dense stream). So o_proj's moments are taken with
-    q/k/v compressed, and so on: each linear is fitted to what it will really receive. (Taking them all from the
-    dense layer fits o_proj and down_proj to inputs they never see: SmolLM2's perplexity at R = 0.4 went from 239 to
-    3,938.)
+class ClosedFormPass(LayerProcessor):
+    """The pass of the closed-form update, a processor of the forward walk: the dense model's activations (the walk's
+    stream, whose statistics come with every layer) and the compressed model's (this processor's own) side by side.
+    Within a layer the input groups come in forward order: the moments X′ᵀX′ of the group's inputs on the compressed
+    stream, taken with the groups before it already compressed (and, for `drift_groups`, XᵀX′ against the dense
+    stream), then `compress(i, layer, stats, names)` compresses the group. So o_proj's moments are taken with q/k/v
+    compressed, and so on: each linear is fitted to what it will really receive. (Taking them all from the dense
+    layer fits o_proj and down_proj to inputs they never see: SmolLM2's perplexity at R = 0.4 went from 239 to
+    3,938.) Once the layer's outputs are computed, `done(i, stats)` receives its dense statistics.
 
     `cached(i)` may give layer i's dense statistics; with every layer's there (`dense_cached`) and no drift groups,
-    the dense stream is not run at all. The layers in `restored` were finished by an interrupted run: one step asks
-    for their factors, then both streams only run forward through them. Within a layer, the attention core
-    softmax(QKᵀ)V stops changing once q/k/v are compressed: recorded at o_proj's input (where o_proj's moments are
-    taken anyway), it gives the attention's output through the compressed o_proj for the MLP's groups and the
-    layer's output, without being computed again (over long windows the attention is most of the pass).
+    the dense stream is not run at all. The layers in `restored` were finished by an interrupted run:
+    `restore(i, layer)` swaps their factors in, then both streams only run forward through them. Within a layer, the
+    attention core softmax(QKᵀ)V stops changing once q/k/v are compressed: recorded at o_proj's input (where o_proj's
+    moments are taken anyway), it gives the attention's output through the compressed o_proj for the MLP's groups and
+    the layer's output, without being computed again (over long windows the attention is most of the pass).
     """
-    family = family_of(model)
-    groups = family.groups
-    device = model_device(model)
-    hidden, layer_kwargs = capture_layer_inputs(model, shard_windows(windows), batch_size)
-    compressed = list(hidden)
-    dense_stream = not (not drift_groups and dense_cached and cached is not None)
-    # the attention-core replay needs to know where attention ends; a family made from patterns runs every group
-    roles = {"attn_out", "mlp_in", "mlp_out"} <= set(groups)
-    o_proj = groups["attn_out"][0] if roles else None
-    attention = o_proj.rsplit(".", 1)[0] if roles else None
-    for i, layer in enumerate(tqdm(family.decoder_layers(model), desc="calibration", unit="layer",
-                                   disable=not progress)):
-        if is_lazy(model):
-            materialize(model, family.layer_prefix(i))
-        kwargs, where = layer_kwargs[i], family.layer_prefix(i).rstrip(".")
-        stats = cached(i) if cached is not None else None
-        if not dense_stream:  # (the layer's outputs are the compressed stream's, set below)
+
+    desc = "calibration"
+
+    def __init__(self, compress: Callable, restore: Callable, done: Callable, drift_groups: tuple[str, ...] = (),
+                 cached: Callable[[int], LayerStats | None] | None = None, restored: frozenset[int] = frozenset(),
+                 dense_cached: bool = False):
+        self.compress, self.restore, self.done = compress, restore, done
+        self.drift_groups, self.cached, self.restored = drift_groups, cached, restored
+        self.dense_stream = not (not drift_groups and dense_cached and cached is not None)
+
+    def start(self, walk: Walk) -> None:
+        self.compressed = list(walk.hidden)
+
+    def layer(self, step: Step) -> list[torch.Tensor]:
+        groups, i, layer, where = step.family.groups, step.i, step.layer, step.where
+        # the attention-core replay needs to know where attention ends; a family made from patterns runs every group
+        roles = {"attn_out", "mlp_in", "mlp_out"} <= set(groups)
+        o_proj = groups["attn_out"][0] if roles else None
+        attention = o_proj.rsplit(".", 1)[0] if roles else None
+        stats = self.cached(i) if self.cached is not None else None
+        outputs = None
+        if not self.dense_stream:  # (the layer's outputs are the compressed stream's, set below)
             if stats is None:
                 raise SvdllmError(f"The statistics of {where} vanished from the cache during the pass; run again.")
         elif stats is None:
-            outputs, stats = run_layer(layer, hidden, kwargs, device, groups, where)
+            outputs, stats = layer_statistics(step, groups)
             stats = sum_over_ranks(stats)
         else:
-            outputs = run_layer(layer, hidden, kwargs, device)[0]
+            outputs = step.run()
         attn_out: list = []
-        if i in restored:
-            yield PairedStep(i, layer, stats, restore=True)
+        if i in self.restored:
+            self.restore(i, layer)
         else:
             # the dense stream's inputs come from the layer as it was before any of its groups changed
-            dense = copy.deepcopy(layer) if drift_groups else None
+            dense = copy.deepcopy(layer) if self.drift_groups else None
             stats.cross, stats.grams_compressed = {}, {}
             cores: list = []  # o_proj's inputs on the compressed stream, once q/k/v are compressed
             for group, names in groups.items():
@@ -133,29 +119,27 @@ def paired_layers(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, 
                     if roles and group == "mlp_in":  # q/k/v and o are final from here on
                         stage.enter_context(_attention_from_cores(
                             layer.get_submodule(attention), layer.get_submodule(o_proj), cores, attn_out))
-                    elif roles and group == "mlp_out" and len(attn_out) == len(compressed):
+                    elif roles and group == "mlp_out" and len(attn_out) == len(self.compressed):
                         stage.enter_context(_replaying(layer.get_submodule(attention), attn_out))
                     stats.cross[group], stats.grams_compressed[group] = _paired_moments(
-                        dense if group in drift_groups else None, layer, hidden, compressed, kwargs, device,
-                        names[0], where, keep=cores if roles and group == "attn_out" else None)
+                        dense if group in self.drift_groups else None, layer, step.inputs, self.compressed,
+                        step.kwargs, step.device, names[0], where, keep=cores if roles and group == "attn_out" else None)
                 if group == "mlp_in":
                     cores.clear()
-                yield PairedStep(i, layer, stats, tuple(names))
+                self.compress(i, layer, stats, tuple(names))
             del dense
         with contextlib.ExitStack() as stage:
-            if len(attn_out) == len(compressed):
+            if len(attn_out) == len(self.compressed):
                 stage.enter_context(_replaying(layer.get_submodule(attention), attn_out))
-            compressed = run_layer(layer, compressed, kwargs, device)[0]
+            self.compressed = step.run(inputs=self.compressed)
         del attn_out
-        for out in compressed:
+        for out in self.compressed:
             check_finite(out, f"the output of compressed {where}")
-        if dense_stream:
+        if self.dense_stream:
             for out in outputs:
                 check_finite(out, f"the output of {where}")
-        hidden = outputs if dense_stream else compressed
-        yield PairedStep(i, layer, stats, done=True)
-        if is_lazy(model):
-            release(model, family.layer_prefix(i))
+        self.done(i, stats)
+        return outputs if self.dense_stream else self.compressed
 
 
 def _paired_moments(dense: nn.Module | None, layer: nn.Module, hidden, compressed, kwargs, device, name: str,
