@@ -7,6 +7,7 @@ import torch
 import svdllm
 from svdllm.allocation import MatrixInfo
 from svdllm.allocation.allocators import Global, Spectrum
+from svdllm.allocation.joint import Widths, joint_allocation
 from svdllm.cli import main
 from svdllm.quantization.pricing import weight_bits
 from tiny import tiny_model
@@ -23,28 +24,52 @@ MATRICES = [MatrixInfo("a", 64, 64, 0), MatrixInfo("b", 64, 64, 0)]
 
 
 def test_free_quantization_is_taken_and_ruinous_quantization_is_not():
-    alloc = Global(calibrate=0, bits=(3, 4, 8))
+    widths = Widths((8, 3, 4))
+    assert widths.bits == (3, 4, 8)
+
+    def allocate(ratio, errors):
+        spectra = _spectra(errors)
+        gains = Global(calibrate=0)._losses(MATRICES, spectra)
+        return joint_allocation(MATRICES, ratio, gains, spectra, widths)
+
     # quantization that costs almost nothing: `a` dense and quantized, at a budget float32 cannot meet; `b` keeps
     # its four useful components (in float32: what is left of the budget pays for it)
     free = {3: (1e-3, 1e-3), 4: (5e-4, 5e-4), 8: (1e-4, 1e-4)}
-    ranks = alloc.allocate(MATRICES, 0.85, _spectra(free))
-    assert ranks == {"a": None, "b": 4} and alloc.last_bits[0.85]["a"] is not None
+    got = allocate(0.85, free)
+    assert got.ranks == {"a": None, "b": 4} and got.bits["a"] is not None
     # quantization that loses everything: float ranks only, b cut to its four useful components, a kept longer
     ruin = {b: (1.0, 1.0) for b in (3, 4, 8)}
-    ranks = alloc.allocate(MATRICES, 0.85, _spectra(ruin))
-    assert set(alloc.last_bits[0.85].values()) == {None} and ranks["b"] == 4 and ranks["a"] > 4
+    got = allocate(0.85, ruin)
+    assert set(got.bits.values()) == {None} and got.ranks["b"] == 4 and got.ranks["a"] > 4
     # the budget holds, in bits as svdllm stores the weights
     for errors in (free, ruin, {3: (0.3, 0.5), 4: (0.05, 0.1), 8: (1e-4, 2e-4)}):
         for ratio in (0.7, 0.85, 0.9):
-            ranks = alloc.allocate(MATRICES, ratio, _spectra(errors))
+            got = allocate(ratio, errors)
             used = 0
             for m in MATRICES:
-                r, b = ranks[m.name], alloc.last_bits[ratio][m.name]
+                r, b = got.ranks[m.name], got.bits[m.name]
                 shapes = [(64, 64)] if r is None else [(64, r), (r, 64)]
                 used += sum(o * i * 32 if b is None else weight_bits(o, i, b) for o, i in shapes)
-            assert used // 8 == alloc.last_bytes[ratio] <= (1 - ratio) * 2 * 64 * 64 * 4
+            assert used // 8 == got.linear_bytes <= (1 - ratio) * 2 * 64 * 64 * 4
     with pytest.raises(svdllm.SvdllmError, match="less than their smallest choice"):
-        alloc.allocate(MATRICES, 0.99, _spectra(free))
+        allocate(0.99, free)
+
+
+def test_the_allocator_returns_ranks_and_widths_together():
+    """Global.search with widths answers an Allocation per ratio holding both (no state left on the allocator); an
+    allocator that chooses ranks only refuses widths."""
+    from svdllm.allocation import Allocation, get_allocator
+
+    free = {3: (1e-3, 1e-3), 4: (5e-4, 5e-4), 8: (1e-4, 1e-4)}
+    alloc = Global(calibrate=0)
+    found = alloc.search(MATRICES, [0.8, 0.85], _spectra(free), widths=Widths((3, 4, 8)))
+    assert set(found) == {0.8, 0.85} and all(isinstance(a, Allocation) for a in found.values())
+    for ratio, a in found.items():
+        assert set(a.bits) == set(a.ranks) == {"a", "b"} and a.linear_bytes <= (1 - ratio) * 2 * 64 * 64 * 4
+    assert not [k for k in vars(alloc) if "bits" in k or "bytes" in k]
+    assert Allocation.from_dict(found[0.8].to_dict()) == found[0.8]  # what the statistics cache records
+    with pytest.raises(svdllm.SvdllmError, match="ranks only"):
+        get_allocator("uniform").search(MATRICES, [0.8], widths=Widths((4,)))
 
 
 def test_quantization_errors_fall_with_the_width(tok):
@@ -83,7 +108,8 @@ def test_compress_with_bits_makes_the_model_the_allocation_priced(tok, data_dir,
     dense_bytes = sum(m.weight.numel() for layer in model.model.layers for m in layer.modules()
                       if isinstance(m, torch.nn.Linear)) * 4
     assert quant["linear_bytes"] == alloc["linear_bytes_planned"] <= 0.15 * dense_bytes
-    assert quant["method"] == "gptq" and quant["bits"] == alloc["bits"] and manifest["alloc_options"]["bits"] == [3, 4, 8]
+    assert quant["method"] == "gptq" and quant["bits"] == alloc["bits"] and manifest["widths"]["bits"] == [3, 4, 8]
+    assert manifest["ratio_of"] == "float32 bytes" and "bits" not in manifest["alloc_options"]
     q = svdllm.load(tmp_path / "j")
     for name, bits in alloc["bits"].items():
         module = q.get_submodule(name)

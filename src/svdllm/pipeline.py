@@ -12,10 +12,12 @@ that share an update share one run of these phases over a `Run` (what each reads
                                                               layer by layer: calibration/layerwise.py)
 5. spectra        weights, run.dense, run.grads            → run.spectra; each decomposition kept in the run's store
                                                               (factorization/spectra.py, factorization/store.py)
-6. allocation     run.spectra, measure(ranks) → loss        → run.ranks, run.alloc_info (allocation/, refine.py)
+6. allocation     run.spectra, measure(ranks) → loss        → run.allocations: ranks, and with --bits widths
+                                                              (allocation/, refine.py, joint.py)
 7. factorization  the store (or weights and statistics),    → factors of every ratio, with the closed-form update in
                   run.ranks                                   a pass through the compressed model (factorization/apply.py)
-8. save           the factors                              → one directory per ratio (io/)
+8. quantize       with --bits, run.allocations' widths         → each matrix by GPTQ at its width (quantization/)
+9. save           the factors (quantized)                  → one directory per ratio (io/)
 
 Each matrix is decomposed once per compress(): the spectra phase's decompositions serve the allocation's
 measurements, the factorization of every ratio, and the update groups after the first. With several ratios, one
@@ -25,6 +27,7 @@ model is handed back dense.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -36,7 +39,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .allocation import REVISION as ALLOCATOR_REVISION, Allocator, MatrixInfo, get_allocator, param_counts
+from .allocation import (REVISION as ALLOCATOR_REVISION, Allocation, Allocator, MatrixInfo, Widths, get_allocator,
+                         param_counts)
 from .calibration import distributed
 from .calibration import (AllocationRecord, InputStatistics, StatsCache, Walk, capture_layer_inputs, gradient_stats,
                           layerwise_loss, linear_stats, model_fingerprint)
@@ -53,7 +57,7 @@ from .nn.low_rank import swap_back, swap_in
 from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
 from .io.manifest import Manifest
 from .models.lazy import is_lazy, resident_bytes
-from .models.families import family_of, resolve_family
+from .models.families import family_of, resolve_family, set_submodule
 from .models.loading import cache_root, source_metadata
 from .update import DRIFT_GROUPS, UPDATES, base_update
 from .update.closed_form import ClosedFormPass, PartialFactors
@@ -178,9 +182,6 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     if config.bits and is_lazy(model):
         raise SvdllmError("--bits quantizes the whole compressed model after its truncation, which --layerwise does "
                           "not hold in memory: compress without --bits, then `svdllm quantize` the result.")
-    if config.bits:  # the global allocator chooses the widths with the ranks (allocation/allocators.py, _joint)
-        config = dataclasses.replace(config, alloc_options={**config.alloc_options, "bits": tuple(config.bits),
-                                                            "group_size": config.group_size})
     get_method(plan.method, **config.method_options)
     get_allocator(plan.alloc, **config.alloc_options)
     outs = {r: None if out is None else Path(out) if len(ratios) == 1 else Path(out) / f"ratio-{r:g}" for r in ratios}
@@ -205,34 +206,8 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     finally:
         if "store" in shared:
             shared["store"].close()
-    if config.bits:
-        _quantize_as_allocated(model, tokenizer, config, results, progress)
     order = {r: k for k, r in enumerate(ratios)}
     return sorted(results, key=lambda res: order[res.ratio])
-
-
-def _quantize_as_allocated(model, tokenizer, config: CompressConfig, results: list, progress: bool) -> None:
-    """The joint allocation's widths applied: each ratio's model quantized by GPTQ, matrix by matrix at the width
-    the allocation chose (float where it chose none), on the calibration windows, and saved again."""
-    from .io.checkpoint import load
-    from .quantization.quantize import quantize_and_report
-
-    cal = config.calibration
-    windows = calibration_set(tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
-    record = {"dataset": cal.dataset if isinstance(cal.dataset, str) else "given windows", "nsamples": cal.nsamples,
-              "seqlen": cal.seqlen, "seed": cal.seed}
-    for res in results:
-        target = model if len(results) == 1 else load(res.out)
-        info = quantize_and_report(target, "mixed", config.group_size, "gptq", windows, record, progress,
-                                   bits_of=res.manifest["allocation"]["bits"])
-        res.manifest.update(quantization=info, dtype="float32")
-        res.timings["quantize_s"] = info["quantize_s"]
-        if res.out is not None:
-            save(target, tokenizer, res.out, res.manifest, overwrite=True)
-        log.info("R = %g: quantized as allocated (%s), %.2f bits per quantized weight, %.1f MiB of decoder linears.",
-                 res.ratio, ", ".join(f"{sum((b or 0) == w for b in info['bits'].values())} × {w or 'float'}"
-                                      for w in sorted({b or 0 for b in info["bits"].values()})),
-                 info["bits_per_weight"], info["linear_bytes"] / 2**20)
 
 
 def _compress_concrete(model, tokenizer, config: CompressConfig, outs: dict, overwrite: bool, progress: bool,
@@ -293,7 +268,7 @@ class Run:
     outs: dict  # ratio -> output directory or None
     overwrite: bool
     progress: bool
-    shared: dict  # across the update groups of one compress(): "ratios", "rank_maps", "alloc_info", "store"
+    shared: dict  # across the update groups of one compress(): "ratios", "allocations", "store"
     timings: dict = field(default_factory=lambda: {"calibration_s": 0.0, "factorization_s": 0.0})
     windows: torch.Tensor | None = None
     cache: StatsCache | None = None  # the dense statistics the factorization reads (None: its own pass gathers them)
@@ -302,8 +277,7 @@ class Run:
     grads: object = None
     record: AllocationRecord | None = None
     spectra: dict | None = None
-    ranks: dict | None = None  # ratio -> name -> rank (None: dense)
-    alloc_info: dict | None = None
+    allocations: dict[float, Allocation] | None = None  # ratio -> ranks (and widths, with --bits)
 
     def __post_init__(self):
         self.ratios = [float(r) for r in self.config.ratios]
@@ -316,6 +290,13 @@ class Run:
         self.needs_inputs = "inputs" in method or self.closed_form or "inputs" in allocator
         self.needs_grams = "output_grams" in method
         self.needs_grads = "fisher" in method or "gradients" in allocator or self.needs_grams
+        # --bits: each matrix's width is chosen with its rank, and the model quantized as allocated before its save
+        self.widths = Widths(tuple(self.config.bits), self.config.group_size) if self.config.bits else None
+
+    @property
+    def ranks(self) -> dict | None:
+        """ratio -> name -> rank (None: dense)."""
+        return None if self.allocations is None else {r: a.ranks for r, a in self.allocations.items()}
 
     @property
     def store(self) -> DecompositionStore | None:
@@ -352,13 +333,12 @@ def _run_phases(run: Run) -> list[CompressionResult]:
     if run.spectral:
         _recorded_allocation(run)
         _dense_statistics(run)
-        if run.ranks is None:
+        if run.allocations is None:
             _spectra(run)
         _allocation(run)
     else:
         t = time.perf_counter()
-        run.ranks = {r: run.allocator.allocate(run.matrices, r, None, config.rank_multiple) for r in run.ratios}
-        run.alloc_info = {r: {} for r in run.ratios}
+        run.allocations = run.allocator.search(run.matrices, run.ratios, None, config.rank_multiple)
         run.timings["allocation_s"] = time.perf_counter() - t
     factorizer, from_cache = _factorization(run, writers)
     run.timings["total_s"] = time.perf_counter() - t0
@@ -428,14 +408,15 @@ def _recorded_allocation(run: Run) -> None:
             "grad_samples": config.calibration.grad_samples, "dtype": str(next(run.model.parameters()).dtype),
             "version": __version__, "allocator_revision": ALLOCATOR_REVISION,
             **({"gram_dtype": config.gram_dtype} if run.needs_grams and config.gram_dtype not in (None, "float64")
-               else {})})
-    shared = run.shared.get("rank_maps", {})
+               else {}),
+            **({"widths": run.widths.record()} if run.widths else {})})
+    shared = run.shared.get("allocations", {})
     if all(r in shared for r in run.ratios):
-        run.ranks, run.alloc_info = shared, run.shared["alloc_info"]
+        run.allocations = {r: shared[r] for r in run.ratios}
     elif run.record is not None:
         known = run.record.load(run.ratios)
         if known is not None:
-            run.ranks, run.alloc_info = known
+            run.allocations = {r: Allocation.from_dict(a) for r, a in known.items()}
             log.info("Ranks from an earlier run's allocation (%s): the spectra are not recomputed.", run.record.path)
 
 
@@ -447,7 +428,7 @@ def _dense_statistics(run: Run) -> None:
         return
     t = time.perf_counter()
     cal = run.config.calibration
-    if (run.ranks is None or not _ratio_dependent(run.config)) and not run.dense.has_all(run.num_layers):
+    if (run.allocations is None or not _ratio_dependent(run.config)) and not run.dense.has_all(run.num_layers):
         def keep(i: int, layer, stats) -> None:
             if not run.dense.has(i):
                 run.dense.save(i, stats)
@@ -467,7 +448,7 @@ def _spectra(run: Run) -> None:
         run.shared["store"] = DecompositionStore(run.scratch_root)
     stats_of = run.dense.load if run.needs_inputs else (lambda i: None)
     run.spectra = spectra(run.model, run.method, stats_of, run.grads, run.store, run.progress,
-                          getattr(run.allocator, "bits", ()), getattr(run.allocator, "group_size", 32))
+                          run.widths.bits if run.widths else (), run.widths.group_size if run.widths else 32)
     run.timings["spectra_s"] = time.perf_counter() - t
     run.timings["peak_rss_after_spectra_mb"] = peak_rss_mb()
 
@@ -475,20 +456,19 @@ def _spectra(run: Run) -> None:
 def _allocation(run: Run) -> None:
     """Phase 6: the allocator's search over every ratio of the compress() call (each ratio's ranks depend on that
     ratio alone), measuring the model's loss where it asks to."""
-    if run.ranks is not None:
+    if run.allocations is not None:
         return
     t = time.perf_counter()
-    ratios = [r for r in run.shared["ratios"] if r not in run.shared.get("rank_maps", {})] or run.ratios
+    ratios = [r for r in run.shared["ratios"] if r not in run.shared.get("allocations", {})] or run.ratios
     n = run.allocator.measurement_windows
     measure = _measure(run, run.windows[:n]) if n and run.windows is not None else None
-    ranks, info = run.allocator.search(run.matrices, ratios, run.spectra, run.config.rank_multiple, measure)
-    measured = measure is not None and any(i for i in info.values())
+    found = run.allocator.search(run.matrices, ratios, run.spectra, run.config.rank_multiple, measure, run.widths)
+    measured = measure is not None and any(a.info for a in found.values())
     run.timings["loss_scale_s" if measured else "allocation_s"] = time.perf_counter() - t
     if run.record is not None:
-        run.record.save(ranks, info)
-    run.shared.setdefault("rank_maps", {}).update(ranks)
-    run.shared.setdefault("alloc_info", {}).update(info)
-    run.ranks, run.alloc_info = run.shared["rank_maps"], run.shared["alloc_info"]
+        run.record.save({r: a.to_dict() for r, a in found.items()})
+    run.shared.setdefault("allocations", {}).update(found)
+    run.allocations = {r: run.shared["allocations"][r] for r in run.ratios}
 
 
 def _measure(run: Run, windows: torch.Tensor):
@@ -594,19 +574,24 @@ def _save(run: Run, factorizer: LayerFactorizer, writers: dict, params_before: i
             originals = factorizer.applied if factorizer.sequential else swap_in(model, factorizer.factors[r])
             counts.update(model_before=params_before, model_after=count_params(model))
             check_finite_outputs(model, probe)
+        allocation = run.allocations[r]
+        quantization = _quantize(run, allocation, originals) if allocation.bits is not None else None
         name = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         manifest = Manifest(
             svdllm_version=__version__, base_model=name, source_model=source_metadata(name),
             model_type=model.config.model_type, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
             preset=config.preset, method=config.method, method_options=dict(config.method_options), ratio=r,
-            alloc=config.alloc, alloc_options=_alloc_options(run.allocator), allocation=run.alloc_info.get(r, {}),
+            alloc=config.alloc, alloc_options=_alloc_options(run.allocator), allocation=_allocation_record(allocation),
             rank_multiple=config.rank_multiple, update=config.update,
             calibration=_calibration_record(cal, run.needs_inputs or run.needs_grads, from_cache),
             gram_dtype=(config.gram_dtype or "float64") if run.needs_grams else None, params=counts, timings=run.timings, ranks=run.ranks[r], shapes=shapes,
             truncation_loss=factorizer.losses[r], whitening_jitter=factorizer.jitters,
             update_error_reduction=factorizer.update_gain, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            environment=environment(),
+            environment=environment(), widths=run.widths.record() if run.widths else None,
+            ratio_of="float32 bytes" if run.widths else "parameters",
             family=family_of(model).record() if family_of(model).custom else None).to_dict()
+        if quantization is not None:
+            manifest.update(quantization=quantization, dtype="float32")
         result = CompressionResult(r, run.ranks[r], counts, factorizer.losses[r], dict(run.timings), run.outs[r],
                                    manifest, originals)
         if run.lazy:
@@ -627,12 +612,40 @@ def _save(run: Run, factorizer: LayerFactorizer, writers: dict, params_before: i
     return results
 
 
+def _quantize(run: Run, allocation: Allocation, originals: dict) -> dict:
+    """Phase 8a, with --bits: the model quantized as the joint allocation chose, each matrix by GPTQ at its width
+    (float where it chose none), on the calibration windows, before the one save. A matrix kept dense and quantized
+    is quantized in a copy, its original put in `originals`: with several ratios the model goes back dense."""
+    from .quantization import quantize_and_report
+
+    for name, bits in allocation.bits.items():
+        if bits is not None and allocation.ranks[name] is None:
+            originals[name] = run.model.get_submodule(name)
+            set_submodule(run.model, name, copy.deepcopy(originals[name]))
+    cal = run.config.calibration
+    record = {"dataset": cal.dataset if isinstance(cal.dataset, str) else "given windows", "nsamples": cal.nsamples,
+              "seqlen": cal.seqlen, "seed": cal.seed}
+    info = quantize_and_report(run.model, "mixed", run.widths.group_size, "gptq", run.windows, record, run.progress,
+                               bits_of=allocation.bits)
+    run.timings["quantize_s"] = info["quantize_s"]
+    log.info("quantized as allocated (%s), %.2f bits per quantized weight, %.1f MiB of decoder linears.",
+             ", ".join(f"{sum((b or 0) == w for b in info['bits'].values())} × {w or 'float'}"
+                       for w in sorted({b or 0 for b in info["bits"].values()})),
+             info["bits_per_weight"], info["linear_bytes"] / 2**20)
+    return info
+
+
+def _allocation_record(allocation: Allocation) -> dict:
+    """What the manifest records of an allocation: the allocator's report and, from a joint one, the widths chosen
+    and the bytes planned."""
+    if allocation.bits is None:
+        return allocation.info
+    return {**allocation.info, "bits": allocation.bits, "linear_bytes_planned": allocation.linear_bytes}
+
+
 def _alloc_options(allocator: Allocator) -> dict:
-    """Every option's value, defaults included (and the widths of a joint rank-and-bits allocation)."""
-    out = {k: getattr(allocator, k) for k in sorted(allocator.options())}
-    if getattr(allocator, "bits", ()):
-        out.update(bits=list(allocator.bits), group_size=allocator.group_size)
-    return out
+    """Every option's value, defaults included."""
+    return {k: getattr(allocator, k) for k in sorted(allocator.options())}
 
 
 def summarize(results: list[CompressionResult]) -> list[dict]:

@@ -1,9 +1,11 @@
-"""Allocation: *how many* ranks each matrix keeps under one parameter budget (the factors come from a method).
+"""Allocation: *how many* ranks each matrix keeps under one parameter budget (the factors come from a method), and
+with `--bits` its width too, under a byte budget (joint.py). Every allocator answers with an `Allocation` per ratio.
 
 Any allocator applies to any method: the spectrum-driven ones read the singular values (and, for `global` and
 `dipsvd`, the gradient statistics) that the method's decompositions and the calibration produce.
 """
-from .allocators import ALLOCATORS, Allocator, Spectrum, get_allocator
+from .allocators import ALLOCATORS, Allocation, Allocator, Spectrum, get_allocator
+from .joint import JointAllocation, Widths, joint_allocation
 from .budget import TOLERANCE, MatrixInfo, budget, fit_to_budget, param_counts
 
 ALLOCATOR_SUMMARIES = {name: cls.summary for name, cls in ALLOCATORS.items()}
@@ -23,5 +25,5 @@ def allocate(name: str, matrices: list[MatrixInfo], ratio: float, spectra: dict[
     return get_allocator(name, **options).allocate(matrices, ratio, spectra, multiple)
 
 
-__all__ = ["ALLOCATORS", "ALLOCATOR_SUMMARIES", "Allocator", "MatrixInfo", "REVISION", "Spectrum", "TOLERANCE",
+__all__ = ["ALLOCATORS", "ALLOCATOR_SUMMARIES", "Allocation", "Allocator", "JointAllocation", "Widths", "joint_allocation", "MatrixInfo", "REVISION", "Spectrum", "TOLERANCE",
            "allocate", "allocate_uniform", "budget", "fit_to_budget", "get_allocator", "param_counts"]

@@ -10,15 +10,15 @@ global   ours: every singular direction of every matrix competes for the budget 
 """
 from __future__ import annotations
 
-import heapq
 import math
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import SvdllmError
-from ..quantization.pricing import FLOAT_BITS, OVERHEAD_BITS, weight_bits
-from .budget import MatrixInfo, budget, check_feasible, exact_rank, fit_to_budget
+from .joint import JointAllocation, Widths, joint_allocation, parameter_ratio
+from .budget import MatrixInfo, budget, check_feasible, exact_rank, fit_to_budget, greedy
 
 
 @dataclass
@@ -36,6 +36,25 @@ class Spectrum:
     def truncation_loss(self, rank: int) -> float:
         """√(Σ_{k≥r} s_k²): for truncation-aware methods, exactly ‖(W − W′)X‖_F."""
         return float(self.s[rank:].double().pow(2).sum().sqrt())
+
+
+@dataclass
+class Allocation:
+    """One ratio's allocation: every matrix's rank (None: dense) and, from a joint rank-and-bits allocation, its
+    width (None: float) and the planned bytes of the compressed linears; `info` is what the allocator reports (the
+    global allocator's measured rounds), recorded in the manifest."""
+
+    ranks: dict[str, int | None]
+    info: dict = field(default_factory=dict)
+    bits: dict[str, int | None] | None = None
+    linear_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Allocation:
+        return cls(**{k: d.get(k) for k in ("ranks", "bits", "linear_bytes")}, info=d.get("info") or {})
 
 
 class Allocator:
@@ -64,11 +83,14 @@ class Allocator:
         return 0
 
     def search(self, matrices: list[MatrixInfo], ratios: list[float], spectra: dict[str, Spectrum] | None = None,
-               multiple: int = 1, measure=None) -> tuple[dict, dict]:
-        """(ratio -> ranks, ratio -> what the allocator reports) for every ratio of a run. `measure(ranks) -> loss`,
-        if given, is the model's mean loss on `measurement_windows` windows with the named matrices truncated at
-        those ranks (allocation/refine.py); an allocator that only reads spectra ignores it."""
-        return {r: self.allocate(matrices, r, spectra, multiple) for r in ratios}, {r: {} for r in ratios}
+               multiple: int = 1, measure=None, widths: Widths | None = None) -> dict[float, Allocation]:
+        """ratio -> Allocation for every ratio of a run. `measure(ranks) -> loss`, if given, is the model's mean loss
+        on `measurement_windows` windows with the named matrices truncated at those ranks (allocation/refine.py); an
+        allocator that only reads spectra ignores it. `widths`: choose each matrix's bit width with its rank, R then
+        being the fraction of the compressed linears' float32 bytes removed (the global allocator only)."""
+        if widths is not None:
+            raise SvdllmError(f"Allocator {self.name!r} chooses ranks only; --bits needs --alloc global.")
+        return {r: Allocation(self.allocate(matrices, r, spectra, multiple)) for r in ratios}
 
     def _spectra(self, matrices, spectra):
         if spectra is None or any(m.name not in spectra for m in matrices):
@@ -237,8 +259,6 @@ class Global(Allocator):
     per_layer: float = 0.0
     calibrate: float = 2.0
     refine: int = 1
-    bits: tuple = ()  # set from CompressConfig.bits: the widths a matrix may be quantized to (joint allocation)
-    group_size: int = 32
 
     @classmethod
     def options(cls):
@@ -255,12 +275,7 @@ class Global(Allocator):
                           "`calibrate` windows per ratio)"}
 
     def __init__(self, **options):
-        bits = options.pop("bits", ())  # not a numeric option: CompressConfig.bits (--bits) sets it
-        group_size = options.pop("group_size", 32)
         super().__init__(**options)
-        self.bits, self.group_size = tuple(sorted(int(b) for b in bits)), int(group_size)
-        self.last_bits: dict[float, dict] = {}
-        self.last_bytes: dict[float, int] = {}
         for key in ("calibrate", "refine"):
             value = getattr(self, key)
             if value < 0 or value != int(value):
@@ -270,29 +285,41 @@ class Global(Allocator):
     def measurement_windows(self) -> int:
         return int(self.calibrate)
 
-    def search(self, matrices, ratios, spectra=None, multiple=1, measure=None):
-        if not self.calibrate or measure is None or all(sp.loss is None for sp in (spectra or {}).values()):
-            ranks, info = super().search(matrices, ratios, spectra, multiple)
-        elif self.bits:
-            # the measured rounds judge an allocation by its truncation alone, which cannot rank a joint choice:
-            # one allocation, its type scales measured at the uniform ranks of the ratio of parameters the byte
-            # budget leaves at the middle width
-            from .refine import refined_allocation
+    def search(self, matrices, ratios, spectra=None, multiple=1, measure=None, widths=None):
+        measured = bool(self.calibrate) and measure is not None and \
+            any(sp.loss is not None for sp in (spectra or {}).values())
+        if widths is not None:
+            return self._search_joint(matrices, ratios, spectra, multiple, measure if measured else None, widths)
+        if not measured:
+            return super().search(matrices, ratios, spectra, multiple)
+        from .refine import refined_allocation
 
-            start = {r: Uniform().allocate(matrices, self._parameter_ratio(r)) for r in ratios}
-            ranks, info = refined_allocation(self, matrices, ratios, spectra, multiple, measure, 0, start)
+        ranks, info = refined_allocation(self.allocate, matrices, ratios, spectra, multiple, measure, int(self.refine))
+        return {r: Allocation(ranks[r], info[r]) for r in ratios}
+
+    def _search_joint(self, matrices, ratios, spectra, multiple, measure, widths: Widths) -> dict:
+        """Ranks and widths together (allocation/joint.py), on the predicted losses rescaled per matrix type by one
+        measured round: the measured rounds judge an allocation by its truncation alone, which cannot rank a joint
+        choice, so the type scales are measured at the uniform ranks of the ratio of parameters the byte budget
+        leaves at the middle width, and the allocation made from them is the one kept."""
+        spectra = self._spectra(matrices, spectra)
+        chosen: dict[float, JointAllocation] = {}
+
+        def allocate(matrices, ratio, spectra, multiple):
+            chosen[ratio] = joint_allocation(matrices, ratio, self._losses(matrices, spectra), spectra, widths, multiple)
+            return chosen[ratio].ranks
+
+        if measure is None:
+            info = {r: {} for r in ratios}
+            for r in ratios:
+                allocate(matrices, r, spectra, multiple)
         else:
             from .refine import refined_allocation
 
-            return refined_allocation(self, matrices, ratios, spectra, multiple, measure, int(self.refine))
-        for r in ratios:
-            if self.bits:
-                info[r]["bits"], info[r]["linear_bytes_planned"] = self.last_bits[r], self.last_bytes[r]
-        return ranks, info
-
-    def _parameter_ratio(self, ratio: float) -> float:
-        middle = self.bits[len(self.bits) // 2]
-        return min(0.9, max(0.0, 1.0 - (1.0 - ratio) * FLOAT_BITS / (middle + OVERHEAD_BITS / self.group_size)))
+            start = {r: Uniform().allocate(matrices, parameter_ratio(r, widths)) for r in ratios}
+            _, info = refined_allocation(allocate, matrices, ratios, spectra, multiple, measure, 0, start)
+        return {r: Allocation(chosen[r].ranks, info[r], bits=chosen[r].bits, linear_bytes=chosen[r].linear_bytes)
+                for r in ratios}
 
     def _floor(self, m: MatrixInfo, ratio: float, multiple: int) -> int:
         r = math.ceil(self.min_keep * (1.0 - ratio) * m.dense_params / (m.out_features + m.in_features))
@@ -312,8 +339,6 @@ class Global(Allocator):
 
     def allocate(self, matrices, ratio, spectra=None, multiple=1):
         spectra = self._spectra(matrices, spectra)
-        if self.bits:
-            return self._joint(matrices, ratio, spectra, multiple)
         check_feasible(matrices, ratio, multiple)
         if not 0.0 <= self.min_keep <= 1.0:
             raise SvdllmError(f"min_keep must be in [0, 1], got {self.min_keep}.")
@@ -339,7 +364,7 @@ class Global(Allocator):
                     pts.append((sum(m.cost(r) for m, r in zip(group, rs)), sum(gain(m, r) for m, r in zip(group, rs)),
                                 keep))
                 units.append(pts)
-            chosen = _greedy(units, target)
+            chosen = greedy(units, target)
             keep = {m.name: units[u][chosen[u]][2] for u, group in enumerate(layers.values()) for m in group}
             return fit_to_budget(matrices, {m.name: exact_rank(m, keep[m.name]) for m in matrices}, ratio, multiple)
 
@@ -349,94 +374,8 @@ class Global(Allocator):
             pts = [(m.lowrank_params(r), gain(m, r), r) for r in range(self._floor(m, ratio, multiple), top + 1, multiple)]
             pts.append((m.dense_params, gain(m, None), None))
             units.append(pts)
-        chosen = _greedy(units, target)
+        chosen = greedy(units, target)
         return {m.name: units[u][chosen[u]][2] for u, m in enumerate(matrices)}
-
-    def _joint(self, matrices, ratio, spectra, multiple):
-        """Rank and bit width together: R is the fraction of the compressed linears' float32 bytes removed. A
-        matrix at rank r and b bits keeps the predicted loss its top r components avoid, less the share its
-        quantization error gives back: gain = Σ_{k<r} loss_k · (1 − e_b), e_b the relative output error measured
-        for quantizing the factor pair (or W, dense) at b bits; it costs its weights' bits with their scales and
-        zero points. The same greedy on each matrix's concave hull spends the bits."""
-        gains = self._losses(matrices, spectra)
-        units = []
-        for m in matrices:
-            err = spectra[m.name].quant_error
-            if not err or any(b not in err for b in self.bits):
-                raise SvdllmError(f"The joint rank-and-bits allocation needs the quantization errors of {m.name} "
-                                  "(pipeline bug).")
-            g = gains[m.name]
-            pts = []
-            for r in range(multiple, m.dense_rank(multiple) + 1, multiple):
-                kept = float(g[min(r, g.numel() - 1)])
-                pts.append((m.lowrank_params(r) * FLOAT_BITS, kept, (r, None)))
-                for b in self.bits:
-                    cost = weight_bits(m.out_features, r, b, self.group_size) + weight_bits(r, m.in_features, b,
-                                                                                            self.group_size)
-                    pts.append((cost, kept * (1.0 - err[b][1]), (r, b)))
-            kept = float(g[-1])
-            pts.append((m.dense_params * FLOAT_BITS, kept, (None, None)))
-            for b in self.bits:
-                pts.append((weight_bits(m.out_features, m.in_features, b, self.group_size), kept * (1.0 - err[b][0]),
-                            (None, b)))
-            pts.sort(key=lambda p: (p[0], -p[1]))
-            units.append(pts)
-        target = (1.0 - ratio) * sum(m.dense_params for m in matrices) * FLOAT_BITS
-        if sum(u[0][0] for u in units) > target:
-            raise SvdllmError(f"R = {ratio} leaves {target / 8 / 2**20:.1f} MiB for the compressed linears, less than "
-                              f"their smallest choice at widths {self.bits} takes; choose a smaller ratio or a lower "
-                              "width.")
-        chosen = _greedy(units, target)
-        picks = {m.name: units[u][chosen[u]][2] for u, m in enumerate(matrices)}
-        self.last_bits[ratio] = {name: b for name, (_, b) in picks.items()}
-        self.last_bytes[ratio] = int(sum(units[u][chosen[u]][0] for u in range(len(units)))) // 8
-        return {name: r for name, (r, _) in picks.items()}
-
-
-def _greedy(units: list[list[tuple[float, float, object]]], target: float) -> list[int]:
-    """Choose one point (cost, gain, state) per unit, costs ascending within a unit, maximising the total gain
-    with the total cost ≤ target: the budget goes to the steepest segments of each unit's upper concave hull
-    first (the exact optimum of the Lagrangian relaxation); where a segment does not fit whole, the unit takes the
-    point of most gain among its own that fit and stops."""
-    chosen = [0] * len(units)
-    kept = sum(pts[0][0] for pts in units)
-    hulls = [_upper_hull(pts) for pts in units]
-    heap = [(-(units[u][h[0]][1] - units[u][0][1]) / max(units[u][h[0]][0] - units[u][0][0], 1e-30), u, 0)
-            for u, h in enumerate(hulls) if h]
-    heapq.heapify(heap)
-    while heap:
-        _, u, j = heapq.heappop(heap)
-        pts, cur = units[u], chosen[u]
-        nxt = hulls[u][j]
-        if kept + pts[nxt][0] - pts[cur][0] <= target:
-            kept += pts[nxt][0] - pts[cur][0]
-            chosen[u] = nxt
-            if j + 1 < len(hulls[u]):
-                a, b = pts[nxt], pts[hulls[u][j + 1]]
-                heapq.heappush(heap, (-(b[1] - a[1]) / max(b[0] - a[0], 1e-30), u, j + 1))
-        else:
-            fits = [k for k in range(cur + 1, nxt) if kept + pts[k][0] - pts[cur][0] <= target]
-            # the point of most gain among those (the costliest, where gain grows with cost as it does with rank
-            # alone; a joint rank-and-width unit also holds cheaper points of more gain)
-            best = max(fits, key=lambda k: (pts[k][1], k)) if fits else None
-            if best is not None and pts[best][1] >= pts[cur][1]:
-                kept += pts[best][0] - pts[cur][0]
-                chosen[u] = best
-    return chosen
-
-
-def _upper_hull(pts: list[tuple[float, float, object]]) -> list[int]:
-    """Indices (after the first point) of the upper concave hull of (cost, gain) points sorted by cost."""
-    hull = [0]
-    for k in range(1, len(pts)):
-        while len(hull) >= 2:
-            (x1, y1, _), (x2, y2, _) = pts[hull[-2]], pts[hull[-1]]
-            if (y2 - y1) * (pts[k][0] - x1) <= (pts[k][1] - y1) * (x2 - x1):  # hull[-1] on or below the chord
-                hull.pop()
-            else:
-                break
-        hull.append(k)
-    return hull[1:]
 
 
 ALLOCATORS: dict[str, type[Allocator]] = {a.name: a for a in (Uniform, V2, LoRAP, DipSVDLayers, Global)}

@@ -117,3 +117,49 @@ def fit_to_budget(matrices: list[MatrixInfo], exact: dict[str, float], ratio: fl
 def exact_rank(m: MatrixInfo, keep: float) -> float:
     """The real-valued rank that keeps the fraction `keep` of the matrix's parameters."""
     return keep * m.dense_params / (m.out_features + m.in_features)
+
+
+def greedy(units: list[list[tuple[float, float, object]]], target: float) -> list[int]:
+    """Choose one point (cost, gain, state) per unit, costs ascending within a unit, maximising the total gain
+    with the total cost ≤ target: the budget goes to the steepest segments of each unit's upper concave hull
+    first (the exact optimum of the Lagrangian relaxation); where a segment does not fit whole, the unit takes the
+    point of most gain among its own that fit and stops."""
+    chosen = [0] * len(units)
+    kept = sum(pts[0][0] for pts in units)
+    hulls = [upper_hull(pts) for pts in units]
+    heap = [(-(units[u][h[0]][1] - units[u][0][1]) / max(units[u][h[0]][0] - units[u][0][0], 1e-30), u, 0)
+            for u, h in enumerate(hulls) if h]
+    heapq.heapify(heap)
+    while heap:
+        _, u, j = heapq.heappop(heap)
+        pts, cur = units[u], chosen[u]
+        nxt = hulls[u][j]
+        if kept + pts[nxt][0] - pts[cur][0] <= target:
+            kept += pts[nxt][0] - pts[cur][0]
+            chosen[u] = nxt
+            if j + 1 < len(hulls[u]):
+                a, b = pts[nxt], pts[hulls[u][j + 1]]
+                heapq.heappush(heap, (-(b[1] - a[1]) / max(b[0] - a[0], 1e-30), u, j + 1))
+        else:
+            fits = [k for k in range(cur + 1, nxt) if kept + pts[k][0] - pts[cur][0] <= target]
+            # the point of most gain among those (the costliest, where gain grows with cost as it does with rank
+            # alone; a joint rank-and-width unit also holds cheaper points of more gain)
+            best = max(fits, key=lambda k: (pts[k][1], k)) if fits else None
+            if best is not None and pts[best][1] >= pts[cur][1]:
+                kept += pts[best][0] - pts[cur][0]
+                chosen[u] = best
+    return chosen
+
+
+def upper_hull(pts: list[tuple[float, float, object]]) -> list[int]:
+    """Indices (after the first point) of the upper concave hull of (cost, gain) points sorted by cost."""
+    hull = [0]
+    for k in range(1, len(pts)):
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = pts[hull[-2]], pts[hull[-1]]
+            if (y2 - y1) * (pts[k][0] - x1) <= (pts[k][1] - y1) * (x2 - x1):  # hull[-1] on or below the chord
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    return hull[1:]

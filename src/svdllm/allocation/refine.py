@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 Measure = Callable[[dict[str, int]], float]
 
 
-def refined_allocation(allocator, matrices: list[MatrixInfo], ratios: list[float], spectra: dict, multiple: int,
-                       measure: Measure, refine: int, start: dict | None = None) -> tuple[dict, dict]:
-    """(ratio -> ranks, ratio -> what the search measured) for `allocator` (global) with `refine` rounds; round 0
-    measures at the `start` ranks of each ratio (default: the uniform ranks)."""
+def refined_allocation(allocate: Callable, matrices: list[MatrixInfo], ratios: list[float], spectra: dict,
+                       multiple: int, measure: Measure, refine: int, start: dict | None = None) -> tuple[dict, dict]:
+    """(ratio -> ranks, ratio -> what the search measured) with `refine` rounds of `allocate(matrices, ratio,
+    spectra, multiple) -> ranks` (the global allocator's, on the rescaled spectra); round 0 measures at the `start`
+    ranks of each ratio (default: the uniform ranks)."""
     from .allocators import Uniform
 
     kinds = sorted({m.kind for m in matrices})
@@ -55,7 +56,7 @@ def refined_allocation(allocator, matrices: list[MatrixInfo], ratios: list[float
             log.info("ratio %.2f, round %d: measured/predicted loss per matrix type: %s", r, k,
                      ", ".join(f"{t} {v:.3g}" for t, v in scale.items()))
             scaled = _rescaled(spectra, matrices, scale)
-            at[r] = allocator.allocate(matrices, r, scaled, multiple)
+            at[r] = allocate(matrices, r, scaled, multiple)
             rounds[str(r)][-1]["allocation_predicted"] = sum(
                 float(scaled[m.name].loss[at[r][m.name]:].sum()) for m in matrices if at[r][m.name] is not None)
     info = {r: {"loss_scales": rounds[str(r)][best[r][1]]["scales"] if rounds[str(r)] else None, "base_loss": base,

@@ -163,7 +163,7 @@ class StatsCache:
 
 
 class AllocationRecord:
-    """The ranks (and what the allocator reported) that a spectral allocation chose from these statistics, per
+    """The ranks (the widths of a joint allocation, and what the allocator reported) that a spectral allocation chose from these statistics, per
     ratio: the spectra, and for `global` the measured loss scales, cost minutes; a rerun of the same configuration,
     the same one with another parameter update, or a run that shares a ratio with this one reads them back (each
     ratio's ranks depend on that ratio alone). Keyed by everything the ranks depend on besides the statistics and
@@ -176,19 +176,24 @@ class AllocationRecord:
     def _read(self) -> dict:
         return json.loads(self.path.read_text()) if self.path.exists() else {"ranks": {}, "info": {}}
 
-    def load(self, ratios: list[float]) -> tuple[dict, dict] | None:
-        """(ratio -> rank map, ratio -> allocator info) if every ratio is recorded (on every rank), else None."""
+    def load(self, ratios: list[float]) -> dict[float, dict] | None:
+        """ratio -> the allocation as `save` got it (ranks, info, and for a joint allocation bits and linear_bytes)
+        if every ratio is recorded (on every rank), else None."""
         record = self._read()
         if not distributed.all_agree(all(str(r) in record["ranks"] for r in ratios)):
             return None
-        return {r: record["ranks"][str(r)] for r in ratios}, {r: record["info"].get(str(r), {}) for r in ratios}
+        return {r: {"ranks": record["ranks"][str(r)], "info": record["info"].get(str(r), {}),
+                    "bits": record.get("bits", {}).get(str(r)), "linear_bytes": record.get("linear_bytes", {}).get(str(r))}
+                for r in ratios}
 
-    def save(self, rank_maps: dict, info: dict) -> None:
+    def save(self, allocations: dict[float, dict]) -> None:
+        """Record each ratio's allocation (a dict of ranks, info, bits and linear_bytes, as Allocation.to_dict)."""
         if not distributed.is_main():
             return
         record = self._read()
         record["key"] = self.key
-        record["ranks"].update({str(r): m for r, m in rank_maps.items()})
-        record["info"].update({str(r): i for r, i in info.items()})
+        for part in ("ranks", "info", "bits", "linear_bytes"):
+            record.setdefault(part, {}).update({str(r): a[part] for r, a in allocations.items()
+                                                if a.get(part) is not None or part in ("ranks", "info")})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(record, default=str))

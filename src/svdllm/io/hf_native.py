@@ -144,7 +144,7 @@ def model_card(manifest: dict, results: dict | None = None) -> str:
                   f"| update | `{manifest.get('update')}` |",
                   f"| compression ratio R (of the compressed linears' parameters) | {manifest.get('ratio')} "
                   f"(achieved {p.get('achieved_ratio', float('nan')):.4f}) |"
-                  if not (manifest.get("alloc_options") or {}).get("bits") else
+                  if not (manifest.get("widths") or (manifest.get("alloc_options") or {}).get("bits")) else
                   f"| compression ratio R (of the compressed linears' float32 bytes; ranks and widths chosen "
                   f"together) | {manifest.get('ratio')} (parameters: {p.get('achieved_ratio', float('nan')):.4f} "
                   "removed) |"]

@@ -30,6 +30,10 @@ class Manifest:
     alloc: str | None = None
     alloc_options: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)  # what the allocator measured and chose (global: its rounds)
+    # --bits: the widths the joint allocation chose among ({"bits": [3, 4, 8], "group_size": 32}), and then R is the
+    # fraction of the compressed linears' float32 bytes removed, not of their parameters
+    widths: dict | None = None
+    ratio_of: str = "parameters"  # or "float32 bytes"
     rank_multiple: int = 1
     update: str = "none"
     calibration: dict = field(default_factory=dict)
