@@ -20,6 +20,7 @@ from ..models.families import family_of
 from .fisher import GradientStats, LayerGradients
 from . import distributed
 from .layerwise import LayerStats
+from .walk import Walk
 
 log = logging.getLogger(__name__)
 STATS_VERSION = 2  # bump when the meaning of a cached statistic changes
@@ -30,7 +31,6 @@ def model_fingerprint(model) -> str:
     never reads the statistics of the model it came from. It costs one read of the weights (SmolLM2-135M: 2.5 s on
     2 busy CPU cores; a 16 GB checkpoint about a minute, against hours of compression); a layer-wise model reads
     each layer from its checkpoint in turn. Tied weights are read once."""
-    from ..models.lazy import resident
 
     h = hashlib.blake2b(model.config.to_json_string(use_diff=False).encode(), digest_size=16)
 
@@ -45,10 +45,9 @@ def model_fingerprint(model) -> str:
         if id(t) not in seen:  # embeddings, final norm, head (a tied head is the embedding: once)
             seen.add(id(t))
             add(name, t)
-    for i, layer in enumerate(layers):
-        with resident(model, i):
-            for name, t in sorted(layer.state_dict().items()):
-                add(f"layer{i}.{name}", t)
+    for step in Walk(model, progress=False).steps():  # each layer resident in turn (a layer-wise model's too)
+        for name, t in sorted(step.layer.state_dict().items()):
+            add(f"layer{step.i}.{name}", t)
     return h.hexdigest()[:16]
 
 
