@@ -1,7 +1,7 @@
 """Which ratio keeps the default answering at the demo's settings (`svdllm demo`'s calibration: 16 × 1024 tokens of
 wikitext2,alpaca, 4 gradient windows): the default preset at several ratios in one run, then greedy replies to the
 demo's prompt and three more, and the WikiText-2 perplexity on the demo's 8 test windows.
-Usage: python benchmarks/evaluation/demo_ratios.py 0.2,0.3 MODELS_DIR > benchmarks/results/demo/ratios.json"""
+Usage: python benchmarks/evaluation/demo_ratios.py 0.2,0.3 MODELS_DIR > benchmarks/results/demo_ratios/ratios.json"""
 import json
 import os
 import sys
