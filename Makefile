@@ -31,7 +31,7 @@ demo: setup
 
 # every figure in README.md and BENCHMARKS.md against its raw result (seconds), then the suite
 test: setup
-	$(BIN)/python benchmarks/check_figures.py
+	$(BIN)/python benchmarks/reliability/check_figures.py
 	SVDLLM_DATA_DIR= $(BIN)/python -m pytest -q
 
 clean:

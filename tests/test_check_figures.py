@@ -1,11 +1,11 @@
-"""benchmarks/check_figures.py: a table's figures are found in its raw results at the printed precision, or
+"""benchmarks/reliability/check_figures.py: a table's figures are found in its raw results at the printed precision, or
 the check fails."""
 import importlib.util
 import json
 from pathlib import Path
 
 spec = importlib.util.spec_from_file_location("check_figures",
-                                              Path(__file__).parents[1] / "benchmarks" / "check_figures.py")
+                                              Path(__file__).parents[1] / "benchmarks" / "reliability" / "check_figures.py")
 check_figures = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(check_figures)
 

@@ -3,7 +3,7 @@ tensor (same key set, same dtype and shape, torch.equal on every key) and the ra
 Where they are not bit-identical: the largest relative difference max|a - b| / max|a| over all tensors, the tensors
 that differ (worst first), and for low-rank layers the largest relative difference of the products W_u·W_v (the
 factors may differ by the sign of a singular vector where the products agree). The comparison logic is that of
-benchmarks/compare_models.py (commit 53c075f), copied here so that this script does not depend on where it moves.
+compare_models.py (commit 53c075f; now benchmarks/common/), copied here so that this script does not depend on it.
 
 Usage: python benchmarks/reliability/same_models_compare.py BEFORE_DIR AFTER_DIR OUT.json
   ONLY=name[,name...]  compares only these configurations (default: the five of same_models_refactor.sh)

@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--ratio", type=float, default=0.3,
                    help="0.3 (default): the highest ratio at which the default still answers the prompt correctly at the "
-                        "demo's settings (benchmarks/results/demo/ratios.json)")
+                        "demo's settings (benchmarks/results/demo_ratios/ratios.json)")
     d.add_argument("--calib-dataset", default="wikitext2,alpaca",
                    help="calibration text (default wikitext2,alpaca: chat turns keep an instruct model answering)")
     d.add_argument("--nsamples", type=int, default=16)

@@ -11,7 +11,7 @@ The columns go in decreasing H_ii ("act-order"): the inputs with the most energy
 most columns remain to absorb their error. Each group's grid is fixed before the loop from the weights as they
 are ("static groups"), so a group stays a contiguous range of inputs, the layout every runtime stores, whatever
 the order. On SmolLM2's own weights and Grams, act-order leaves 17% less output error at int4 than the columns in
-order, and the clipping search on the grid (`Grid.clip`) 5% less again (benchmarks/gptq_variants.py; BENCHMARKS.md,
+order, and the clipping search on the grid (`Grid.clip`) 5% less again (benchmarks/quantization/gptq_variants.py; BENCHMARKS.md,
 "Error feedback").
 
 For a low-rank pair W ≈ W_u·W_v with input Gram G = XᵀX: W_v's Hessian is G, and W_u's is Q_v·G·Q_vᵀ, W_v's own
@@ -199,7 +199,7 @@ def gauge(w_u: torch.Tensor, w_v: torch.Tensor, seed: int = 0) -> tuple[torch.Te
     round-to-nearest), while the split puts every scale on one side (kfac-svd's W_u is 10⁵ times its W_v). D gives
     each component's two halves equal norms; R, a fixed random rotation, mixes the components, so that W_u's
     Hessian has off-diagonal mass and no column of W_u stands out in its group (QuIP's incoherence). On the default
-    model's factor pairs at R = 0.4 this leaves 45% less output error at int4 (benchmarks/factor_quant_error.py)."""
+    model's factor pairs at R = 0.4 this leaves 45% less output error at int4 (benchmarks/quantization/factor_quant_error.py)."""
     w_u, w_v = w_u.to(torch.float64), w_v.to(torch.float64)
     d = (w_u.norm(dim=0).clamp_min(1e-30) / w_v.norm(dim=1).clamp_min(1e-30)).sqrt()
     r = torch.linalg.qr(torch.randn(w_v.shape[0], w_v.shape[0], dtype=torch.float64,
