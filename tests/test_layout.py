@@ -81,3 +81,12 @@ def test_the_top_of_the_package_holds_only_the_entry_points():
     """Every stage is a package named after it; at the top only the entry points, the configs and the error type."""
     loose = sorted(f.name for f in ROOT.glob("*.py"))
     assert loose == ["__init__.py", "cli.py", "config.py", "errors.py", "pipeline.py"], loose
+
+
+def test_the_walk_and_the_statistics_know_nothing_of_what_is_done_with_them():
+    """calibration/ (the walks, the statistics) imports no stage after it, and factorization/ no update: the update
+    reaches the factorizer as a function the orchestrator hands it."""
+    edges = _imports()
+    later = {"factorization", "allocation", "update", "quantization", "io", "evaluation", "nn"}
+    assert not edges.get("calibration", set()) & later, edges.get("calibration")
+    assert "update" not in edges.get("factorization", set())

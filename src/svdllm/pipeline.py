@@ -60,7 +60,7 @@ from .models.lazy import is_lazy, resident_bytes
 from .models.families import family_of, resolve_family, set_submodule
 from .models.loading import cache_root, source_metadata
 from .update import DRIFT_GROUPS, UPDATES, base_update
-from .update.closed_form import ClosedFormPass, PartialFactors
+from .update.closed_form import ClosedFormPass, PartialFactors, refit
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +524,8 @@ def _factorization(run: Run, writers: dict) -> tuple[LayerFactorizer, bool]:
         "method": run.config.method, "method_options": run.config.method_options, "update": run.config.update,
         "mode": cal.mode, "ranks": run.ranks[run.ratios[0]], "dtype": str(next(model.parameters()).dtype),
         "version": __version__}) if run.closed_form and run.cache is not None else None
-    factorizer = LayerFactorizer(model, run.method, run.ratios, run.ranks, run.grads, run.store, run.closed_form,
+    factorizer = LayerFactorizer(model, run.method, run.ratios, run.ranks, run.grads, run.store,
+                                 refit if run.closed_form else None,
                                  cal.mode == "sequential", run.timings, writers, partial)
     t = time.perf_counter()
     if not run.needs_inputs or from_cache:  # no calibration pass: factorize from the cache (or the weights alone)

@@ -20,7 +20,6 @@ from ..errors import SvdllmError
 from ..nn.low_rank import swap_in
 from ..models.families import family_of
 from ..models.lazy import resident_bytes
-from ..update import closed_form_w_u, output_error
 from .base import Method
 from .spectra import decompose
 from .store import DecompositionStore
@@ -31,13 +30,15 @@ class LayerFactorizer:
     whitening jitters, the closed-form update's error reductions, and the dense modules swapped out."""
 
     def __init__(self, model: nn.Module, method: Method, ratios: list[float], ranks: dict, grads,
-                 store: DecompositionStore | None, closed_form: bool, sequential_mode: bool, timings: dict,
+                 store: DecompositionStore | None, refit, sequential_mode: bool, timings: dict,
                  writers: dict | None = None, partial=None):
+        """`refit(weight, w_u, w_v, stats) -> (w_u, gain)`: the parameter update applied to each factor pair (the
+        closed form, update/closed_form.py), or None."""
         self.model, self.method, self.ratios, self.ranks, self.grads = model, method, ratios, ranks, grads
-        self.closed_form, self.sequential_mode = closed_form, sequential_mode
+        self.refit, self.closed_form, self.sequential_mode = refit, refit is not None, sequential_mode
         # the store holds decompositions made on the dense model's statistics; the sequential mode whitens on others
         self.store = None if sequential_mode else store
-        self.sequential = sequential_mode or closed_form  # each layer is swapped in as soon as it is done
+        self.sequential = sequential_mode or self.closed_form  # each layer is swapped in as soon as it is done
         self.timings, self.writers, self.partial = timings, writers or {}, partial
         self.factors: dict[float, dict] = {r: {} for r in ratios}
         self.losses: dict[float, dict] = {r: {} for r in ratios}
@@ -61,12 +62,8 @@ class LayerFactorizer:
             if rank is None:
                 continue
             w_u, w_v = dec.factors(rank, dtype=torch.float64)
-            if self.closed_form:
-                w = lin.weight.detach().to(torch.float64)
-                before = output_error(w, w_u, w_v, one)
-                w_u = closed_form_w_u(w, w_v, one.gram_compressed, one.cross)
-                # relative reduction of the squared output error on the calibration data
-                out["gain"] = 1.0 - output_error(w, w_u, w_v, one) / max(before, 1e-300)
+            if self.refit is not None:
+                w_u, out["gain"] = self.refit(lin.weight, w_u, w_v, one)
             out["factors"][r] = (w_u.to(lin.weight.dtype).contiguous(), w_v.to(lin.weight.dtype).contiguous())
             out["losses"][r] = dec.truncation_loss(rank)
         return out
