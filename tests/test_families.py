@@ -211,14 +211,17 @@ def test_each_expert_is_calibrated_on_the_tokens_routed_to_it(family):
     model = tiny_model(family)
     fam = resolve_family(model)
     assert fam.experts and isinstance(model.model.layers[0].mlp.experts[0].gate_up_proj, torch.nn.Linear)
-    torch.testing.assert_close(_logits(model, windows[:1]), _logits(fused, windows[:1]), rtol=0, atol=0)
+    # the same function, to float32's last bits: transformers' fused experts multiply through another kernel than
+    # nn.Linear (on an AMD EPYC with AVX-512, 4% of these logits differ by 6e-8), so not bit for bit
+    torch.testing.assert_close(_logits(model, windows[:1]), _logits(fused, windows[:1]), rtol=1e-5, atol=1e-6)
     stats = dict(calibrate_layers(model, windows, progress=False))
     for i in stats:
         counts = {routed[(i, e, "tokens")] for e in range(4)}
         assert len(counts) > 1  # the experts really see different token counts
         for e in range(4):
             gram = stats[i].grams[fam.group_of[f"mlp.experts.{e}.gate_up_proj"]]
-            torch.testing.assert_close(gram, routed[(i, e)], rtol=1e-6, atol=1e-8)
+            # (the inputs carry the last-bit differences of the layers before: equal to float32's precision)
+            torch.testing.assert_close(gram, routed[(i, e)], rtol=1e-6, atol=1e-6 * float(routed[(i, e)].abs().max()))
 
 
 @pytest.mark.parametrize("family", MOE)
