@@ -58,14 +58,15 @@ def quantize(model_or_path, config, out: str | os.PathLike | None = None, overwr
     config.validate()  # a bad scheme, group size or calibration fails before the model is read
     if out is not None:
         check_out_dir(out, overwrite)
+    low_rank = False
     if isinstance(model_or_path, nn.Module):
-        model, source = model_or_path, getattr(model_or_path.config, "name_or_path", None) or None
-        if manifest is None:
-            from ..nn.low_rank import LowRankLinear
+        from ..nn.low_rank import LowRankLinear
 
-            if out is not None and any(isinstance(m, LowRankLinear) for m in model.modules()):
-                raise SvdllmError("This model holds low-rank layers: to save it quantized, pass its manifest "
-                                  "(manifest=CompressionResult.manifest), or quantize the directory it was saved to.")
+        model, source = model_or_path, getattr(model_or_path.config, "name_or_path", None) or None
+        low_rank = manifest is None and any(isinstance(m, LowRankLinear) for m in model.modules())
+        if low_rank and out is not None:
+            raise SvdllmError("This model holds low-rank layers: to save it quantized, pass its manifest "
+                              "(manifest=CompressionResult.manifest), or quantize the directory it was saved to.")
     else:
         source = str(model_or_path)
         if is_model_dir(source):
@@ -77,7 +78,9 @@ def quantize(model_or_path, config, out: str | os.PathLike | None = None, overwr
             from .loader import load_model
 
             model, tokenizer = load_model(source, "float32")
-    if manifest is None:  # a dense model: quantized without factorization
+    if low_rank:  # in memory only: how it was compressed is not known here
+        manifest = {}
+    elif manifest is None:  # a dense model: quantized without factorization
         n = sum(p.numel() for p in model.parameters())
         manifest = Manifest(svdllm_version=__version__, base_model=source, model_type=model.config.model_type,
                             method="dense", ratio=0.0, ranks={},
