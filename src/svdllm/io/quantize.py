@@ -27,7 +27,7 @@ class QuantizeResult:
     and the quantized model and its tokenizer."""
 
     info: dict
-    manifest: dict
+    manifest: dict = field(repr=False)
     out: Path | None = None
     bytes_on_disk: int | None = None
     model: nn.Module | None = field(default=None, repr=False)
