@@ -224,19 +224,17 @@ def test_allocation_is_kept_beside_the_statistics_and_reused_across_updates(tok,
     assert len(calls) == 3 * n
 
 
-def test_compare_reads_eval_and_bench_results(tok, data_dir, tmp_path, capsys):
-    from svdllm.cli import main
+def test_compare_reads_eval_and_bench_results(tok, data_dir, tmp_path):
+    from svdllm.evaluation.report import compare
 
     model = tiny_model("llama")
     config = svdllm.CompressConfig(preset="paper", ratio=[0.3, 0.5], cache_dir="",
                                    calibration=svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir)))
     svdllm.compress(model, tok, config, out=tmp_path / "run", progress=False)
     for r in ("0.3", "0.5"):
-        assert main(["eval", "--model", str(tmp_path / "run" / f"ratio-{r}"), "--ppl", "wikitext2", "--seqlen", "64",
-                     "--max-windows", "2", "--data-dir", str(data_dir), "-q"]) == 0
-    capsys.readouterr()
-    assert main(["compare", str(tmp_path / "run"), "--out", str(tmp_path / "cmp"), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        svdllm.evaluate(tmp_path / "run" / f"ratio-{r}", svdllm.EvalConfig(ppl="wikitext2", seqlen=64, max_windows=2,
+                                                                           data_dir=str(data_dir)), progress=False)
+    out = compare([tmp_path / "run"], tmp_path / "cmp")
     assert [r["ratio"] for r in out["rows"]] == [0.3, 0.5]
     assert all(r["ppl"]["wikitext2"]["key"].startswith("wikitext2[2/") for r in out["rows"])
     assert (tmp_path / "cmp" / "ppl_vs_ratio.png").stat().st_size > 1000

@@ -1,9 +1,12 @@
-"""The command line, end to end on a tiny model saved as a Hugging Face directory."""
+"""The command line itself, on a tiny model saved as a Hugging Face directory: the flags map onto the library's
+configs, each command prints its lines and --json its result, bad input exits with 2 and a message. What the
+commands do is tested through the library they call (svdllm.compress, quantize, export, evaluate)."""
 import json
 
 import pytest
 
-from svdllm.cli import main
+import svdllm
+from svdllm.cli import build_parser, main
 from tiny import saved_tiny
 
 
@@ -35,33 +38,32 @@ def test_compress_several_ratios_then_eval(model_dir, data_dir, tmp_path, capsys
     code = main(["eval", "--model", str(out / "ratio-0.5"), "--ppl", "wikitext2,ptb,c4", "--seqlen", "128",
                  "--max-windows", "2", "--data-dir", str(data_dir), "--json", "-q"])
     assert code == 0
-    ev = _last_json(capsys)
+    lines = capsys.readouterr().out.strip().splitlines()
+    ev = json.loads(lines[-1])
+    assert ev["command"] == "eval" and ev["model"] == str(out / "ratio-0.5") and ev["compressed"]["ratio"] == 0.5
     assert set(ev["ppl"]) == {"wikitext2", "ptb", "c4"}
-    for r in ev["ppl"].values():
+    for line, (name, r) in zip(lines, ev["ppl"].items()):  # one line per set, as each is measured
         assert r["windows"] == 2 and r["ppl"] > 1
+        assert line == (f"{name}: perplexity {r['ppl']:.3f} over 2 windows of 128 tokens  "
+                        f"[--max-windows 2 of {r['total_windows']}]")
 
 
 def test_generate_and_listings(model_dir, capsys):
+    from svdllm.evaluation.generation import generate_timed
+
     assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "5", "--json"]) == 0
-    greedy = _last_json(capsys)
-    assert greedy["new_tokens"] >= 1 and greedy["tokens_per_s"] > 0
-    args = ["generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "5", "--json", "--sample"]
-    assert main(args) == 0
-    first = _last_json(capsys)
-    assert main(args) == 0
-    assert _last_json(capsys)["text"] == first["text"]  # sampling is seeded
+    out = capsys.readouterr()
+    greedy = json.loads(out.out.strip().splitlines()[-1])
+    assert greedy["command"] == "generate" and greedy["new_tokens"] >= 1 and greedy["tokens_per_s"] > 0
+    assert out.out.splitlines()[0] == greedy["text"] and "tokens/s, greedy" in out.err
+    model, tok = svdllm.load_model(str(model_dir))
+    first = generate_timed(model, tok, "hello", 5, sample=True)
+    assert generate_timed(model, tok, "hello", 5, sample=True)["text"] == first["text"]  # sampling is seeded
     # the low-rank KV cache: refused on a dense model, the same text with fewer bytes on a compressed one
-    assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--kv-cache", "low-rank"]) == 2
-    assert "low-rank KV cache needs a model compressed" in capsys.readouterr().err
-    small = model_dir.parent / "small-qwen2"
-    assert main(["compress", "--model", str(model_dir), "--preset", "paper", "--method", "svd", "--ratio", "0.5", "--out", str(small),
-                 "--overwrite", "-q"]) == 0
-    capsys.readouterr()
-    runs = {}
-    for kind in ("dynamic", "low-rank"):
-        assert main(["generate", "--model", str(small), "--prompt", "hello", "--max-new-tokens", "5", "--json",
-                     "--kv-cache", kind]) == 0
-        runs[kind] = _last_json(capsys)
+    with pytest.raises(svdllm.SvdllmError, match="low-rank KV cache needs a model compressed"):
+        generate_timed(model, tok, "hello", kv_cache="low-rank")
+    svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", method="svd", ratio=0.5), progress=False)
+    runs = {kind: generate_timed(model, tok, "hello", 5, kv_cache=kind) for kind in ("dynamic", "low-rank")}
     assert runs["low-rank"]["text"] == runs["dynamic"]["text"]
     assert 0 < runs["low-rank"]["kv_cache_bytes"] < runs["dynamic"]["kv_cache_bytes"]
     assert main(["methods"]) == 0 and "svd-llm" in capsys.readouterr().out
@@ -83,12 +85,17 @@ def test_best_preset_adjusts_to_what_the_run_can_do():
     assert resolve_best(best, set(), 10**15, None) == (best, None)  # free disk unknown: not second-guessed
 
 
-def test_best_preset_falls_back_when_the_grams_do_not_fit(model_dir, data_dir, tmp_path, capsys, monkeypatch, caplog):
+def _compress(model_dir, data_dir, out, **kw):
+    model, tok = svdllm.load_model(str(model_dir))
+    cal = svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir))
+    return svdllm.compress(model, tok, svdllm.CompressConfig(calibration=cal, **kw), out=out, progress=False)
+
+
+def test_best_preset_falls_back_when_the_grams_do_not_fit(model_dir, data_dir, tmp_path, monkeypatch, caplog):
     import svdllm.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "free_disk", lambda path: 1024)
-    assert main(["compress", "--model", str(model_dir), "--ratio", "0.5", "--nsamples", "2", "--seqlen", "32",
-                 "--data-dir", str(data_dir), "--no-cache", "--out", str(tmp_path / "r"), "-q"]) == 0
+    _compress(model_dir, data_dir, tmp_path / "r", ratio=0.5, cache_dir="")
     manifest = json.loads((tmp_path / "r" / "svdllm_manifest.json").read_text())
     assert (manifest["method"], manifest["alloc"], manifest["update"]) == ("svd-llm", "global", "none")
     assert "--preset best: kfac-svd's output-gradient Grams need" in caplog.text
@@ -103,12 +110,11 @@ def test_best_preset_stores_the_grams_in_float32_when_float64_does_not_fit(model
 
     monkeypatch.setattr(pipeline, "output_gram_bytes", lambda model: 60)
     monkeypatch.setattr(pipeline, "free_disk", lambda path: 100)
-    args = ["compress", "--model", str(model_dir), "--ratio", "0.4", "--nsamples", "2", "--seqlen", "32",
-            "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache"), "-q"]
-    assert main(args + ["--out", str(tmp_path / "f32")]) == 0
+    cache = str(tmp_path / "cache")
+    _compress(model_dir, data_dir, tmp_path / "f32", ratio=0.4, cache_dir=cache)
     assert "they are stored in float32" in caplog.text
     # named by the user, float64 is kept whatever the disk
-    assert main(args + ["--gram-dtype", "float64", "--method", "kfac-svd", "--out", str(tmp_path / "f64")]) == 0
+    _compress(model_dir, data_dir, tmp_path / "f64", ratio=0.4, cache_dir=cache, gram_dtype="float64", method="kfac-svd")
     for name, dtype in (("f32", "float32"), ("f64", "float64")):
         manifest = json.loads((tmp_path / name / "svdllm_manifest.json").read_text())
         assert (manifest["method"], manifest["alloc"]) == ("kfac-svd", "global")
@@ -122,11 +128,9 @@ def test_best_preset_stores_the_grams_in_float32_when_float64_does_not_fit(model
         assert grams and all(ta[k].dtype == torch.float32 and torch.equal(ta[k], tb[k].float()) for k in grams)
 
 
-@pytest.mark.parametrize("args, update", [(["--ratio", "0.4"], "none"),
-                                          (["--ratio", "0.6", "--update", "none"], "none")])
-def test_best_preset_takes_the_closed_form_update_only_from_r_one_half(args, update, model_dir, data_dir, tmp_path):
-    assert main(["compress", "--model", str(model_dir), *args, "--nsamples", "2", "--seqlen", "32", "--data-dir",
-                 str(data_dir), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r"), "-q"]) == 0
+@pytest.mark.parametrize("kw, update", [({"ratio": 0.4}, "none"), ({"ratio": 0.6, "update": "none"}, "none")])
+def test_best_preset_takes_the_closed_form_update_only_from_r_one_half(kw, update, model_dir, data_dir, tmp_path):
+    _compress(model_dir, data_dir, tmp_path / "r", cache_dir=str(tmp_path / "cache"), **kw)
     assert json.loads((tmp_path / "r" / "svdllm_manifest.json").read_text())["update"] == update
 
 
@@ -144,3 +148,50 @@ def test_demo_shows_dense_paper_and_default_at_the_same_size(model_dir, data_dir
     assert all(r["windows"] == 1 and r["ppl"] > 1 for r in res["rows"])
     assert "| model | parameters | of the projections removed | WikiText-2 ppl |" in out
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"] == res["rows"]
+
+
+def test_quantize_and_export_commands_print_and_return_what_the_library_did(model_dir, tmp_path, capsys):
+    small = tmp_path / "small"
+    svdllm.compress(*svdllm.load_model(str(model_dir)), svdllm.CompressConfig(preset="paper", method="svd", ratio=0.5),
+                    out=small, progress=False)
+    assert main(["quantize", "--model", str(small), "--scheme", "int4", "--group-size", "16", "--out",
+                 str(tmp_path / "q"), "--json", "-q"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    q = json.loads(lines[-1])
+    manifest = json.loads((tmp_path / "q" / "svdllm_manifest.json").read_text())
+    assert q == {"command": "quantize", "model": str(small), "out": str(tmp_path / "q"),
+                 "bytes_on_disk": q["bytes_on_disk"],
+                 **{k: v for k, v in manifest["quantization"].items() if k != "groups"}}
+    assert lines[0].startswith(f"int4 (rtn, ") and lines[0].endswith(f"MiB of weights on disk; saved to {tmp_path / 'q'}")
+    assert main(["export", str(tmp_path / "q"), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"),
+                 "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == {"command": "export", "format": "compressed-tensors", "run_dir": str(tmp_path / "q"),
+                                     "out": str(tmp_path / "ct"), "bytes_on_disk": json.loads(lines[-1])["bytes_on_disk"]}
+    assert lines[0].startswith(f"compressed-tensors export of {tmp_path / 'q'}: ") and "trust_remote_code=True" in lines[0]
+    # bad input: the message and exit code 2, nothing written
+    assert main(["export", str(small), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("svdllm: error: Say which form to export: --dense") and not (tmp_path / "x").exists()
+
+
+def test_calibration_flags_are_declared_once_with_the_config_defaults(tmp_path):
+    from svdllm.cli import _calibration_config
+
+    parser = build_parser()
+    default = svdllm.CalibrationConfig()
+    args = parser.parse_args(["compress", "--model", "m", "--out", "o"])
+    assert _calibration_config(args) == default
+    args = parser.parse_args(["compress", "--model", "m", "--out", "o", "--calib-dataset", "ptb,c4", "--nsamples", "5",
+                              "--seqlen", "16", "--seed", "3", "--batch-size", "2", "--grad-samples", "1",
+                              "--calib-mode", "sequential", "--data-dir", str(tmp_path)])
+    assert _calibration_config(args) == svdllm.CalibrationConfig("ptb,c4", 5, 16, 3, 2, "sequential", str(tmp_path), 1)
+    # quantize reads gptq's four; the rest keep the config's defaults
+    args = parser.parse_args(["quantize", "--model", "m", "--out", "o", "--nsamples", "4"])
+    assert _calibration_config(args) == svdllm.CalibrationConfig(nsamples=4)
+    # the demo's smaller calibration is its own default
+    args = parser.parse_args(["demo"])
+    assert _calibration_config(args) == svdllm.CalibrationConfig(dataset="wikitext2,alpaca", nsamples=16, seqlen=1024,
+                                                                 grad_samples=4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compress", "--model", "m", "--out", "o", "--calib-mode", "random"])

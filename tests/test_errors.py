@@ -202,11 +202,10 @@ def test_written_files_follow_the_umask(tok, data_dir, tmp_path):
     assert set(modes.values()) == {0o644}
 
 
-def test_a_missing_extra_is_named(tmp_path, tok, data_dir, monkeypatch, capsys):
+def test_a_missing_extra_is_named(tmp_path, tok, data_dir, monkeypatch):
     import importlib
 
     import svdllm.utils.extras as extras
-    from svdllm.cli import main
     from tiny import saved_tiny
 
     def without(name):
@@ -216,10 +215,11 @@ def test_a_missing_extra_is_named(tmp_path, tok, data_dir, monkeypatch, capsys):
 
     monkeypatch.setattr(extras, "_import", without)
     model = saved_tiny(tmp_path / "m", "llama", tok)
-    assert main(["eval", "--model", str(model), "--tasks", "piqa", "--limit", "2", "--data-dir", str(data_dir)]) == 2
-    assert "Zero-shot evaluation (--tasks) needs lm-eval" in capsys.readouterr().err
-    assert main(["quantize", "--model", str(model), "--scheme", "int8", "--out", str(tmp_path / "q")]) == 2
-    assert "Quantization needs torchao" in capsys.readouterr().err
+    with pytest.raises(SvdllmError, match=r"Zero-shot evaluation \(--tasks\) needs lm-eval"):
+        svdllm.evaluate(model, svdllm.EvalConfig(tasks=["piqa"], limit=2, data_dir=str(data_dir)), progress=False)
+    with pytest.raises(SvdllmError, match="Quantization needs torchao"):
+        svdllm.quantize(model, svdllm.QuantizeConfig(scheme="int8"), out=tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
     with pytest.raises(SvdllmError, match=r"needs peft, .*pip install 'svdllm\[lora\]'"):
         extras.require("peft", "LoRA fine-tuning")
     assert not extras.available("matplotlib")

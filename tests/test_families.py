@@ -242,14 +242,15 @@ def test_a_mixture_of_experts_model_round_trips(family, tok, tmp_path):
     torch.testing.assert_close(_logits(native, ids), want, rtol=0, atol=0)
 
 
-def test_cli_compresses_an_unlisted_model_by_patterns(tok, data_dir, tmp_path, capsys):
-    from svdllm.cli import main
+def test_an_unlisted_model_saved_to_disk_is_compressed_by_patterns(tok, data_dir, tmp_path):
     from tiny import saved_tiny
 
     model_dir = saved_tiny(tmp_path / "gptj", "gptj", tok)
-    assert main(["compress", "--model", str(model_dir), "--ratio", "0.3", "--nsamples", "2", "--seqlen", "32",
-                 "--grad-samples", "1", "--data-dir", str(data_dir), "--targets", r"attn\.", "--ignore", "out_proj",
-                 "--no-cache", "--out", str(tmp_path / "m"), "-q", "--json"]) == 0
+    model, tokenizer = svdllm.load_model(str(model_dir))
+    cal = svdllm.CalibrationConfig(nsamples=2, seqlen=32, grad_samples=1, data_dir=str(data_dir))
+    svdllm.compress(model, tokenizer, svdllm.CompressConfig(ratio=0.3, calibration=cal, targets=[r"attn\."],
+                                                            ignore=["out_proj"], cache_dir=""),
+                    out=tmp_path / "m", progress=False)
     manifest = json.loads((tmp_path / "m" / "svdllm_manifest.json").read_text())
     assert {k.rsplit(".", 1)[1] for k in manifest["ranks"]} == {"q_proj", "k_proj", "v_proj"}
     assert manifest["family"]["skipped"] == {"attn.out_proj": "matches --ignore", "mlp.fc_in": "matches no --targets",

@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import svdllm
-from svdllm.cli import main
 from svdllm.factorization import LowRankLinear
 from tiny import tiny_model
 
@@ -34,10 +33,10 @@ def test_from_pretrained_with_remote_code_gives_identical_logits(family, tok, tm
     assert "`svd`" in card and "trust_remote_code=True" in card
 
 
-def test_dense_export_equals_the_factored_model(tok, tmp_path, capsys):
+def test_dense_export_equals_the_factored_model(tok, tmp_path):
     model = tiny_model("mistral")
     svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
-    assert main(["export", str(tmp_path / "m"), "--dense", "--out", str(tmp_path / "dense"), "-q"]) == 0
+    res = svdllm.export(tmp_path / "m", tmp_path / "dense", svdllm.ExportConfig("dense"))
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")  # no remote code: a plain checkpoint
     assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
     assert not (tmp_path / "dense" / "modeling_svdllm.py").exists()
@@ -45,18 +44,19 @@ def test_dense_export_equals_the_factored_model(tok, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(dense(_ids(tok)).logits, model(_ids(tok)).logits, rtol=1e-5, atol=1e-5)
     assert sum(p.numel() for p in dense.parameters()) == sum(p.numel() for p in tiny_model("mistral").parameters())
+    assert res["params"] == sum(p.numel() for p in dense.parameters())
 
 
 def test_eval_writes_measured_perplexity_into_the_model_card(tok, data_dir, tmp_path):
     model = tiny_model("llama")
     svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
-    assert main(["eval", "--model", str(tmp_path / "m"), "--ppl", "wikitext2", "--seqlen", "64",
-                 "--data-dir", str(data_dir), "-q"]) == 0
+    svdllm.evaluate(tmp_path / "m", svdllm.EvalConfig(ppl=["wikitext2"], seqlen=64, data_dir=str(data_dir)),
+                    progress=False)
     card = (tmp_path / "m" / "README.md").read_text()
     assert "perplexity, wikitext2" in card
 
 
-def test_model_card_front_matter_is_what_the_hub_reads(tok, data_dir, tmp_path, capsys):
+def test_model_card_front_matter_is_what_the_hub_reads(tok, data_dir, tmp_path):
     import yaml
 
     model = tiny_model("llama")
@@ -64,9 +64,9 @@ def test_model_card_front_matter_is_what_the_hub_reads(tok, data_dir, tmp_path, 
     cal = svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir), dataset="wikitext2")
     svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, calibration=cal), out=tmp_path / "m",
                     progress=False)
-    assert main(["eval", "--model", str(tmp_path / "m"), "--ppl", "wikitext2", "--seqlen", "64",
-                 "--data-dir", str(data_dir), "--json", "-q"]) == 0
-    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]["wikitext2"]["ppl"]
+    ev = svdllm.evaluate(tmp_path / "m", svdllm.EvalConfig(ppl=["wikitext2"], seqlen=64, data_dir=str(data_dir)),
+                         progress=False)
+    measured = ev["ppl"]["wikitext2"]["ppl"]
     card = (tmp_path / "m" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"

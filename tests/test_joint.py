@@ -8,7 +8,6 @@ import svdllm
 from svdllm.allocation import MatrixInfo
 from svdllm.allocation.allocators import Global, Spectrum
 from svdllm.allocation.joint import Widths, joint_allocation
-from svdllm.cli import main
 from svdllm.quantization.pricing import weight_bits
 from tiny import tiny_model
 
@@ -91,16 +90,15 @@ def test_quantization_errors_fall_with_the_width(tok):
     assert quantization_errors(w, dec, gram, (3, 4, 8), 16, factor=inverse_factor(gram)) == err
 
 
-def test_compress_with_bits_makes_the_model_the_allocation_priced(tok, data_dir, tmp_path, capsys):
-    """`svdllm compress --bits 3,4,8 --ratio 0.85`: the saved model's decoder linears take exactly the bytes the
+def test_compress_with_bits_makes_the_model_the_allocation_priced(tok, data_dir, tmp_path):
+    """CompressConfig(bits=[3, 4, 8], ratio=0.85): the saved model's decoder linears take exactly the bytes the
     allocation planned, within the budget; every matrix holds the width it was given; it loads and runs."""
+    from svdllm.pipeline import summarize
+
     model = tiny_model("qwen2")
-    model.save_pretrained(tmp_path / "dense")
-    tok.save_pretrained(tmp_path / "dense")
-    assert main(["compress", "--model", str(tmp_path / "dense"), "--ratio", "0.85", "--bits", "3,4,8",
-                 "--group-size", "16", "--nsamples", "4", "--seqlen", "32", "--grad-samples", "2", "--data-dir",
-                 str(data_dir), "--no-cache", "--out", str(tmp_path / "j"), "--json", "-q"]) == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]
+    cal = svdllm.CalibrationConfig(nsamples=4, seqlen=32, grad_samples=2, data_dir=str(data_dir))
+    config = svdllm.CompressConfig(ratio=0.85, bits=[3, 4, 8], group_size=16, calibration=cal, cache_dir="")
+    (row,) = summarize(svdllm.compress(tiny_model("qwen2"), tok, config, out=tmp_path / "j", progress=False))
     manifest = json.loads((tmp_path / "j" / "svdllm_manifest.json").read_text())
     assert row["linear_bytes"] == manifest["quantization"]["linear_bytes"]
     assert sum(row["widths"].values()) == len(manifest["ranks"])
@@ -127,11 +125,14 @@ def test_compress_with_bits_makes_the_model_the_allocation_priced(tok, data_dir,
     assert "float32 bytes; ranks and widths chosen together" in card
 
 
-@pytest.mark.parametrize("extra,message", [(["--alloc", "uniform"], "chooses ranks only"),
-                                           (["--update", "closed-form"], "takes no update"),
-                                           (["--bits", "5"], "widths among 3, 4 and 8")])
-def test_bad_bits_requests_are_named(extra, message, tmp_path, capsys):
-    args = ["compress", "--model", str(tmp_path / "nothing"), "--ratio", "0.8", "--bits", "4", *extra,
-            "--out", str(tmp_path / "o")]
-    assert main(args) == 2
-    assert message in capsys.readouterr().err
+@pytest.mark.parametrize("extra,message", [({"alloc": "uniform"}, "chooses ranks only"),
+                                           ({"update": "closed-form"}, "takes no update"),
+                                           ({"bits": [5]}, "widths among 3, 4 and 8"),
+                                           ({"bits": []}, "widths among 3, 4 and 8")])
+def test_bad_bits_requests_are_named(extra, message, tok, tmp_path):
+    config = svdllm.CompressConfig(**{"ratio": 0.8, "bits": [4], **extra})
+    with pytest.raises(svdllm.SvdllmError, match=message):
+        config.validate(tmp_path / "o")
+    with pytest.raises(svdllm.SvdllmError, match=message):  # svdllm.compress checks the same, before any work
+        svdllm.compress(tiny_model("qwen2"), tok, config, out=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

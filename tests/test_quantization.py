@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import svdllm
-from svdllm.cli import main
+from svdllm import QuantizeConfig
 from tiny import tiny_model
 
 
@@ -14,12 +14,12 @@ def _ids(tok):
 
 
 @pytest.mark.parametrize("scheme,bits,tol", [("int8", 8, 0.02), ("int4", 4, 0.3)])
-def test_quantized_factors_round_trip(scheme, bits, tol, tok, tmp_path, capsys):
+def test_quantized_factors_round_trip(scheme, bits, tol, tok, tmp_path):
     model = tiny_model("qwen2")
     svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
-    assert main(["quantize", "--model", str(tmp_path / "m"), "--scheme", scheme, "--out", str(tmp_path / "q"),
-                 "--json", "-q"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = svdllm.quantize(tmp_path / "m", QuantizeConfig(scheme=scheme), out=tmp_path / "q", progress=False)
+    out = res.summary()
+    assert res.out == tmp_path / "q" and res.bytes_on_disk > 0 and "groups" not in out
     assert out["matrices"] == 2 * 7 * len(model.model.layers)  # both factors of every compressed linear
     assert bits < out["bits_per_weight"] < bits + 2
     q = svdllm.load(tmp_path / "q")
@@ -34,26 +34,27 @@ def test_quantized_factors_round_trip(scheme, bits, tol, tok, tmp_path, capsys):
     manifest = json.loads((tmp_path / "q" / "svdllm_manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == scheme and manifest["ranks"]
     # quantizing twice is refused
-    assert main(["quantize", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "q2"), "-q"]) == 2
+    with pytest.raises(svdllm.SvdllmError, match=f"is already quantized \\({scheme}\\)"):
+        svdllm.quantize(tmp_path / "q", QuantizeConfig(), out=tmp_path / "q2")
+    assert not (tmp_path / "q2").exists()
     # plain transformers cannot rebuild torchao's flattened weights: no remote-code hook is offered for them
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert "auto_map" not in config and not (tmp_path / "q" / "modeling_svdllm.py").exists()
     card = (tmp_path / "q" / "README.md").read_text()
     assert "svdllm.load(PATH, with_tokenizer=True)" in card and f"| quantization | {scheme} weights" in card
     assert "Low-rank factorization" in card and "- quantized" in card
-    capsys.readouterr()
-    assert main(["export", str(tmp_path / "q"), "--dense", "--out", str(tmp_path / "d")]) == 2
-    assert "is quantized" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    with pytest.raises(svdllm.SvdllmError, match="is quantized; export the unquantized compressed model"):
+        svdllm.export(tmp_path / "q", tmp_path / "d", "dense")
+    assert not (tmp_path / "d").exists()
 
 
-def test_dense_model_quantized_alone(tok, tmp_path, capsys):
+def test_dense_model_quantized_alone(tok, tmp_path):
     dense = tiny_model("llama")
     dense.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
-    assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int8", "--out", str(tmp_path / "q"),
-                 "--json", "-q"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["matrices"] == 7 * len(dense.model.layers)
+    res = svdllm.quantize(str(tmp_path / "dense"), QuantizeConfig(scheme="int8"), out=tmp_path / "q", progress=False)
+    assert res.info["matrices"] == 7 * len(dense.model.layers)
+    assert res.manifest["method"] == "dense" and res.manifest["base_model"] == str(tmp_path / "dense")
     q = svdllm.load(tmp_path / "q")
     with torch.no_grad():
         ref, got = dense(_ids(tok)).logits, q(_ids(tok)).logits
@@ -87,14 +88,13 @@ def test_int4_packing_is_exact_and_halves_the_bytes():
         pack_int4(torch.tensor([9], dtype=torch.int8))
 
 
-def test_int4_file_is_about_half_the_int8_file(tok, tmp_path, capsys):
+def test_int4_file_is_about_half_the_int8_file(tok, tmp_path):
     model = tiny_model("llama")
     svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, method="svd"), out=tmp_path / "m", progress=False)
     sizes = {}
     for scheme in ("int8", "int4"):
-        assert main(["quantize", "--model", str(tmp_path / "m"), "--scheme", scheme, "--out", str(tmp_path / scheme),
-                     "--json", "-q"]) == 0
-        sizes[scheme] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        sizes[scheme] = svdllm.quantize(tmp_path / "m", QuantizeConfig(scheme=scheme), out=tmp_path / scheme,
+                                        progress=False).bytes_on_disk
     from safetensors import safe_open
 
     def qdata(scheme):
@@ -104,12 +104,12 @@ def test_int4_file_is_about_half_the_int8_file(tok, tmp_path, capsys):
     q8, q4 = qdata("int8"), qdata("int4")
     assert q4.keys() == q8.keys() and all(v.dtype == torch.uint8 for v in q4.values())
     assert all(q4[k].numel() == (q8[k].numel() + 1) // 2 for k in q8)  # two 4-bit values per byte
-    assert sizes["int4"]["bytes_on_disk"] < sizes["int8"]["bytes_on_disk"]
+    assert sizes["int4"] < sizes["int8"]
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int3"])
-def test_gptq_factors_round_trip_and_beat_round_to_nearest_on_the_grams(scheme, tok, data_dir, tmp_path, capsys):
-    """`svdllm quantize --method gptq` on a compressed model: the stored codes rebuild exactly the matrices GPTQ
+def test_gptq_factors_round_trip_and_beat_round_to_nearest_on_the_grams(scheme, tok, data_dir, tmp_path):
+    """svdllm.quantize by GPTQ on a compressed model: the stored codes rebuild exactly the matrices GPTQ
     made, the saved model loads with the same logits, and each factor pair's error on its calibration Gram is below
     round-to-nearest's on the same grid."""
     from svdllm.calibration import calibrate_layers
@@ -120,10 +120,8 @@ def test_gptq_factors_round_trip_and_beat_round_to_nearest_on_the_grams(scheme, 
     cal = svdllm.CalibrationConfig(nsamples=4, seqlen=64, data_dir=str(data_dir))
     svdllm.compress(model, tok, svdllm.CompressConfig(preset="paper", ratio=0.4, calibration=cal), out=tmp_path / "m",
                     progress=False)
-    args = ["--nsamples", "4", "--seqlen", "64", "--data-dir", str(data_dir)]
-    assert main(["quantize", "--model", str(tmp_path / "m"), "--scheme", scheme, "--method", "gptq",
-                 "--group-size", "16", "--out", str(tmp_path / "q"), "--json", "-q", *args]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = QuantizeConfig(scheme=scheme, method="gptq", group_size=16, calibration=cal)
+    out = svdllm.quantize(tmp_path / "m", config, out=tmp_path / "q", progress=False).info
     assert out["method"] == "gptq" and out["matrices"] == 2 * 7 * len(model.model.layers)
     q = svdllm.load(tmp_path / "q")
     again = svdllm.load(tmp_path / "q")
@@ -143,13 +141,13 @@ def test_gptq_factors_round_trip_and_beat_round_to_nearest_on_the_grams(scheme, 
         assert output_error(w, got, g) < output_error(w, base, g)
 
 
-def test_gptq_dense_model_and_bad_requests(tok, data_dir, tmp_path, capsys):
+def test_gptq_dense_model_and_int3_round_to_nearest(tok, data_dir, tmp_path):
     dense = tiny_model("mistral")
     dense.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
-    assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int4", "--method", "gptq",
-                 "--nsamples", "2", "--seqlen", "32", "--data-dir", str(data_dir), "--out", str(tmp_path / "q"),
-                 "-q"]) == 0
+    cal = svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir))
+    svdllm.quantize(tmp_path / "dense", QuantizeConfig(scheme="int4", method="gptq", calibration=cal),
+                    out=tmp_path / "q", progress=False)
     manifest = json.loads((tmp_path / "q" / "svdllm_manifest.json").read_text())
     assert manifest["quantization"]["method"] == "gptq" and manifest["quantization"]["calibration"]["nsamples"] == 2
     q = svdllm.load(tmp_path / "q")
@@ -157,8 +155,7 @@ def test_gptq_dense_model_and_bad_requests(tok, data_dir, tmp_path, capsys):
         ref, got = dense(_ids(tok)).logits, q(_ids(tok)).logits
     assert 0 < float((got - ref).norm() / ref.norm()) < 0.3
     # int3 by round-to-nearest: GPTQ's min-max grid without the error feedback, 8 levels per group
-    assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int3", "--out", str(tmp_path / "r"),
-                 "-q"]) == 0
+    svdllm.quantize(tmp_path / "dense", QuantizeConfig(scheme="int3"), out=tmp_path / "r", progress=False)
     r = svdllm.load(tmp_path / "r")
     w = r.model.layers[0].mlp.down_proj.weight
     assert w.qdata.min() >= -4 and w.qdata.max() <= 3 and len(torch.unique(w.qdata)) <= 8
@@ -168,8 +165,8 @@ def test_gptq_dense_model_and_bad_requests(tok, data_dir, tmp_path, capsys):
     torch.testing.assert_close(w.dequantize().double(), expected, rtol=0, atol=1e-6)
 
 
-def test_eval_scores_a_quantized_model_and_its_fingerprint_sees_the_codes(tok, data_dir, tmp_path, capsys):
-    """`svdllm eval --ppl` on an int4 directory (the resumable evaluation hashes the weights: a quantized weight is
+def test_eval_scores_a_quantized_model_and_its_fingerprint_sees_the_codes(tok, data_dir, tmp_path):
+    """svdllm.evaluate's perplexity on an int4 directory (the resumable evaluation hashes the weights: a quantized weight is
     hashed through its codes and scales), and two different quantizations get different fingerprints."""
     from svdllm.evaluation.resume import weights_fingerprint
     from svdllm.quantization.quantize import quantize_model
@@ -177,12 +174,10 @@ def test_eval_scores_a_quantized_model_and_its_fingerprint_sees_the_codes(tok, d
     dense = tiny_model("llama")
     dense.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
-    assert main(["quantize", "--model", str(tmp_path / "dense"), "--scheme", "int4", "--out", str(tmp_path / "q"),
-                 "-q"]) == 0
-    capsys.readouterr()
-    assert main(["eval", "--model", str(tmp_path / "q"), "--ppl", "wikitext2", "--seqlen", "64", "--max-windows", "2",
-                 "--data-dir", str(data_dir), "--json", "-q"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]["wikitext2"]["ppl"] > 1
+    svdllm.quantize(tmp_path / "dense", QuantizeConfig(scheme="int4"), out=tmp_path / "q", progress=False)
+    ev = svdllm.evaluate(tmp_path / "q", svdllm.EvalConfig(ppl="wikitext2", seqlen=64, max_windows=2,
+                                                           data_dir=str(data_dir)), progress=False)
+    assert ev["ppl"]["wikitext2"]["ppl"] > 1 and ev["compressed"]["method"] == "dense"
     a, b = tiny_model("llama"), tiny_model("llama")
     quantize_model(a, "int4", group_size=16)
     quantize_model(b, "int4", group_size=32)
@@ -195,8 +190,8 @@ def test_eval_scores_a_quantized_model_and_its_fingerprint_sees_the_codes(tok, d
 @pytest.mark.parametrize("family,scheme,method,low_rank", [("qwen2", "int4", "rtn", True), ("llama", "int3", "gptq", True),
                                                           ("mistral", "int8", "rtn", False)])
 def test_compressed_tensors_export_loads_in_plain_transformers(family, scheme, method, low_rank, tok, data_dir,
-                                                               tmp_path, capsys):
-    """`svdllm export --format compressed-tensors`: plain transformers (remote code for the low-rank layers) rebuilds
+                                                               tmp_path):
+    """svdllm.export to compressed-tensors: plain transformers (remote code for the low-rank layers) rebuilds
     the quantized model from compressed-tensors' packed codes with svdllm.load's logits; the codes are checked on
     export to rebuild each weight exactly."""
     from transformers import AutoModelForCausalLM
@@ -208,13 +203,11 @@ def test_compressed_tensors_export_loads_in_plain_transformers(family, scheme, m
     else:
         model.save_pretrained(tmp_path / "m")
         tok.save_pretrained(tmp_path / "m")
-    calib = ["--nsamples", "2", "--seqlen", "32", "--data-dir", str(data_dir)] if method == "gptq" else []
-    assert main(["quantize", "--model", str(tmp_path / "m"), "--scheme", scheme, "--method", method, "--group-size",
-                 "16", *calib, "--out", str(tmp_path / "q"), "-q"]) == 0
-    assert main(["export", str(tmp_path / "q"), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"),
-                 "--json", "-q"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["format"] == "compressed-tensors" and out["bytes_on_disk"] > 0
+    cal = svdllm.CalibrationConfig(nsamples=2, seqlen=32, data_dir=str(data_dir))
+    svdllm.quantize(tmp_path / "m", QuantizeConfig(scheme=scheme, method=method, group_size=16, calibration=cal),
+                    out=tmp_path / "q", progress=False)
+    out = svdllm.export(tmp_path / "q", tmp_path / "ct", svdllm.ExportConfig("compressed-tensors"))
+    assert out["format"] == "compressed-tensors" and out["bytes_on_disk"] > 0 and out["out"] == str(tmp_path / "ct")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     q_config = config["quantization_config"]
     # round-to-nearest grids are symmetric, their codes packed; GPTQ's asymmetric ones one code per byte
@@ -232,8 +225,7 @@ def test_compressed_tensors_export_loads_in_plain_transformers(family, scheme, m
         svdllm.load(tmp_path / "ct")
     assert f"| quantization | {scheme} weights of the decoder linears (compressed-tensors" in \
         (tmp_path / "ct" / "README.md").read_text()
-    capsys.readouterr()
-    assert main(["export", str(tmp_path / "m"), "--format", "compressed-tensors", "--out", str(tmp_path / "x")]) == 2
-    assert ("is not quantized" if low_rank else "not a model saved by svdllm") in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "x")]) == 2
-    assert "Say which form" in capsys.readouterr().err
+    with pytest.raises(svdllm.SvdllmError, match="is not quantized: run `svdllm quantize" if low_rank
+                       else "not a model saved by svdllm"):
+        svdllm.export(tmp_path / "m", tmp_path / "x", "compressed-tensors")
+    assert not (tmp_path / "x").exists()

@@ -6,6 +6,7 @@ import torch
 
 from svdllm.cli import main
 from svdllm.errors import SvdllmError
+from svdllm.evaluation.report import compare
 from svdllm.evaluation.zeroshot import local_task_file, markdown_table, zero_shot
 from tiny import tiny_model
 
@@ -53,9 +54,11 @@ def test_missing_task_file_is_named(data_dir, tmp_path):
         local_task_file("no_such_task", data_dir, tmp_path)
 
 
-def test_cli_eval_tasks_missing_file_fails_before_loading(data_dir, capsys):
-    assert main(["eval", "--model", "/nonexistent", "--tasks", "winogrande", "--data-dir", str(data_dir)]) == 2
-    assert "winogrande_xl_validation.jsonl is missing" in capsys.readouterr().err
+def test_eval_tasks_missing_file_fails_before_loading(data_dir):
+    import svdllm
+
+    with pytest.raises(SvdllmError, match="winogrande_xl_validation.jsonl is missing"):
+        svdllm.evaluate("/nonexistent", svdllm.EvalConfig(tasks=["winogrande"], data_dir=str(data_dir)))
 
 
 def test_real_task_files_convert(shared_data, tmp_path):
@@ -94,8 +97,9 @@ def test_bench_tiny_compressed_against_dense(tok, data_dir, tmp_path, capsys):
     assert kv["tokens"] == 64 and 0 < kv["low_rank_bytes"] < kv["dynamic_bytes"]
     assert out["dense"]["kv_cache"][0]["dynamic_bytes"] == kv["dynamic_bytes"]
     # the result is kept in the model directory, and `compare` plots it against the dense run (paper's Figure 3)
-    assert main(["compare", str(tmp_path / "small"), "--out", str(tmp_path / "cmp"), "--json"]) == 0
-    cmp = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kept = json.loads((tmp_path / "small" / "svdllm_bench.json").read_text())
+    assert kept["baseline"] == str(tmp_path / "dense") and kept["result"] == out["result"] and kept["machine"]["cores"]
+    cmp = compare([tmp_path / "small"], tmp_path / "cmp")
     assert [len(r["bench"]) for r in cmp["rows"]] == [4] and cmp["rows"][0]["bench_dense_model"] == str(tmp_path / "dense")
     for name in ("throughput_vs_batch.png", "throughput_vs_seqlen.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 1000
@@ -120,13 +124,12 @@ def test_bench_ratios_are_medians_of_per_round_ratios():
     assert merged["rounds"] == 3 and merged["rows"][0]["decode_tok_s"] == 5
 
 
-def test_bench_bad_sizes(capsys):
-    assert main(["bench", "--model", "x", "--batch-sizes", "a"]) == 2
-    assert "integers" in capsys.readouterr().err
-    assert main(["bench", "--model", "x", "--new-tokens", "1"]) == 2
-    assert "at least 2" in capsys.readouterr().err
-    assert main(["bench", "--model", "x", "--rounds", "0"]) == 2
-    assert "--rounds" in capsys.readouterr().err
+@pytest.mark.parametrize("args,message", [(["--batch-sizes", "a"], "take integers separated by commas"),
+                                          (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+                                          (["--rounds", "0"], "--repeats and --rounds must be at least 1")])
+def test_cli_bench_bad_sizes(args, message, capsys):
+    assert main(["bench", "--model", "x", *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_markdown_table_with_and_without_stderr():
@@ -245,9 +248,10 @@ def test_cli_shard_must_be_k_of_n(capsys):
     assert "expected K/N with 0 <= K < N" in capsys.readouterr().err
 
 
-def test_eval_one_task_at_a_time_adds_up_and_compare_reads_json(tok, data_dir, tmp_path, capsys, monkeypatch):
-    """Long evaluations run one task per command: the model directory keeps every task and averages over all of
-    them, and `compare` builds the same rows from the commands' JSON files, the dense model included."""
+def test_eval_one_task_at_a_time_adds_up_and_compare_reads_json(tok, data_dir, tmp_path, monkeypatch):
+    """Long evaluations run one task per call: the model directory keeps every task and averages over all of
+    them, and `compare` builds the same rows from the JSON files `svdllm eval --json` writes (the command and
+    svdllm.evaluate's result), the dense model included."""
     import svdllm
 
     monkeypatch.setenv("SVDLLM_CACHE_DIR", str(tmp_path / "cache"))
@@ -261,11 +265,14 @@ def test_eval_one_task_at_a_time_adds_up_and_compare_reads_json(tok, data_dir, t
     for name, path in [("dense", tmp_path / "dense"), ("r3", tmp_path / "run" / "ratio-0.3"),
                        ("r5", tmp_path / "run" / "ratio-0.5")]:
         for what in (["--tasks", "piqa"], ["--tasks", "arc_easy"], ["--ppl", "wikitext2"]):
-            args = what if what[0] == "--ppl" else what + ["--limit", "4"]
-            assert main(["eval", "--model", str(path), *args, "--seqlen", "64", "--max-windows", "2", "--data-dir",
-                         str(data_dir), "--json", "-q"]) == 0
+            config = svdllm.EvalConfig(seqlen=64, max_windows=2, data_dir=str(data_dir))
+            if what[0] == "--ppl":
+                config.ppl = [what[1]]
+            else:
+                config.tasks, config.limit = [what[1]], 4
+            res = svdllm.evaluate(path, config, progress=False)
             files.append(tmp_path / f"{name}-{what[1]}.json")
-            files[-1].write_text(capsys.readouterr().out.strip().splitlines()[-1])
+            files[-1].write_text(json.dumps({"command": "eval", **res}, default=str))
             if what[0] == "--tasks":  # tasks asked, no --ppl: no perplexity scored
                 assert json.loads(files[-1].read_text())["ppl"] == {}
     kept = json.loads((tmp_path / "run" / "ratio-0.5" / "svdllm_eval.json").read_text())["zero_shot[limit=4]"]
@@ -275,12 +282,10 @@ def test_eval_one_task_at_a_time_adds_up_and_compare_reads_json(tok, data_dir, t
     assert last["compressed"]["ratio"] == 0.5 and last["compressed"]["method"] == "svd-llm"
     assert json.loads(files[0].read_text())["compressed"] is None
 
-    assert main(["compare", *map(str, files), "--out", str(tmp_path / "cmp"), "--json"]) == 0
-    from_json = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    from_json = compare(files, tmp_path / "cmp")["rows"]
     assert [(r["method"], r["ratio"]) for r in from_json] == [("dense", 0.0), ("svd-llm", 0.3), ("svd-llm", 0.5)]
     assert from_json[0]["params"] > from_json[1]["params"] > from_json[2]["params"]
-    assert main(["compare", str(tmp_path / "run"), "--out", str(tmp_path / "cmp2"), "--json"]) == 0
-    from_dirs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    from_dirs = compare([tmp_path / "run"], tmp_path / "cmp2")["rows"]
     for a, b in zip(from_json[1:], from_dirs):
         assert a["zero_shot"] == b["zero_shot"] and a["zero_shot"]["key"] == "zero_shot[limit=4]"
         assert a["ppl"] == b["ppl"] and a["params"] == b["params"]
@@ -289,18 +294,17 @@ def test_eval_one_task_at_a_time_adds_up_and_compare_reads_json(tok, data_dir, t
     assert "| dense |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
-def test_compare_names_a_bad_json(tmp_path, capsys):
+def test_compare_names_a_bad_json(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"command": "bench"}))
-    assert main(["compare", str(tmp_path / "bench.json"), "--out", str(tmp_path / "cmp")]) == 2
-    assert "bench.json is not the output of `svdllm eval --json`" in capsys.readouterr().err
+    with pytest.raises(SvdllmError, match="bench.json is not the output of `svdllm eval --json`"):
+        compare([tmp_path / "bench.json"], tmp_path / "cmp")
     (tmp_path / "gone.json").write_text(json.dumps({"command": "eval", "model": "runs/gone/ratio-0.2", "ppl": {}}))
-    assert main(["compare", str(tmp_path / "gone.json"), "--out", str(tmp_path / "cmp")]) == 2
-    assert "recreate that directory" in capsys.readouterr().err
+    with pytest.raises(SvdllmError, match="recreate that directory"):
+        compare([tmp_path / "gone.json"], tmp_path / "cmp")
     # an older file of a hub model (one "/": org/name) is read as a dense model
     (tmp_path / "hub.json").write_text(json.dumps({"command": "eval", "model": "org/name",
                                                    "ppl": {"wikitext2": {"ppl": 9.5, "windows": 2, "total_windows": 2}}}))
-    assert main(["compare", str(tmp_path / "hub.json"), "--out", str(tmp_path / "cmp"), "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    (row,) = compare([tmp_path / "hub.json"], tmp_path / "cmp")["rows"]
     assert row["method"] == "dense" and row["ppl"]["wikitext2"]["ppl"] == 9.5
 
 

@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 
@@ -72,6 +71,58 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
 
+# The calibration flags, declared once: (flag, CalibrationConfig field, argparse keywords). A flag's default is the
+# field's default in config.py unless a command passes its own (the demo's smaller calibration).
+CALIBRATION_ARGS = [
+    ("calib-dataset", "dataset", dict(
+        metavar="SOURCE[,SOURCE...]",
+        help="calibration text: wikitext2, ptb, c4, alpaca, your own file (plain text; .jsonl/.json records with "
+             "'text', 'messages' chats or 'instruction'/'output'), or a Hugging Face dataset "
+             "hf:DATASET[:CONFIG]:SPLIT:COLUMN; a comma-separated mix shares the windows evenly, e.g. "
+             "wikitext2,alpaca for an instruct model (default %(default)s)")),
+    ("nsamples", "nsamples", dict(type=int, help="calibration windows (default %(default)s)")),
+    ("seqlen", "seqlen", dict(type=int, help="tokens per calibration window (default %(default)s)")),
+    ("seed", "seed", dict(type=int)),
+    ("batch-size", "batch_size", dict(type=int, help="calibration windows per forward")),
+    ("grad-samples", "grad_samples", dict(
+        type=int, help="windows for the gradient pass that fwsvd and the dipsvd/global allocators need (default "
+                       "%(default)s, at most --nsamples; cached)")),
+    ("calib-mode", "mode", dict(  # choices: config.CALIBRATION_MODES
+        help="original: every layer sees the dense model's activations (one pass serves all ratios); "
+             "sequential: each layer sees the already-compressed layers' outputs")),
+]
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, flags: tuple[str, ...] | None = None,
+                          helps: dict[str, str] | None = None, **defaults) -> None:
+    """Add the calibration flags (all, or those named in `flags`) to a subcommand; each default is
+    CalibrationConfig's unless `defaults` gives the command's own (by field name), `helps` another help text."""
+    import dataclasses
+
+    from .config import CALIBRATION_MODES, CalibrationConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(CalibrationConfig)}
+    chosen = [a for a in CALIBRATION_ARGS if flags is None or a[0] in flags]
+    assert set(defaults) <= {name for _, name, _ in chosen}, defaults
+    for flag, name, kwargs in chosen:
+        kwargs = {**kwargs, "default": defaults.get(name, fields[name])}
+        if name == "mode":
+            kwargs["choices"] = list(CALIBRATION_MODES)
+        if helps and flag in helps:
+            kwargs["help"] = helps[flag]
+        p.add_argument(f"--{flag}", **kwargs)
+    p.set_defaults(calibration_args=[(flag.replace("-", "_"), name) for flag, name, _ in chosen])
+
+
+def _calibration_config(args):
+    """The CalibrationConfig of a command's calibration flags (and --data-dir); the flags it lacks keep the
+    config's defaults."""
+    from .config import CalibrationConfig
+
+    return CalibrationConfig(**{name: getattr(args, dest) for dest, name in args.calibration_args},
+                             data_dir=args.data_dir)
+
+
 FINETUNE_ARGS = [  # (name, type, help); every default comes from the preset
     ("data", str, "alpaca (default), a .json/.jsonl of instruction/input/output records, or wikitext2/ptb/c4"),
     ("samples", int, "training examples (default: the preset's; paper: all)"),
@@ -127,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .factorization import METHODS
     from .update import UPDATES
 
-    parser = argparse.ArgumentParser(prog="svdllm", description="Compress causal LMs by low-rank factorization.")
-    from . import __version__
+    import svdllm
 
-    parser.add_argument("--version", action="version", version=f"svdllm {__version__}")
+    parser = argparse.ArgumentParser(prog="svdllm", description="Compress causal LMs by low-rank factorization.")
+    parser.add_argument("--version", action="version", version=f"svdllm {svdllm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="calibrate, factorize and save a compressed model")
@@ -167,21 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after truncation: closed-form (least-squares W_u on the compressed model's inputs, as "
                         "SVD-LLM), closed-form-drift (attention fitted to the dense model's outputs), lora (sequential "
                         "LoRA fine-tuning, options --ft-*), or closed-form+lora")
-    c.add_argument("--calib-dataset", default="wikitext2", metavar="SOURCE[,SOURCE...]",
-                   help="calibration text: wikitext2, ptb, c4, alpaca, your own file (plain text; .jsonl/.json "
-                        "records with 'text', 'messages' chats or 'instruction'/'output'), or a Hugging Face dataset "
-                        "hf:DATASET[:CONFIG]:SPLIT:COLUMN; a comma-separated mix shares the windows evenly, e.g. "
-                        "wikitext2,alpaca for an instruct model (default wikitext2)")
-    c.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
-    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
-    c.add_argument("--grad-samples", type=int, default=8,
-                   help="windows for the gradient pass that fwsvd and the dipsvd/global allocators need (default 8, "
-                        "at most --nsamples; cached)")
-    c.add_argument("--calib-mode", default="original", choices=["original", "sequential"],
-                   help="original: every layer sees the dense model's activations (one pass serves all ratios); "
-                        "sequential: each layer sees the already-compressed layers' outputs")
+    _add_calibration_args(c)
     _add_data_args(c)
     c.add_argument("--cache-dir", default=None, help="statistics cache (default $SVDLLM_CACHE_DIR or ~/.cache/svdllm)")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write cached calibration statistics")
@@ -234,10 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rtn: round-to-nearest, no data (torchao); gptq: error feedback through each linear's input "
                          "Gram, from a calibration pass over the model being quantized (a factor pair's W_u also "
                          "takes up W_v's error)")
-    qz.add_argument("--calib-dataset", default="wikitext2", help="gptq's calibration text (as `compress` takes it)")
-    qz.add_argument("--nsamples", type=int, default=64, help="gptq: calibration windows (default 64)")
-    qz.add_argument("--seqlen", type=int, default=2048, help="gptq: tokens per window (default 2048)")
-    qz.add_argument("--seed", type=int, default=0)
+    _add_calibration_args(qz, ("calib-dataset", "nsamples", "seqlen", "seed"),
+                          helps={"calib-dataset": "gptq's calibration text (as `compress` takes it)",
+                                 "nsamples": "gptq: calibration windows (default %(default)s)",
+                                 "seqlen": "gptq: tokens per window (default %(default)s)"})
     _add_data_args(qz)
     qz.add_argument("--out", required=True)
     qz.add_argument("--overwrite", action="store_true")
@@ -286,11 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ratio", type=float, default=0.3,
                    help="0.3 (default): the highest ratio at which the default still answers the prompt correctly at the "
                         "demo's settings (benchmarks/results/demo_ratios/ratios.json)")
-    d.add_argument("--calib-dataset", default="wikitext2,alpaca",
-                   help="calibration text (default wikitext2,alpaca: chat turns keep an instruct model answering)")
-    d.add_argument("--nsamples", type=int, default=16)
-    d.add_argument("--seqlen", type=int, default=1024)
-    d.add_argument("--grad-samples", type=int, default=4)
+    _add_calibration_args(d, ("calib-dataset", "nsamples", "seqlen", "grad-samples"),
+                          helps={"calib-dataset": "calibration text (default %(default)s: chat turns keep an instruct "
+                                                  "model answering)"},
+                          dataset="wikitext2,alpaca", nsamples=16, seqlen=1024, grad_samples=4)
     d.add_argument("--max-windows", type=int, default=8)
     d.add_argument("--max-new-tokens", type=int, default=40)
     d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
@@ -350,34 +386,20 @@ def _load(args):
 
 
 def cmd_compress(args) -> dict:
-    from .config import CalibrationConfig, CompressConfig
-
-    from .io.checkpoint import check_out_dir
+    from .config import CompressConfig
     from .pipeline import compress, summarize
 
     # the arguments map onto the config one to one; the library resolves the preset (svdllm.compress does the same)
     config = CompressConfig(
         ratio=args.ratio, preset=args.preset, method=args.method, method_options=dict(args.method_arg),
         alloc=args.alloc, update=args.update, alloc_options=dict(args.alloc_arg), rank_multiple=args.rank_multiple,
-        calibration=CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen,
-                                      seed=args.seed, batch_size=args.batch_size, mode=args.calib_mode,
-                                      data_dir=args.data_dir, grad_samples=args.grad_samples),
-        cache_dir="" if args.no_cache else args.cache_dir, gram_dtype=args.gram_dtype,
-        targets=args.targets, ignore=args.ignore, layers_path=args.layers_path, bits=args.bits,
-        group_size=args.group_size,
+        calibration=_calibration_config(args), cache_dir="" if args.no_cache else args.cache_dir,
+        gram_dtype=args.gram_dtype, targets=args.targets, ignore=args.ignore, layers_path=args.layers_path,
+        bits=args.bits, group_size=args.group_size,
     )
     if (args.update or "").endswith("lora"):
         config.finetune = _finetune_config(args, args.device)
-    config.validate()  # fail on bad input before loading the model
-    plan = config.resolve()  # (the disk is checked once the model is loaded)
-    from .allocation import get_allocator
-
-    get_allocator(plan.alloc, **config.alloc_options)  # unknown options too
-    from .factorization import get_method
-
-    get_method(plan.method, **config.method_options)
-    if len(config.ratios) == 1:
-        check_out_dir(args.out, args.overwrite)
+    config.validate(args.out, args.overwrite)  # fail on bad input before loading the model
     from .calibration import distributed
 
     device = distributed.init_from_env()  # under torchrun: data-parallel calibration, one GPU per rank if any
@@ -433,171 +455,50 @@ def cmd_finetune(args) -> dict:
 
 
 def cmd_quantize(args) -> dict:
-    from pathlib import Path
+    from .config import QuantizeConfig
+    from .io.quantize import quantize
 
-    from .io.checkpoint import check_out_dir, read_manifest, save
-    from .io.manifest import Manifest
-    from .quantization.quantize import quantize_and_report
-
-    check_out_dir(args.out, args.overwrite)
-    if _is_svdllm_dir(args.model):
-        manifest = read_manifest(args.model)
-        if manifest.get("quantization"):
-            raise SvdllmError(f"{args.model} is already quantized ({manifest['quantization']['scheme']}).")
-        from .io.checkpoint import load
-
-        model, tok = load(args.model, with_tokenizer=True)
-    else:
-        model, tok = _load(argparse.Namespace(model=args.model, dtype="float32", device=None))
-        from . import __version__
-
-        n = sum(p.numel() for p in model.parameters())
-        manifest = Manifest(svdllm_version=__version__, base_model=args.model, model_type=model.config.model_type,
-                            method="dense", ratio=0.0, ranks={},
-                            params={"model_before": n, "model_after": n, "achieved_ratio": 0.0}).to_dict()
-    windows = None
-    if args.method == "gptq":
-        from .config import CalibrationConfig
-        from .data.windows import calibration_set
-
-        cal = CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                                data_dir=args.data_dir)
-        cal.validate()
-        windows = calibration_set(tok, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, cal.data_dir)
-    info = quantize_and_report(model, args.scheme, args.group_size, args.method, windows,
-                               {"dataset": args.calib_dataset, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                "seed": args.seed}, progress=not args.quiet)
-    manifest.update(quantization=info, dtype="float32", source=str(args.model))
-    save(model, tok, args.out, manifest, overwrite=args.overwrite)
-    disk = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
-    print(f"{args.scheme} ({args.method}, {info['quantize_s']:.0f} s): {info['matrices']} matrices, {info['bits_per_weight']:.2f} bits per weight "
-          f"({info['memory_bits_per_weight']:.2f} in memory), {disk / 2**20:.1f} MiB of weights on disk; "
-          f"saved to {args.out}")
-    return {"command": "quantize", "model": args.model, "out": args.out, "bytes_on_disk": disk,
-            **{k: v for k, v in info.items() if k != "groups"}}
+    config = QuantizeConfig(scheme=args.scheme, group_size=args.group_size, method=args.method,
+                            calibration=_calibration_config(args))
+    res = quantize(args.model, config, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    info = res.info
+    print(f"{args.scheme} ({args.method}, {info['quantize_s']:.0f} s): {info['matrices']} matrices, "
+          f"{info['bits_per_weight']:.2f} bits per weight ({info['memory_bits_per_weight']:.2f} in memory), "
+          f"{res.bytes_on_disk / 2**20:.1f} MiB of weights on disk; saved to {args.out}")
+    return {"command": "quantize", "model": args.model, "out": args.out, "bytes_on_disk": res.bytes_on_disk,
+            **res.summary()}
 
 
 def cmd_export(args) -> dict:
-    import tempfile
-    from pathlib import Path
+    from .io.export import export
 
-    from .io.checkpoint import _move_into_place, check_out_dir, load, read_manifest
-    from .io.hf_native import export_dense
-
-    if args.format is None:
-        raise SvdllmError("Say which form to export: --dense (factors multiplied back) or --format compressed-tensors "
-                          "(a quantized model's codes, for transformers).")
-    check_out_dir(args.out, args.overwrite)
-    manifest = read_manifest(args.run_dir)
-    if args.format == "compressed-tensors":
-        return _export_compressed_tensors(args, manifest)
-    if manifest.get("quantization"):
-        raise SvdllmError(f"{args.run_dir} is quantized; export the unquantized compressed model "
-                          "(the directory `svdllm quantize` read), then quantize the dense export if you need to.")
-    model, tok = load(args.run_dir, with_tokenizer=True)
-    export_dense(model)
-    out = Path(args.out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        _move_into_place(tmp, out)  # an existing --overwrite target is swapped out only once this one is complete
-    except OSError as e:
-        raise SvdllmError(f"Writing the dense export to {out} failed ({e}); nothing was written there.") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"dense export of {args.run_dir}: {params:,} parameters, written to {out}")
-    return {"command": "export", "run_dir": str(args.run_dir), "out": str(out), "params": params}
-
-
-def _export_compressed_tensors(args, manifest: dict) -> dict:
-    from pathlib import Path
-
-    from .io.checkpoint import load, save
-    from .quantization.compressed_tensors import to_compressed_tensors
-
-    if not manifest.get("quantization"):
-        raise SvdllmError(f"{args.run_dir} is not quantized: run `svdllm quantize --model {args.run_dir} ...` first, "
-                          "then export what it writes.")
-    model, tok = load(args.run_dir, with_tokenizer=True)
-    compressor = to_compressed_tensors(model)
-    quantization = {**manifest["quantization"], "format": "compressed-tensors"}
-    save(model, tok, args.out, {**manifest, "quantization": quantization, "source": str(args.run_dir)},
-         overwrite=args.overwrite, compressor=compressor)
-    disk = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
-    print(f"compressed-tensors export of {args.run_dir}: {disk / 2**20:.1f} MiB of weights, written to {args.out}; "
-          f"load with transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r}, trust_remote_code=True)")
-    return {"command": "export", "format": "compressed-tensors", "run_dir": str(args.run_dir), "out": str(args.out),
-            "bytes_on_disk": disk}
+    res = export(args.run_dir, args.out, args.format, overwrite=args.overwrite)
+    if res.get("format") == "compressed-tensors":
+        print(f"compressed-tensors export of {args.run_dir}: {res['bytes_on_disk'] / 2**20:.1f} MiB of weights, "
+              f"written to {args.out}; load with transformers: "
+              f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}, trust_remote_code=True)")
+    else:
+        print(f"dense export of {args.run_dir}: {res['params']:,} parameters, written to {res['out']}")
+    return {"command": "export", **res}
 
 
 def cmd_eval(args) -> dict:
-    from .evaluation import perplexity
-    from .evaluation.zeroshot import PAPER_TASKS
-    from .models.loading import cache_root
+    from .evaluation.api import EvalConfig, evaluate
+    from .evaluation.zeroshot import markdown_table
 
-    tasks = PAPER_TASKS if args.tasks == ["paper"] else args.tasks
-    if args.ppl is None:  # a user asking for tasks expects tasks, not 12 minutes of WikiText-2 first
-        args.ppl = [] if tasks else ["wikitext2"]
-    ppl_sets = [] if args.ppl in (["none"], []) else args.ppl
-    if tasks:  # fail on a missing task file before loading the model
-        from .evaluation.zeroshot import local_task_file
+    config = EvalConfig(ppl=args.ppl, tasks=args.tasks, limit=args.limit, seqlen=args.seqlen,
+                        max_windows=args.max_windows, batch_size=args.batch_size, data_dir=args.data_dir,
+                        resume=not args.no_resume, shard=args.shard, scores_dir=args.scores_dir)
 
-        for t in tasks:
-            local_task_file(t, args.data_dir or os.environ.get("SVDLLM_DATA_DIR") or _no_data(), cache_root() / "zeroshot")
-    model, tok = _load(args)
-    results = {}
-    # what `svdllm compare` needs to place this result without the model directory at hand
-    out = {"command": "eval", "model": args.model, "compressed": _compressed_summary(args.model),
-           "params": sum(p.numel() for p in model.parameters()), "ppl": results}
-    for name in ppl_sets:
-        r = perplexity(model, tok, name, args.data_dir, args.seqlen, args.max_windows, args.batch_size,
-                       progress=not args.quiet, resume_dir=None if args.no_resume else cache_root() / "ppl")
-        results[name] = r
+    def show(name: str, r: dict) -> None:  # each result as it is known
+        if name == "zero_shot":
+            print(markdown_table(r))
+            return
         partial = "" if r["windows"] == r["total_windows"] else f"  [--max-windows {r['windows']} of {r['total_windows']}]"
         print(f"{name}: perplexity {r['ppl']:.3f} over {r['windows']} windows of {r['seqlen']} tokens{partial}")
-    if tasks:
-        from .evaluation.zeroshot import markdown_table, zero_shot
 
-        zs = zero_shot(model, tok, tasks, args.data_dir, args.limit, args.batch_size, resume=not args.no_resume,
-                       shard=args.shard, scores_dir=args.scores_dir)
-        print(markdown_table(zs))
-        out["zero_shot"] = zs
-    if _is_svdllm_dir(args.model):  # kept beside the model for `svdllm compare`
-        from .evaluation.zeroshot import combine
-        from .io.checkpoint import read_manifest
-        from .io.hf_native import write_card
-        from .io.results import EVAL_NAME, merge_results, ppl_key, read_results, zero_shot_key
-
-        update = {"ppl": {ppl_key(n, r): r for n, r in results.items()}}
-        if tasks:
-            tag = zero_shot_key(args.limit, zs["complete"])
-            # one task per command is common (long runs): keep the tasks evaluated before, average over all
-            update[tag] = combine(read_results(args.model, EVAL_NAME).get(tag), out["zero_shot"])
-        merge_results(args.model, EVAL_NAME, update)
-        write_card(args.model, read_manifest(args.model), read_results(args.model, EVAL_NAME))
-    return out
-
-
-def _compressed_summary(model: str) -> dict | None:
-    """How a compressed model was made (None for a dense one)."""
-    if not _is_svdllm_dir(model):
-        return None
-    from .io.checkpoint import read_manifest
-    from .io.results import how_made
-
-    return how_made(read_manifest(model))
-
-
-def _is_svdllm_dir(path: str) -> bool:
-    from .io.checkpoint import MANIFEST_NAME
-
-    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
-
-
-def _no_data():
-    raise SvdllmError("Zero-shot tasks are read from local files: pass --data-dir or set $SVDLLM_DATA_DIR.")
+    res = evaluate(args.model, config, dtype=args.dtype, device=args.device, progress=not args.quiet, on_result=show)
+    return {"command": "eval", **res}
 
 
 def cmd_generate(args) -> dict:
@@ -616,12 +517,14 @@ def cmd_generate(args) -> dict:
 def cmd_demo(args) -> dict:
     """Dense, SVD-LLM as published and svdllm's default at the same parameter count, on the same test windows,
     with one reply each: what the product does, in about 10 minutes on 2 CPU cores."""
-    from .config import CalibrationConfig, CompressConfig
-    from .evaluation import generate, perplexity
-    from .io.loader import load_model
     from pathlib import Path
 
-    from .pipeline import compress, swap_back
+    from .config import CompressConfig
+    from .evaluation import generate, perplexity
+    from .io.loader import load_model
+    from .nn.low_rank import swap_back
+    from .pipeline import compress
+    from .utils.atomic import atomic_write_text
 
     progress = not args.quiet
     t0 = time.perf_counter()
@@ -635,8 +538,7 @@ def cmd_demo(args) -> dict:
                 "total_windows": ppl["total_windows"], "reply": reply, "compress_s": seconds}
 
     rows = [measure("dense", sum(p.numel() for p in model.parameters()), None)]
-    cal = CalibrationConfig(dataset=args.calib_dataset, nsamples=args.nsamples, seqlen=args.seqlen,
-                            grad_samples=args.grad_samples, data_dir=args.data_dir)
+    cal = _calibration_config(args)
     for label, preset in (("SVD-LLM (--preset paper)", "paper"), ("svdllm default (--preset best)", "best")):
         t = time.perf_counter()
         res = compress(model, tok, CompressConfig(ratio=args.ratio, preset=preset, calibration=cal),
@@ -663,8 +565,6 @@ def cmd_demo(args) -> dict:
         print(f"  {r['model']}:\n    {r['reply']}")
     result = {"command": "demo", "model": args.model, "note": note, "ratio": args.ratio, "prompt": args.prompt,
               "rows": rows, "wall_s": time.perf_counter() - t0}
-    from .utils.atomic import atomic_write_text
-
     atomic_write_text(Path(args.out) / "demo.json", json.dumps(result, indent=1))
     print(f"\nmodels and demo.json (these figures) saved under {args.out}; total {result['wall_s']:.0f} s")
     return result
@@ -706,12 +606,7 @@ def cmd_bench(args) -> dict:
             raise SvdllmError(f"benchmarking {spec} failed: {proc.stderr.strip().splitlines()[-1:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    baseline = args.baseline
-    if baseline == "auto":
-        from .io.checkpoint import MANIFEST_NAME
-
-        manifest = os.path.join(args.model, MANIFEST_NAME)
-        baseline = (json.load(open(manifest)).get("base_model") or "none") if os.path.isfile(manifest) else "none"
+    baseline = bench.default_baseline(args.model) if args.baseline == "auto" else args.baseline
     # Dense and compressed alternate, round after round, so a slow spell of a shared machine hits both; every
     # speedup is the median over rounds of the ratio within a round.
     dense_runs, runs = [], []
@@ -742,29 +637,9 @@ def cmd_bench(args) -> dict:
                if "low_rank_bytes" in k else "")
         print(f"KV cache after {k['tokens']} tokens: dynamic {k['dynamic_bytes'] / 2**20:.2f} MiB{low}")
     out = {"command": "bench", "model": args.model, "baseline": baseline, "dense": dense, "result": result,
-           "machine": _machine()}
-    if _is_svdllm_dir(args.model):
-        from .io.results import BENCH_NAME, merge_results
-
-        merge_results(args.model, BENCH_NAME, {k: v for k, v in out.items() if k != "command"})
+           "machine": bench.machine()}
+    bench.keep_bench_result(args.model, {k: v for k, v in out.items() if k != "command"})
     return out
-
-
-def _machine() -> dict:
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def cmd_compare(args) -> dict:

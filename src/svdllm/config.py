@@ -1,8 +1,16 @@
-"""Configuration as plain dataclasses: what the CLI parses, the Python API takes, and the manifest records."""
+"""Configuration as plain dataclasses: what the CLI parses, the Python API takes, and the manifest records.
+
+The configs of the jobs that read calibration text live here: CalibrationConfig, CompressConfig (svdllm.compress) and
+QuantizeConfig (svdllm.quantize). The two others live beside the function that takes them, in packages that sit below
+this module in the import order: ExportConfig in io/export.py (svdllm.export), EvalConfig in evaluation/api.py
+(svdllm.evaluate). Each config's `validate()` is the one place its values are checked, before any model is loaded;
+it raises SvdllmError naming the problem and the fix."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -198,7 +206,37 @@ class CompressConfig:
             updates = {r: base["update"] for r in ratios}
         return Plan(chosen["method"], chosen["alloc"], updates, reason, chosen["gram_dtype"])
 
-    def validate(self) -> None:
+    def out_dirs(self, out: str | os.PathLike | None) -> dict[float, Path | None]:
+        """Where each ratio's model is saved: `out` itself for one ratio, `out/ratio-<R>` each for several."""
+        ratios = [float(r) for r in self.ratios]
+        if out is None:
+            return {r: None for r in ratios}
+        return {r: Path(out) if len(ratios) == 1 else Path(out) / f"ratio-{r:g}" for r in ratios}
+
+    def validate(self, out: str | os.PathLike | None = None, overwrite: bool = False) -> Plan:
+        """Everything that can be checked before the model is loaded, in one place (the CLI calls it before loading
+        the model, svdllm.compress at its start): the values, the preset resolved, the method and allocator with
+        their options, the update, and with `out` the output directories (see out_dirs). Returns the plan as the
+        preset resolves it without the model (compress resolves it again with the model's disk needs)."""
+        self._check_values()
+        plan = self.resolve()
+        from .allocation import get_allocator
+        from .factorization import get_method
+        from .update import UPDATES
+
+        for update in plan.updates.values():
+            if update not in UPDATES:
+                raise SvdllmError(f"Unknown update {update!r}; available: {', '.join(UPDATES)}.")
+        get_method(plan.method, **self.method_options)  # unknown methods and options too
+        get_allocator(plan.alloc, **self.alloc_options)
+        if out is not None:
+            from .io.checkpoint import check_out_dir
+
+            for o in self.out_dirs(out).values():
+                check_out_dir(o, overwrite)
+        return plan
+
+    def _check_values(self) -> None:
         if self.preset not in PRESETS:
             raise SvdllmError(f"Unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
         if not self.ratios:
@@ -237,3 +275,30 @@ class CompressConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class QuantizeConfig:
+    """One weight-only quantization (svdllm.quantize): int8 (one scale per output channel), int4 or int3 (one scale
+    per `group_size` input channels), by round-to-nearest ("rtn", no data) or GPTQ ("gptq", which reads
+    `calibration`: its text, window count, length and seed)."""
+
+    scheme: str = "int8"
+    group_size: int = 32
+    method: str = "rtn"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def validate(self) -> None:
+        from .quantization import METHODS, SCHEMES
+
+        if self.scheme not in SCHEMES:
+            raise SvdllmError(f"Unknown quantization scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)} "
+                              "(--scheme).")
+        if self.method not in METHODS:
+            raise SvdllmError(f"Unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)} "
+                              "(--method).")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 8 \
+                or self.group_size & (self.group_size - 1):
+            raise SvdllmError(f"--group-size must be a power of two ≥ 8, got {self.group_size}.")
+        if self.method == "gptq":  # round-to-nearest reads no data
+            self.calibration.validate()

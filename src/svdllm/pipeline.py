@@ -54,12 +54,12 @@ from .factorization.apply import FromStatistics, LayerFactorizer
 from .factorization.spectra import decompose, spectra
 from .factorization.store import DecompositionStore
 from .nn.low_rank import swap_back, swap_in
-from .io.checkpoint import LayerwiseWriter, abort_open_writers, check_out_dir, save
+from .io.checkpoint import LayerwiseWriter, abort_open_writers, save
 from .io.manifest import Manifest
 from .models.lazy import is_lazy, resident_bytes
 from .models.families import family_of, resolve_family, set_submodule
 from .models.loading import cache_root, source_metadata
-from .update import DRIFT_GROUPS, UPDATES, base_update
+from .update import DRIFT_GROUPS, base_update
 from .update.closed_form import ClosedFormPass, PartialFactors, refit
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     `ratio-<R>` each) and the model is left dense.
     """
     config = config or CompressConfig()
-    config.validate()
+    config.validate(out, overwrite)  # the values, method, allocator, update and output directories (config.py)
     resolve_family(model, config.targets, config.ignore, config.layers_path)
     ratios = [float(r) for r in config.ratios]
     if len(ratios) > 1 and out is None:
@@ -176,18 +176,10 @@ def compress(model: nn.Module, tokenizer, config: CompressConfig | None = None, 
     if plan.reason:
         log.warning("--preset best: %s, so this run uses --method %s --alloc %s.", plan.reason, plan.method,
                     plan.alloc)
-    for update in plan.updates.values():
-        if update not in UPDATES:
-            raise SvdllmError(f"Unknown update {update!r}; available: {', '.join(UPDATES)}.")
     if config.bits and is_lazy(model):
         raise SvdllmError("--bits quantizes the whole compressed model after its truncation, which --layerwise does "
                           "not hold in memory: compress without --bits, then `svdllm quantize` the result.")
-    get_method(plan.method, **config.method_options)
-    get_allocator(plan.alloc, **config.alloc_options)
-    outs = {r: None if out is None else Path(out) if len(ratios) == 1 else Path(out) / f"ratio-{r:g}" for r in ratios}
-    for o in outs.values():
-        if o is not None:
-            check_out_dir(o, overwrite)
+    outs = config.out_dirs(out)
     groups = plan.groups()
     if len(groups) > 1:
         log.info("Updates per ratio: %s (the ratios without one share a calibration pass).",

@@ -185,3 +185,38 @@ def release(model) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def default_baseline(model: str) -> str:
+    """The dense model a model is benchmarked against by default: the base model recorded in the manifest of a
+    directory written by svdllm; "none" where none is recorded, and for any other model."""
+    from ..io.manifest import is_model_dir, read_manifest
+
+    return (read_manifest(model).get("base_model") or "none") if is_model_dir(model) else "none"
+
+
+def keep_bench_result(model: str, result: dict) -> None:
+    """Merge a benchmark's result into svdllm_bench.json beside the model (a directory written by svdllm; any
+    other model keeps nothing), for `svdllm compare`."""
+    from ..io.manifest import is_model_dir
+    from ..io.results import BENCH_NAME, merge_results
+
+    if is_model_dir(model):
+        merge_results(model, BENCH_NAME, result)
+
+
+def machine() -> dict:
+    """The CPU (its model name), cores, torch threads and GPU a benchmark ran on."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

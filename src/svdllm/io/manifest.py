@@ -58,6 +58,11 @@ def stamped(manifest: dict) -> dict:
     return dict(manifest, format="svdllm", format_version=FORMAT_VERSION)
 
 
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory written by svdllm (it holds a manifest)."""
+    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of the model saved in directory `path`, checked: a damaged one is refused with the reason."""
     path = Path(path)
