@@ -19,6 +19,8 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
+    if a.numel() == 0:
+        return 0.0
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
 
 

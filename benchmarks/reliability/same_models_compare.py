@@ -2,8 +2,8 @@
 tensor (same key set, same dtype and shape, torch.equal on every key) and the ranks of svdllm_manifest.json.
 Where they are not bit-identical: the largest relative difference max|a - b| / max|a| over all tensors, the tensors
 that differ (worst first), and for low-rank layers the largest relative difference of the products W_u·W_v (the
-factors may differ by the sign of a singular vector where the products agree). The comparison logic is that of
-compare_models.py (commit 53c075f; now benchmarks/common/), copied here so that this script does not depend on it.
+factors may differ by the sign of a singular vector where the products agree). The tensors are read and compared by
+benchmarks/common/compare_models.py's functions.
 
 Usage: python benchmarks/reliability/same_models_compare.py BEFORE_DIR AFTER_DIR OUT.json
   ONLY=name[,name...]  compares only these configurations (default: the five of same_models_refactor.sh)
@@ -16,25 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from compare_models import relative, tensors  # noqa: E402 (benchmarks/common/compare_models.py)
 
 CONFIGS = ["default-r0.4", "default-r0.6", "joint-int4", "layerwise-r0.4", "torchrun-r0.4"]
 # manifest entries that are expected to differ from one run to the next (times, paths, dates, versions)
 VOLATILE = {"timings", "created", "date", "out", "svdllm_version", "version", "host", "wall_s", "peak_rss_mb"}
-
-
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if a.numel() == 0:
-        return 0.0
-    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
 
 
 def product_differences(a: dict, b: dict, common: list[str]) -> dict[str, float]:

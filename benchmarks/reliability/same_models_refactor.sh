@@ -7,12 +7,14 @@
 #   default-r0.6     compress --ratio 0.6                 the default preset with the closed-form update (R >= 0.5)
 #   joint-int4       compress --ratio 0.836 --bits 3,4,8  rank and bits together at dense int4's bytes
 #   layerwise-r0.4   compress --ratio 0.4 --layerwise     one decoder layer in memory at a time
-#   torchrun-r0.4    torchrun --nproc-per-node 2 -m svdllm.cli compress --ratio 0.4   (gloo, OMP_NUM_THREADS=1)
+#   torchrun-r0.4    torchrun --nproc-per-node 2 -m svdllm.cli compress --ratio 0.4   (gloo, OMP_NUM_THREADS=1,
+#                    a free --master-port)
 #
 # All with --model smollm2-135m, a REDUCED calibration (--nsamples 8 --seqlen 256 --grad-samples 4, the same for
 # all) and --no-cache, so that every pass (calibration, gradients, spectra, allocation, factorization) runs in each
-# version; each also gets an empty SVDLLM_CACHE_DIR of its own (the run fails if anything is written there, which
-# would mean the statistics cache was used despite --no-cache). The thread count is left at torch's default
+# version; each also gets an empty SVDLLM_CACHE_DIR of its own, so that each version also converts the bundled
+# model from its GGUF package itself (SVDLLM_CACHE_DIR/models/), and the run fails if anything else is written there
+# (that would be the statistics cache, used despite --no-cache). The thread count is left at torch's default
 # (recorded in OUT/<name>.env), except for the torchrun run, which sets OMP_NUM_THREADS=1 (as dist_smollm2.sh and
 # layerwise_smollm2.sh do: two processes on a 2-core machine). Run both versions on the same machine, with the same
 # environment, so that the thread counts agree.
@@ -125,10 +127,12 @@ open(sys.argv[2], "w").write(json.dumps(main[0]) + "\n")
 PY
   [ -f "$OUT/$name/svdllm_manifest.json" ] || { echo "$name: no svdllm_manifest.json in $OUT/$name" >&2; return 1; }
   compgen -G "$OUT/$name/*.safetensors" > /dev/null || { echo "$name: no safetensors in $OUT/$name" >&2; return 1; }
-  if [ -n "$(ls -A "$cache")" ]; then
+  # models/ holds the model converted from its GGUF package (by this version's loader); anything else (stats/,
+  # scratch/ ...) would be the statistics cache, which --no-cache must leave alone
+  if [ -n "$(ls -A "$cache" | grep -vx models)" ]; then
     echo "$name: the statistics cache $cache was written despite --no-cache:" >&2; ls -R "$cache" >&2; return 1
   fi
-  rmdir "$cache"; cache=""
+  rm -rf "$cache"; cache=""
   if grep -q -- "--preset best: " "$OUT/$name.log"; then  # the preset fell back (too little disk for the Grams)
     echo "$name: the default preset was adjusted on this machine (see $OUT/$name.log); not the intended config" >&2
     return 1
@@ -148,7 +152,11 @@ for name in "${NAMES[@]}"; do
     joint-int4) run "$name" "${PY_CLI[@]}" -- --ratio "$JOINT_INT4_RATIO" --bits 3,4,8 ;;
     layerwise-r0.4) run "$name" "${PY_CLI[@]}" -- --ratio 0.4 --layerwise ;;
     # the only run with a thread count set: two processes on this 2-core machine, one thread each
-    torchrun-r0.4) OMP_NUM_THREADS=1 run "$name" "$TORCHRUN" --nproc-per-node 2 -m svdllm.cli -- --ratio 0.4 ;;
+    # a free port for the rendezvous (MASTER_PORT to choose one): torchrun's default 29500 fails, or worse, when
+    # another torchrun on this shared machine holds it
+    torchrun-r0.4)
+      port=${MASTER_PORT:-$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
+      OMP_NUM_THREADS=1 run "$name" "$TORCHRUN" --nproc-per-node 2 --master-port "$port" -m svdllm.cli -- --ratio 0.4 ;;
   esac
 done
 echo "all done: ${NAMES[*]} in $OUT (SRC=$SRC)" >&2
