@@ -107,7 +107,7 @@ run() {  # run NAME LAUNCHER... -- COMPRESS_ARGS...
     echo "OMP_NUM_THREADS=${OMP_NUM_THREADS-unset} MKL_NUM_THREADS=${MKL_NUM_THREADS-unset}"
     "$PYTHON" -c "import svdllm, torch, platform; print('svdllm', svdllm.__file__, getattr(svdllm, '__version__', '?')); \
 print('torch', torch.__version__, 'threads', torch.get_num_threads(), 'python', platform.python_version())"
-    echo "nproc=$(nproc) cpu=$(lscpu 2>/dev/null | sed -n 's/^ *Model name: *//p' | head -1)"
+    echo "cpus=$(nproc --all) (nproc, which counts OMP_NUM_THREADS: $(nproc)) cpu=$(lscpu 2>/dev/null | sed -n 's/^ *Model name: *//p' | head -1)"
     printf 'command='; printf '%q ' "${cmd[@]}"; echo
   } > "$OUT/$name.env"
   echo "[$(date +%T)] $name: start" >&2
