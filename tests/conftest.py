@@ -19,6 +19,19 @@ SAMPLE = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test's default cache (statistics, converted models, evaluation resume files) in a temporary directory:
+    a command run without --cache-dir (`svdllm demo`, a default compress) never writes into the user's own cache."""
+    previous = os.environ.get("SVDLLM_CACHE_DIR")
+    os.environ["SVDLLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("svdllm-cache"))
+    yield Path(os.environ["SVDLLM_CACHE_DIR"])
+    if previous is None:
+        del os.environ["SVDLLM_CACHE_DIR"]
+    else:
+        os.environ["SVDLLM_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tok():
     return byte_tokenizer()
